@@ -1,0 +1,38 @@
+// Autograd for the customlayers ops, registered in C++ (DispatchKey::Autograd) so the ops are
+// differentiable from Python, torch.compile, torch.export and libtorch alike, with no Python overhead.
+// Each backward calls ops through the dispatcher, so it is itself differentiable (double backward).
+#include "customlayers/customlayers.h"
+
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace customlayers {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// y = x - mean(x, dim) is a symmetric projection: dx = centered(dy, dim).
+struct CenteredFunction : torch::autograd::Function<CenteredFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::OptionalIntArrayRef dim) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    if (dim.has_value()) ctx->saved_data["dim"] = dim->vec();
+    return centered(x, dim);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto it = ctx->saved_data.find("dim");
+    if (it == ctx->saved_data.end()) return {centered(grads[0], std::nullopt), at::Tensor()};
+    const std::vector<int64_t> dim = it->second.toIntVector();
+    return {centered(grads[0], dim), at::Tensor()};
+  }
+};
+
+at::Tensor centered_autograd(const at::Tensor& x, at::OptionalIntArrayRef dim) {
+  return CenteredFunction::apply(x, dim);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(customlayers, Autograd, m) { m.impl("centered", &centered_autograd); }
+
+}  // namespace customlayers

@@ -1,0 +1,32 @@
+"""customlayers: the custom layers of Dive into Deep Learning ch.5 on hand-written C++ and CUDA kernels.
+
+    import customlayers
+    layer = customlayers.nn.CenteredLayer()
+    customlayers.backend()          # 'extension' or 'fallback'
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from . import _ops, functional, nn, reference  # noqa: F401  (_ops loads the extension first)
+
+__version__ = "0.1.0"
+__all__ = ["backend", "backend_report", "functional", "nn", "reference"]
+
+
+def backend() -> str:
+    """'extension' when the compiled kernels are in use, 'fallback' when every op runs pure PyTorch
+    (extension not built, built for another torch/CUDA, or CUSTOMLAYERS_FORCE_FALLBACK=1)."""
+    return "extension" if _ops.loaded() else "fallback"
+
+
+def backend_report() -> Dict[str, object]:
+    """Details behind backend(): the reason for a fallback, the build's torch/CUDA versions, and for
+    each op and device whether a compiled kernel ('kernel') or the reference ('fallback') runs."""
+    return {
+        "backend": backend(),
+        "reason": _ops.reason(),
+        "build": _ops.build_info(),
+        "ops": {op: {dev: ("kernel" if _ops.has_kernel(op, dev) else "fallback") for dev in ("cpu", "cuda")}
+                for op in _ops.OPS},
+    }

@@ -1,0 +1,16 @@
+"""Pure-PyTorch implementations of every op: the fallback when a compiled kernel is missing, and the
+ground truth the tests compare the kernels with."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["centered"]
+
+
+def centered(x: torch.Tensor, dim: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``x - x.mean()`` (the book's CenteredLayer), or ``x - x.mean(dim, keepdim=True)``."""
+    if dim is None or len(dim) == 0:
+        return x - x.mean()
+    return x - x.mean(dim=tuple(dim), keepdim=True)

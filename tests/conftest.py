@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+import customlayers
+
+CUDA_SKIP = "no CUDA device on this machine: the CUDA kernels are only compiled here, not run"
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP)),
+]
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def pytest_report_header(config):
+    report = customlayers.backend_report()
+    return [f"customlayers backend: {report['backend']} (reason: {report['reason']}), build: {report['build']}",
+            f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, "
+            f"threads: {torch.get_num_threads()}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def requires_extension():
+    """Tests of the compiled kernels themselves skip (with the reason) when the run uses the fallback."""
+    return pytest.mark.skipif(not customlayers._ops.loaded(),
+                              reason=f"compiled extension not in use: {customlayers._ops.reason()}")
+
+
+def strict_extension() -> bool:
+    """CI sets CUSTOMLAYERS_EXPECT_EXTENSION=1: then a missing extension is a failure, not a skip."""
+    return os.environ.get("CUSTOMLAYERS_EXPECT_EXTENSION") == "1"

@@ -1,0 +1,106 @@
+"""The build, the backend report and the automatic fallback."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import customlayers
+from conftest import requires_extension, strict_extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, **env):
+    """Run `code` in a fresh interpreter (so customlayers is imported anew) and return its stdout."""
+    full_env = {k: v for k, v in os.environ.items() if k != "CUSTOMLAYERS_FORCE_FALLBACK"}
+    full_env.update(PYTHONPATH=ROOT, **env)
+    out = subprocess.run([sys.executable, "-W", "always", "-c", textwrap.dedent(code)], env=full_env,
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout + out.stderr
+
+
+def test_extension_in_use_when_required():
+    if strict_extension():
+        assert customlayers.backend() == "extension", customlayers.backend_report()
+    report = customlayers.backend_report()
+    assert report["backend"] in ("extension", "fallback")
+    assert (report["reason"] is None) == (report["backend"] == "extension")
+
+
+@requires_extension()
+def test_cuda_kernels_compiled_when_required():
+    """CI compiles every .cu file: CUSTOMLAYERS_EXPECT_CUDA=1 makes a CPU-only build a failure."""
+    if os.environ.get("CUSTOMLAYERS_EXPECT_CUDA") != "1":
+        pytest.skip("CUSTOMLAYERS_EXPECT_CUDA is not set: a CPU-only build is acceptable here")
+    report = customlayers.backend_report()
+    assert report["build"]["cuda"] == torch.version.cuda
+    for op, devices in report["ops"].items():
+        assert devices == {"cpu": "kernel", "cuda": "kernel"}, op
+
+
+def test_force_fallback_env():
+    out = run_python("""
+        import torch, customlayers
+        print(customlayers.backend())
+        y = customlayers.nn.CenteredLayer()(torch.tensor([1.0, 2, 3, 4, 5]))
+        print(y.tolist())
+        y = customlayers.nn.CenteredLayer()(torch.tensor([1.0, 2, 3]))
+    """, CUSTOMLAYERS_FORCE_FALLBACK="1")
+    assert out.splitlines()[0] == "fallback"
+    assert "[-2.0, -1.0, 0.0, 1.0, 2.0]" in out
+    assert out.count("CUSTOMLAYERS_FORCE_FALLBACK is set") == 1  # warned once, with the reason
+
+
+@requires_extension()
+def test_torch_version_mismatch_falls_back_with_message():
+    out = run_python("""
+        import torch
+        torch.__version__ = "1.0.0"
+        import customlayers
+        print(customlayers.backend())
+        print(customlayers.backend_report()["reason"])
+        print(customlayers.functional.centered(torch.tensor([1.0, 3.0])).tolist())
+    """)
+    assert "fallback" in out.splitlines()
+    assert "built for torch" in out and "1.0.0" in out and "Rebuild" in out
+    assert "[-1.0, 1.0]" in out
+
+
+@requires_extension()
+def test_cuda_version_mismatch_falls_back_with_message():
+    if customlayers.backend_report()["build"]["cuda"] is None:
+        pytest.skip("this build has no CUDA kernels, so there is no CUDA version to mismatch")
+    out = run_python("""
+        import torch
+        torch.version.cuda = "9.9"
+        import customlayers
+        print(customlayers.backend())
+    """)
+    assert "fallback" in out.splitlines()
+    assert "CUDA kernels were built with CUDA" in out and "torch uses CUDA 9.9" in out
+
+
+@requires_extension()
+def test_missing_device_kernel_falls_back_with_one_warning(monkeypatch):
+    """A device without a compiled kernel runs the reference, warns once, and gives the same values."""
+    x = torch.randn(33, 17, dtype=torch.float64, requires_grad=True)
+    kernel_y = customlayers.functional.centered(x, 1)
+    monkeypatch.setattr(customlayers._ops, "_has_kernel", {("centered", "cpu"): False})
+    monkeypatch.setattr(customlayers._ops, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="no compiled cpu kernel for centered"):
+        fallback_y = customlayers.functional.centered(x, 1)
+    torch.testing.assert_close(fallback_y, kernel_y, rtol=0, atol=1e-12)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        customlayers.functional.centered(x, 1)  # no second warning
+    assert fallback_y.grad_fn is not None
+
+
+def test_backend_report_lists_every_op():
+    report = customlayers.backend_report()
+    assert set(report["ops"]) == set(customlayers._ops.OPS)
