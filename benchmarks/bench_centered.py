@@ -1,0 +1,47 @@
+"""Benchmark of customlayers.functional.centered (global mean, the book's CenteredLayer) against eager
+PyTorch and torch.compile. Run: python -m benchmarks.bench_centered [run.py options]."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from customlayers.functional import centered
+
+from .harness import FWD, FWD_BWD, OURS, Case, Device, bind, compile_fresh
+
+OP = "centered"
+SIZES = [1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26]   # 1K .. 64M
+QUICK_SIZES = [1 << 10, 1 << 16, 1 << 20, 1 << 24]                        # 1K, 64K, 1M, 16M
+BF16_SIZES = [1 << 20, 1 << 24]                                           # 1M, 16M (full run only)
+
+
+def eager(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean()
+
+
+def cases(device: Device, quick: bool = False) -> List[Case]:
+    """fwd and fwd+bwd cases on 1-D tensors; every implementation of a case shares its inputs."""
+    torch.manual_seed(0)
+    shapes = [(n, torch.float32) for n in (QUICK_SIZES if quick else SIZES)]
+    shapes += [] if quick else [(n, torch.bfloat16) for n in BF16_SIZES]
+    out = []
+    for n, dtype in shapes:
+        x = torch.randn(n, device=device, dtype=dtype)
+        grad_inputs = (x.detach().requires_grad_(),)  # same storage as x
+        g = torch.randn_like(x)
+        # fwd reads x twice (mean, subtraction) and writes once; fwd+bwd does the same again for g
+        for mode, inputs, passes in ((FWD, (x,), 3), (FWD_BWD, grad_inputs, 6)):
+            fns = {OURS: centered, "eager": eager, "torch.compile": compile_fresh(eager, dynamic=False)}
+            out.append(Case(OP, n, dtype, mode, bind(fns, inputs, mode, (g,)),
+                            bytes_moved=passes * n * x.element_size()))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from .run import main as run_main
+    run_main(argv, default_ops=[OP])
+
+
+if __name__ == "__main__":
+    main()

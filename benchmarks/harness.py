@@ -1,0 +1,338 @@
+"""Shared benchmark harness: time several implementations of an op on the same inputs, compare them with
+customlayers, and write JSON, markdown and PNG results under benchmarks/results/<device_name>/."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import re
+import shutil
+import sys
+import types
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch.utils import benchmark
+
+import customlayers
+
+OURS = "customlayers"
+FWD, FWD_BWD = "fwd", "fwd+bwd"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+Device = Union[str, torch.device]
+
+
+# ----------------------------------------------------------------------------------------- naming
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)|@.*$", " ", text.lower())  # "Intel(R) Xeon(R) ... @ 2.60GHz"
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_device(device: Device) -> str:
+    """Human-readable device, e.g. 'NVIDIA H100 80GB HBM3' or 'AMD EPYC, 2 threads'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def device_name(device: Device) -> str:
+    """Filesystem-safe device name for the results folder, e.g. 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc-2c'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _slug(torch.cuda.get_device_name(device))
+    return f"cpu-{_slug(_cpu_model())}-{torch.get_num_threads()}c"
+
+
+def size_label(n: int) -> str:
+    """1024 -> '1K', 16777216 -> '16M'."""
+    for suffix, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{suffix}"
+    return str(n)
+
+
+def format_time(seconds: float) -> str:
+    """Three significant digits in s, ms, µs or ns."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
+
+
+# ----------------------------------------------------------------------------------------- cases
+
+@dataclasses.dataclass
+class Case:
+    """One measurement point: every callable in `impls` takes no argument and runs on the SAME inputs;
+    put customlayers first, the warm-up outputs of the ones after it are checked against its own."""
+    op: str
+    size: int                              # x axis of the plot (e.g. numel)
+    dtype: torch.dtype
+    mode: str                              # FWD or FWD_BWD
+    impls: Dict[str, Callable[[], object]]
+    bytes_moved: Optional[int] = None      # for customlayers' achieved bandwidth
+    label: str = ""                        # defaults to size_label(size)
+
+    def __post_init__(self) -> None:
+        self.label = self.label or size_label(self.size)
+
+
+@dataclasses.dataclass
+class Result:
+    """Timings of one Case: per implementation median/IQR in seconds; speedup = baseline / customlayers."""
+    op: str
+    size: int
+    label: str
+    dtype: str
+    mode: str
+    times: Dict[str, Dict[str, float]]
+    errors: Dict[str, str]                 # implementations that raised (not timed)
+    mismatches: Dict[str, str]             # implementations whose output differs from customlayers'
+    speedup: Dict[str, float]
+    bytes_moved: Optional[int]
+    bandwidth_gbs: Optional[float]
+
+
+def bind(fns: Dict[str, Callable], inputs: Sequence[torch.Tensor], mode: str,
+         grad_outputs: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, Callable[[], object]]:
+    """Zero-argument callables running each fn on `inputs`: the forward alone (FWD), or forward plus
+    ``torch.autograd.grad`` w.r.t. the inputs that require grad (FWD_BWD; nothing accumulates in .grad)."""
+    if mode == FWD:
+        return {name: (lambda fn=fn: fn(*inputs)) for name, fn in fns.items()}
+    if mode != FWD_BWD or grad_outputs is None:
+        raise ValueError(f"mode must be {FWD!r} or {FWD_BWD!r} (with grad_outputs), got {mode!r}")
+    wrt = [t for t in inputs if t.requires_grad]
+    return {name: (lambda fn=fn: torch.autograd.grad(fn(*inputs), wrt, grad_outputs)) for name, fn in fns.items()}
+
+
+def compile_fresh(fn: Callable, **compile_kwargs) -> Callable:
+    """``torch.compile`` on a private copy of fn. Dynamo caches graphs per code object, so compiling one
+    function for many shapes would share one cache: past recompile_limit (8) it silently runs eager."""
+    code = fn.__code__.replace()  # a new code object, hence a new Dynamo cache
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(copy, **compile_kwargs)
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+def _progress(done: int, total: int, text: str, width: int = 30) -> None:
+    filled = width * done // max(total, 1)
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}"
+    columns = shutil.get_terminal_size((100, 20)).columns - 1
+    sys.stderr.write("\r" + line[:columns].ljust(columns))
+    sys.stderr.flush()
+
+
+def _measure(fn: Callable[[], object], min_run_time: float) -> Dict[str, float]:
+    # Timer syncs the accelerator around each measurement; its num_threads defaults to 1, not torch's.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return {"median": m.median, "iqr": m.iqr, "mean": m.mean, "measurements": len(m.times),
+            "runs_per_measurement": m.number_per_run}
+
+
+def _mismatch(out: object, ref: object, dtype: torch.dtype) -> Optional[str]:
+    """Why `out` differs from customlayers' `ref` (None when it matches), for tensors or tuples of them."""
+    tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    outs, refs = [v if isinstance(v, (tuple, list)) else (v,) for v in (out, ref)]
+    try:
+        for o, r in zip(outs, refs, strict=True):
+            torch.testing.assert_close(o, r, rtol=tol, atol=tol)
+    except (AssertionError, ValueError) as exc:
+        return "; ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
+    return None
+
+
+def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True) -> List[Result]:
+    """Time every implementation of every case, after one warm-up call (which compiles torch.compile
+    and whose output is checked against customlayers')."""
+    total, done = sum(len(c.impls) for c in cases), 0
+    results = []
+    for case in cases:
+        times: Dict[str, Dict[str, float]] = {}
+        errors: Dict[str, str] = {}
+        mismatches: Dict[str, str] = {}
+        ref = None
+        for name, fn in case.impls.items():
+            where = f"{case.op} {case.mode} {case.label} {_dtype_name(case.dtype)} {name}"
+            if progress:
+                _progress(done, total, where)
+            try:
+                out = fn()
+                if name == OURS:
+                    ref = out
+                elif ref is not None and (why := _mismatch(out, ref, case.dtype)):
+                    mismatches[name] = why
+                    print(f"\n{where}: output differs from {OURS}: {why}", file=sys.stderr)
+                del out
+                times[name] = _measure(fn, min_run_time)
+            except Exception as exc:  # one failing baseline (e.g. no compiler) must not lose the others
+                errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                print(f"\n{where} failed: {errors[name]}", file=sys.stderr)
+            done += 1
+        del ref
+        results.append(_result(case, times, errors, mismatches))
+    if progress:
+        _progress(done, total, "done")
+        sys.stderr.write("\n")
+    return results
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _result(case: Case, times: Dict[str, Dict[str, float]], errors: Dict[str, str],
+            mismatches: Dict[str, str]) -> Result:
+    ours = times.get(OURS, {}).get("median")
+    speedup = {name: t["median"] / ours for name, t in times.items() if ours and name != OURS}
+    bandwidth = case.bytes_moved / ours / 1e9 if ours and case.bytes_moved else None
+    return Result(case.op, case.size, case.label, _dtype_name(case.dtype), case.mode, times, errors,
+                  mismatches, speedup, case.bytes_moved, bandwidth)
+
+
+# ----------------------------------------------------------------------------------------- output
+
+def results_dir(device: Device, quick: bool = False) -> Path:
+    """benchmarks/results/<device_name>/ (quick runs: its quick/ subfolder)."""
+    path = RESULTS_DIR / device_name(device)
+    return path / "quick" if quick else path
+
+
+def _impl_names(results: Sequence[Result]) -> List[str]:
+    names = {OURS: None}  # ours first, then baselines in the order the cases list them
+    for r in results:
+        names.update(dict.fromkeys(list(r.times) + list(r.errors)))
+    return [n for n in names if any(n in r.times or n in r.errors for r in results)]
+
+
+def _time_cell(r: Result, name: str) -> str:
+    if name in r.errors:
+        return "failed"
+    if name not in r.times:
+        return ""
+    return format_time(r.times[name]["median"]) + (" (wrong)" if name in r.mismatches else "")
+
+
+def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> str:
+    names = _impl_names(results)
+    baselines = [n for n in names if n != OURS]
+    with_bw = any(r.bandwidth_gbs for r in results)
+    kernel = meta["backend_report"]["ops"].get(op, {}).get(meta["device_type"])
+    backend = ("the compiled kernel" if kernel == "kernel" else
+               f"**the pure-PyTorch fallback** ({meta['backend_report']['reason'] or 'no kernel for this device'})")
+    header = ["size", "dtype", "mode", *names, *(f"vs {b}" for b in baselines), *([f"{OURS} GB/s"] if with_bw else [])]
+    rows = []
+    for r in results:
+        cells = [r.label, r.dtype, r.mode]
+        cells += [_time_cell(r, n) for n in names]
+        cells += [f"{r.speedup[b]:.2f}x" if b in r.speedup else "" for b in baselines]
+        if with_bw:
+            cells.append(f"{r.bandwidth_gbs:.1f}" if r.bandwidth_gbs else "")
+        rows.append(cells)
+    lines = [
+        f"## {op}",
+        "",
+        f"{meta['device']} · torch {meta['torch']} · {meta['date_utc']} · "
+        f"min_run_time {meta.get('min_run_time', '?')} s{' (quick)' if meta.get('quick') else ''}. "
+        f"`{OURS}` ran {backend}.",
+        "",
+        f"Median time per call (torch.utils.benchmark); `vs X` = X time / {OURS} time (above 1: {OURS} is faster).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(c) + " |" for c in rows),
+    ]
+    if any(r.errors or r.mismatches for r in results):
+        lines += ["", f"`failed`: raised an error; `(wrong)`: output differs from {OURS}. Details in `{op}.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: Sequence[Result], op: str, meta: Dict[str, object], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    modes = list(dict.fromkeys(r.mode for r in results))
+    dtypes = list(dict.fromkeys(r.dtype for r in results))
+    names = _impl_names(results)
+    fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(6 * len(modes), 4.2 * len(dtypes)), squeeze=False)
+    for (i, dtype), (j, mode) in ((a, b) for a in enumerate(dtypes) for b in enumerate(modes)):
+        ax = axes[i][j]
+        points = [r for r in results if r.dtype == dtype and r.mode == mode]
+        for name in names:
+            timed = [r for r in points if name in r.times]
+            ax.plot([r.size for r in timed], [r.times[name]["median"] * 1e6 for r in timed], marker="o",
+                    label=name, linewidth=2.5 if name == OURS else 1.5)
+        ax.set(xscale="log", yscale="log", title=f"{mode}, {dtype}", xlabel="size",
+               ylabel="median time per call (µs)")
+        ax.set_xticks([r.size for r in points], [r.label for r in points])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{op} on {meta['device']}, torch {meta['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_readme(folder: Path, meta: Dict[str, object]) -> Path:
+    """(Re)write folder/README.md: a header, then every <op>.md table of the folder with its plot."""
+    sections = []
+    for md in sorted(p for p in folder.glob("*.md") if p.name != "README.md"):
+        png = md.with_suffix(".png")
+        sections.append(md.read_text().rstrip() + (f"\n\n![{md.stem}]({png.name})" if png.exists() else ""))
+    text = (f"# Benchmarks on {meta['device']}\n\n"
+            f"Device `{meta['device_name']}` · torch {meta['torch']} · updated {meta['date_utc']}. "
+            "Regenerated by `python -m benchmarks.run`; raw numbers in `<op>.json`.\n\n"
+            + "\n\n".join(sections) + "\n")
+    path = folder / "README.md"
+    path.write_text(text)
+    return path
+
+
+def write_results(results: Sequence[Result], op: str, device: Device, quick: bool = False,
+                  meta: Optional[Dict[str, object]] = None) -> Path:
+    """Write <op>.json, <op>.md and <op>.png into results_dir(device, quick), refresh its README.md,
+    and return the path of <op>.md. `meta` adds fields (e.g. min_run_time) to the metadata."""
+    device = torch.device(device)
+    folder = results_dir(device, quick)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "op": op,
+        "device": describe_device(device),
+        "device_name": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "customlayers": customlayers.__version__,
+        "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "backend_report": customlayers.backend_report(),
+        **(meta or {}),
+    }
+    (folder / f"{op}.json").write_text(
+        json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, indent=2) + "\n")
+    md = folder / f"{op}.md"
+    md.write_text(_markdown(results, op, meta))
+    _plot(results, op, meta, folder / f"{op}.png")
+    write_readme(folder, meta)
+    return md
