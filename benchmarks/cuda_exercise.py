@@ -1,0 +1,41 @@
+"""Runs every CUDA kernel path once on small inputs: the workload for compute-sanitizer
+(memcheck, racecheck) in benchmarks/gpu_check.sh. Exits non-zero if a result is wrong."""
+import torch
+
+import customlayers
+from customlayers import functional as F
+from customlayers import reference
+
+
+def check(name, got, expected, tol):
+    torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol, msg=name)
+
+
+def exercise_centered(dev):
+    shapes = [((7,), None), ((5000,), None), ((70000,), None), ((33, 300), [1]), ((9, 5000), [1]),
+              ((300, 33), [0]), ((4, 70, 50), [1]), ((2, 3, 5, 7), [0, 2]), ((0, 3), [0])]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
+        for shape, dim in shapes:
+            x = torch.randn(shape, device=dev).to(dtype)
+            check(f"centered {shape} {dim} {dtype}", F.centered(x, dim), reference.centered(x.double(), dim), tol)
+    x = torch.randn(64, 33, device=dev, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: F.centered(t, [0]), (x,))
+
+
+EXERCISES = {"centered": exercise_centered}
+
+
+def main():
+    assert torch.cuda.is_available(), "needs a GPU"
+    report = customlayers.backend_report()
+    print(report)
+    missing = [op for op, devs in report["ops"].items() if devs["cuda"] != "kernel"]
+    assert not missing, f"no CUDA kernel for {missing}"
+    for name, fn in EXERCISES.items():
+        fn(torch.device("cuda"))
+        torch.cuda.synchronize()
+        print(f"{name}: ok")
+
+
+if __name__ == "__main__":
+    main()
