@@ -127,7 +127,7 @@ def _write_build_info(cuda_version, cpu_isa):
 
 def _extension():
     with_cuda, detail = _want_cuda()
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"] if sys.platform != "win32" else ["/O2"]
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fvisibility=hidden"] if sys.platform != "win32" else ["/O2"]
     cpu_isa = _cpu_isa()
     if cpu_isa == "avx2":
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
