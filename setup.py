@@ -6,6 +6,7 @@ and without a visible GPU the default is a short, sensible list instead of every
 Use ``pip install --no-build-isolation .`` so the extension is built against the torch you already have.
 """
 import glob
+import importlib.util
 import os
 import platform
 import re
@@ -72,18 +73,14 @@ def _want_cuda():
     return False, reason
 
 
-AVX2_FLAGS = ("avx2", "fma", "f16c")
+def _load_cpu_module():
+    spec = importlib.util.spec_from_file_location("_customlayers_cpu", os.path.join(ROOT, "customlayers", "_cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+_cpu = _load_cpu_module()
 
 
 def _cpu_isa():
@@ -96,8 +93,7 @@ def _cpu_isa():
     if isa:
         raise RuntimeError(f"customlayers: CUSTOMLAYERS_CPU_ISA must be 'default' or 'avx2', got {isa!r}")
     is_x86 = platform.machine().lower() in ("x86_64", "amd64")
-    ok = set(AVX2_FLAGS) <= _cpu_flags() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    return "avx2" if is_x86 and ok and sys.platform != "win32" else "default"
+    return "avx2" if is_x86 and _cpu.has_avx2() and sys.platform != "win32" else "default"
 
 
 def _sources(with_cuda):
@@ -117,7 +113,7 @@ def _write_build_info(cuda_version, cpu_isa):
         f"CUDA_VERSION = {cuda_version!r}\n"
         f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
         f"CPU_ISA = {cpu_isa!r}\n"
-        f"CPU_ISA_FLAGS = {AVX2_FLAGS if cpu_isa == 'avx2' else ()!r}\n"
+        f"CPU_ISA_FLAGS = {_cpu.AVX2_FLAGS if cpu_isa == 'avx2' else ()!r}\n"
     )
     old = open(path).read() if os.path.exists(path) else None
     if old != text:

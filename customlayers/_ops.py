@@ -13,6 +13,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from . import _cpu
+
 NAMESPACE = "customlayers"
 OPS = ("centered",)
 
@@ -20,18 +22,6 @@ _loaded = False
 _reason: Optional[str] = None      # why the extension is not used (None when it is)
 _build: Dict[str, Optional[str]] = {}
 _warned: set = set()
-
-
-def _cpu_flags() -> set:
-    """The running CPU's feature flags (Linux), or what torch's own CPU dispatch detected."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"avx2", "fma", "f16c"} if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else set()
 
 
 def _load() -> None:
@@ -57,7 +47,7 @@ def _load() -> None:
     elif _build_info.CUDA_VERSION is not None and _build_info.CUDA_VERSION != torch.version.cuda:
         mismatch = (f"its CUDA kernels were built with CUDA {_build_info.CUDA_VERSION} but torch uses "
                     f"CUDA {torch.version.cuda}")
-    elif not set(_build_info.CPU_ISA_FLAGS) <= _cpu_flags():
+    elif _build_info.CPU_ISA_FLAGS and not _cpu.has_avx2():
         mismatch = (f"it was built for CPUs with {', '.join(_build_info.CPU_ISA_FLAGS)}, which this CPU "
                     "lacks (rebuild here, or with CUSTOMLAYERS_CPU_ISA=default for a portable build)")
     if mismatch is None:

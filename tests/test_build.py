@@ -104,3 +104,19 @@ def test_missing_device_kernel_falls_back_with_one_warning(monkeypatch):
 def test_backend_report_lists_every_op():
     report = customlayers.backend_report()
     assert set(report["ops"]) == set(customlayers._ops.OPS)
+
+
+@requires_extension()
+def test_cpu_without_build_isa_falls_back_with_message():
+    if not customlayers._build_info.CPU_ISA_FLAGS:
+        pytest.skip("this is a portable (CUSTOMLAYERS_CPU_ISA=default) build: it runs on any CPU")
+    out = run_python("""
+        import sys, types
+        fake = types.ModuleType("customlayers._cpu")
+        fake.has_avx2 = lambda: False
+        sys.modules["customlayers._cpu"] = fake
+        import customlayers
+        print(customlayers.backend())
+    """)
+    assert "fallback" in out.splitlines()
+    assert "which this CPU lacks" in out and "CUSTOMLAYERS_CPU_ISA=default" in out
