@@ -22,6 +22,16 @@ _loaded = False
 _reason: Optional[str] = None      # why the extension is not used (None when it is)
 _build: Dict[str, Optional[str]] = {}
 _warned: set = set()
+_DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_has_kernel: Dict[tuple, bool] = {}   # (op, device type) -> compiled kernel registered; filled at load
+
+
+def _find_kernels() -> None:
+    # Looked up once here, not per call: cheap calls, and nothing for torch.compile to trace.
+    for name in OPS:
+        for device_type, key in _DEVICE_KEYS.items():
+            _has_kernel[(name, device_type)] = torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"{NAMESPACE}::{name}", key)
 
 
 def _load() -> None:
@@ -61,6 +71,7 @@ def _load() -> None:
         warnings.warn(_reason + " Falling back to pure-PyTorch implementations.", RuntimeWarning, stacklevel=3)
         return
     _loaded = True
+    _find_kernels()
 
 
 _load()
@@ -81,21 +92,9 @@ def build_info() -> Dict[str, Optional[str]]:
     return dict(_build)
 
 
-_DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-
-
-_has_kernel: Dict[tuple, bool] = {}
-
-
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the loaded extension has a kernel of `op` for `device_type` ('cpu', 'cuda', ...)."""
-    found = _has_kernel.get((op, device_type))
-    if found is None:
-        key = _DEVICE_KEYS.get(device_type)
-        found = (_loaded and key is not None
-                 and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key))
-        _has_kernel[(op, device_type)] = found
-    return found
+    return _has_kernel.get((op, device_type), False)
 
 
 def op(name: str):

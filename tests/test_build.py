@@ -120,3 +120,13 @@ def test_cpu_without_build_isa_falls_back_with_message():
     """)
     assert "fallback" in out.splitlines()
     assert "which this CPU lacks" in out and "CUSTOMLAYERS_CPU_ISA=default" in out
+
+
+def test_compile_before_any_eager_call():
+    """The kernel-or-fallback choice is made at import: a fresh process can start with torch.compile."""
+    out = run_python("""
+        import torch, customlayers
+        f = torch.compile(lambda x: customlayers.functional.centered(x), fullgraph=True)
+        print(f(torch.arange(5.0)).tolist())
+    """)
+    assert "[-2.0, -1.0, 0.0, 1.0, 2.0]" in out
