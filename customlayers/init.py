@@ -5,6 +5,7 @@ the tensor.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -54,7 +55,8 @@ def masked_uniform_(tensor: torch.Tensor, a: float = -10.0, b: float = 10.0, thr
                            f"got one on {generator.device}")
     seed = None if seed is None else _seed_arg(seed)
     a, b, threshold = float(a), float(b), float(threshold)
-    with torch.no_grad():
+    # no_grad only where autograd tracks the tensor: entering it costs more than filling 1K values.
+    with torch.no_grad() if tensor.requires_grad and torch.is_grad_enabled() else contextlib.nullcontext():
         if _ops.use_kernel("masked_uniform_", tensor.device):
             if generator is not None:
                 seed = int(torch.empty((), dtype=torch.int64, device=generator.device).random_(generator=generator))

@@ -380,3 +380,17 @@ def test_fake_checks_match_kernel_rounding():
     assert _ops._round_up(-5.001, torch.bfloat16) == -5.0
     assert _ops._round_up(1e-8, torch.float16) == 2.0 ** -24
     assert _ops._round_up(0.1, torch.float64) == 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    def fn(w):
+        init.masked_uniform_(w, -2.0, 6.0, 1.0, seed=3)
+        return w * 2
+
+    torch._dynamo.reset()
+    eager_w = torch.empty(4, 25, device=device)
+    expected = fn(eager_w)
+    compiled_w = torch.empty(4, 25, device=device)
+    out = torch.compile(fn, fullgraph=True)(compiled_w)
+    assert torch.equal(out, expected) and torch.equal(compiled_w, eager_w)
