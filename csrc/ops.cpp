@@ -5,4 +5,9 @@
 TORCH_LIBRARY(customlayers, m) {
   // y = x - x.mean(dim, keepdim=True); dim=None (or []) centers on the global mean.
   m.def("centered(Tensor x, int[]? dim=None) -> Tensor");
+  // In place: uniform values in [low, high), those with |w| < threshold set to zero. Each value depends
+  // only on (seed, offset, shape): an unseeded call draws them from the device's default generator.
+  // Not differentiable (an initializer). Returns nothing, so that torch.compile can functionalize it.
+  m.def("masked_uniform_(Tensor(a!) self, float low=-10, float high=10, float threshold=5, int? seed=None, "
+        "int offset=0) -> ()");
 }

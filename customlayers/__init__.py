@@ -2,16 +2,17 @@
 
     import customlayers
     layer = customlayers.nn.CenteredLayer()
+    net.apply(customlayers.init.my_init)
     customlayers.backend()          # 'extension' or 'fallback'
 """
 from __future__ import annotations
 
 from typing import Dict
 
-from . import _ops, functional, nn, reference  # noqa: F401  (_ops loads the extension first)
+from . import _ops, functional, init, nn, reference  # noqa: F401  (_ops loads the extension first)
 
 __version__ = "0.1.0"
-__all__ = ["backend", "backend_report", "functional", "nn", "reference"]
+__all__ = ["backend", "backend_report", "functional", "init", "nn", "reference"]
 
 
 def backend() -> str:

@@ -7,6 +7,7 @@ set; otherwise every op runs its pure-PyTorch reference implementation and a one
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 from typing import Callable, Dict, Optional
@@ -16,7 +17,7 @@ import torch
 from . import _cpu
 
 NAMESPACE = "customlayers"
-OPS = ("centered",)
+OPS = ("centered", "masked_uniform_")
 
 _loaded = False
 _reason: Optional[str] = None      # why the extension is not used (None when it is)
@@ -171,3 +172,56 @@ def _centered_fake(x, dim=None):
     check_floating(x, "centered", "x")
     normalize_dims(dim, x.dim(), "centered")
     return torch.empty_like(x)
+
+
+# (significand bits, smallest normal exponent) of each floating dtype, as in csrc/common/masked_uniform.cpp.
+_FORMATS = {torch.float16: (11, -14), torch.bfloat16: (8, -126), torch.float32: (24, -126),
+            torch.float64: (53, -1022)}
+
+
+def _round_up(x: float, dtype: torch.dtype) -> float:
+    """The smallest value of `dtype` that is >= x (x finite and within the dtype's range)."""
+    if x == 0:
+        return 0.0
+    precision, emin = _FORMATS[dtype]
+    ulp = max(math.frexp(x)[1] - 1, emin) - (precision - 1)
+    return math.ldexp(math.ceil(math.ldexp(x, -ulp)), ulp)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
+            torch.float64: "Double"}[dtype]
+
+
+def check_masked_uniform(t: torch.Tensor, low: float, high: float, threshold: float, offset: int = 0) -> None:
+    """The argument checks of the masked_uniform_ kernels (common/masked_uniform.cpp), same errors."""
+    op = "masked_uniform_"
+    check_floating(t, op, "tensor")
+    if not all(math.isfinite(v) for v in (low, high, threshold)):
+        raise ValueError(f"{op}: expected finite bounds and threshold, but got low={low:g}, high={high:g}, "
+                         f"threshold={threshold:g}")
+    if not low < high:
+        raise ValueError(f"{op}: expected low < high, but got low={low:g}, high={high:g}")
+    if not threshold >= 0:
+        raise ValueError(f"{op}: expected threshold >= 0, but got {threshold:g}")
+    if offset < 0:
+        raise ValueError(f"{op}: expected offset >= 0, but got {offset}")
+    largest = torch.finfo(t.dtype).max
+    if max(-low, high) > largest:
+        raise ValueError(f"{op}: the bounds [{low:g}, {high:g}] exceed the {_dtype_name(t.dtype)} range "
+                         f"(largest finite value {largest:g})")
+    pos, neg = high > threshold, low < -threshold
+    if not (pos or neg):
+        raise ValueError(f"{op}: threshold={threshold:g} masks every value of [{low:g}, {high:g}): expected "
+                         "low < -threshold or high > threshold")
+    lo, hi, t_up = _round_up(low, t.dtype), -_round_up(-high, t.dtype), _round_up(threshold, t.dtype)
+    for kept, first, last, a, b in ((pos, max(lo, t_up), hi, max(low, threshold), high),
+                                    (neg, lo, min(hi, -t_up), low, min(high, -threshold))):
+        if kept and first > last:
+            raise ValueError(f"{op}: no {_dtype_name(t.dtype)} value lies in [{a:g}, {b:g}], the part of "
+                             "[low, high] kept by the threshold")
+
+
+@register_fake("masked_uniform_")
+def _masked_uniform_fake(self, low=-10.0, high=10.0, threshold=5.0, seed=None, offset=0):
+    check_masked_uniform(self, low, high, threshold, offset)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["centered"]
+__all__ = ["centered", "masked_uniform_"]
 
 
 def centered(x: torch.Tensor, dim: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -14,3 +14,11 @@ def centered(x: torch.Tensor, dim: Optional[Sequence[int]] = None) -> torch.Tens
     if dim is None or len(dim) == 0:
         return x - x.mean()
     return x - x.mean(dim=tuple(dim), keepdim=True)
+
+
+def masked_uniform_(w: torch.Tensor, a: float = -10.0, b: float = 10.0, threshold: float = 5.0,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The book's initializer, in place: ``uniform_(w, a, b)`` then ``w *= w.abs() >= threshold``."""
+    w.uniform_(a, b, generator=generator)
+    w *= w.abs() >= threshold
+    return w

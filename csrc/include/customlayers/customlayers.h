@@ -6,9 +6,19 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/OptionalArrayRef.h>
 
+#include <cstdint>
+#include <optional>
+
 namespace customlayers {
 
 // x - x.mean(dim, keepdim=True); no dim (or an empty list) centers on the global mean.
 at::Tensor centered(const at::Tensor& x, at::OptionalIntArrayRef dim = std::nullopt);
+
+// Fills `self` in place with uniform values in [low, high), zeroing those with |value| < threshold (the
+// book's initializer), and returns it. The values depend only on (seed, offset, shape), bit for bit the
+// same on CPU and CUDA; without a seed they come from the device's default generator. Not
+// differentiable: call it under torch::NoGradGuard when `self` requires grad.
+at::Tensor& masked_uniform_(at::Tensor& self, double low = -10, double high = 10, double threshold = 5,
+                            std::optional<int64_t> seed = std::nullopt, int64_t offset = 0);
 
 }  // namespace customlayers
