@@ -22,7 +22,22 @@ def exercise_centered(dev):
     torch.autograd.gradcheck(lambda t: F.centered(t, [0]), (x,))
 
 
-EXERCISES = {"centered": exercise_centered}
+def exercise_masked_uniform(dev):
+    from customlayers.init import masked_uniform_
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for shape in ((1,), (7,), (4099,), (33, 65), (1 << 20) + 5):
+            cuda = masked_uniform_(torch.empty(shape, device=dev, dtype=dtype), seed=1234)
+            cpu = masked_uniform_(torch.empty(shape, dtype=dtype), seed=1234)
+            assert torch.equal(cuda.cpu(), cpu), f"masked_uniform_ {shape} {dtype}: CPU and CUDA differ"
+        base = torch.zeros(40, 66, device=dev, dtype=dtype)
+        view = base[1:, 1:].t()  # non-contiguous, misaligned start
+        masked_uniform_(view, seed=7)
+        expected = masked_uniform_(torch.empty(view.shape, dtype=dtype), seed=7)
+        assert torch.equal(view.cpu(), expected), f"masked_uniform_ view {dtype}"
+        assert base[0].abs().sum() == 0 and base[:, 0].abs().sum() == 0, "wrote outside the view"
+
+
+EXERCISES = {"centered": exercise_centered, "masked_uniform_": exercise_masked_uniform}
 
 
 def main():
