@@ -115,6 +115,8 @@ macro(customlayers_find_torch)
     get_filename_component(_cl_site "${TORCH_ROOT}/.." ABSOLUTE)
     file(GLOB _cl_pip_includes LIST_DIRECTORIES true "${_cl_site}/nvidia/*/include")
     file(GLOB _cl_pip_libdirs LIST_DIRECTORIES true "${_cl_site}/nvidia/*/lib")
+    # For the .cu files: torch's CUDA headers include cublas_v2.h, cusparse.h, ... which a bare toolkit
+    # may lack.
     set(CUSTOMLAYERS_PIP_CUDA_INCLUDE_DIRS ${_cl_pip_includes})
 
     if(NOT CUDA_nvrtc_LIBRARY)
@@ -134,9 +136,6 @@ macro(customlayers_find_torch)
         set(CUDA_nvrtc_LIBRARY "${_cl_nvrtc}" CACHE FILEPATH "libnvrtc used by torch's CMake package")
       endif()
     endif()
-    # torch's CUDA headers include cublas_v2.h, cusparse.h, ... which a bare toolkit may lack.
-    list(APPEND CMAKE_INCLUDE_PATH ${_cl_pip_includes})
-    list(APPEND CMAKE_LIBRARY_PATH ${_cl_pip_libdirs})
     message(STATUS "customlayers: torch CUDA ${TORCH_CUDA_VERSION}, toolkit ${_cl_toolkit}, "
                    "nvrtc ${CUDA_nvrtc_LIBRARY}")
   endif()
