@@ -1,5 +1,6 @@
 # make demo   create .venv, install torch + build deps, build the extension, run the demo and a quick benchmark
-# make test   the same setup, then the full test suite
+# make test   the same setup, then the full test suite: pytest, then the C++ tests (cpp-test)
+# make cpp-test  configure + build the CMake library, C++ tests and example in build/cmake, run ctest
 # make bench  full benchmarks (results under benchmarks/results/<device>/)
 # make clean  remove build outputs (keeps .venv)
 PYTHON ?= python3
@@ -10,10 +11,17 @@ DEPS := ninja numpy scipy pytest matplotlib setuptools wheel
 DEPS_STAMP := $(VENV)/.customlayers-deps
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
+# The CMake build (libtorch users): CPU kernels only by default here, since setup.py already compiles the
+# CUDA kernels; CMAKE_WITH_CUDA=AUTO|ON builds them with CMake too.
+CMAKE_BUILD_DIR ?= build/cmake
+CMAKE_WITH_CUDA ?= OFF
+CMAKE_ARGS ?=
+CMAKE_LIBRARY := $(abspath $(CMAKE_BUILD_DIR))/libcustomlayers.so
+CPP_ENV := PATH="$(abspath $(VENV))/bin:$$PATH"
 # The extension is built in place: run everything against this checkout.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: demo test bench build clean
+.PHONY: demo test bench build clean cpp-build cpp-test gtest
 
 $(DEPS_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +35,32 @@ demo: build
 	$(PY) examples/demo.py
 	$(PY) -m benchmarks.run --quick
 
-# pytest exits 5 when it collected no test: that is a failure too.
-test: build
-	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+# pytest exits 5 when it collected no test: that is a failure too. The CMake library is built first:
+# pytest loads it into Python (tests/test_cpp_library.py), CUSTOMLAYERS_CMAKE_LIBRARY makes it required.
+test: build cpp-build
+	CUSTOMLAYERS_CMAKE_LIBRARY=$(CMAKE_LIBRARY) $(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	$(CPP_ENV) ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
+
+# GoogleTest for the C++ tests: Debian/Ubuntu's libgtest-dev, installed when missing and apt-get can.
+gtest:
+	@if [ -e /usr/include/gtest/gtest.h ] || [ -e /usr/local/include/gtest/gtest.h ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  echo "installing GoogleTest (libgtest-dev)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libgtest-dev; \
+	else echo "GoogleTest not found: install it (e.g. libgtest-dev) for the C++ tests" >&2; exit 1; fi
+
+# The venv's bin first: its python (with torch) for the Torch CMake package, pip's ninja, and pip's
+# cmake where the system has none.
+cpp-build: $(DEPS_STAMP) gtest
+	@$(CPP_ENV) sh -c 'command -v cmake >/dev/null' || $(PY) -m pip install --quiet "cmake>=3.21"
+	$(CPP_ENV) cmake -S . -B $(CMAKE_BUILD_DIR) -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  -DCUSTOMLAYERS_WITH_CUDA=$(CMAKE_WITH_CUDA) $(CMAKE_ARGS)
+	$(CPP_ENV) cmake --build $(CMAKE_BUILD_DIR) -j $(MAX_JOBS)
+
+cpp-test: cpp-build
+	$(CPP_ENV) ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
 bench: build
 	$(PY) -m benchmarks.run

@@ -127,7 +127,7 @@ def _extension():
     cpu_isa = _cpu_isa()
     if cpu_isa == "avx2":
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    define_macros = []
+    define_macros = [("CUSTOMLAYERS_BUILDING_LIBRARY", None)]  # exports the public C++ API (customlayers.h)
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         print(f"customlayers: building CPU kernels only ({detail}); CPU ISA {cpu_isa}")

@@ -1,0 +1,162 @@
+# Locates the Torch CMake package and, when that torch is a CUDA build, the CUDA pieces its package
+# insists on (a toolkit, nvrtc, cuBLAS headers) before find_package(Torch) runs, so that configuring
+# against a pip-installed torch needs no hand-written -D options.
+#
+#   customlayers_find_torch()   sets Torch_DIR (if unset), TORCH_ROOT, TORCH_CUDA_VERSION (empty for a
+#                               CPU torch), CUSTOMLAYERS_PIP_CUDA_INCLUDE_DIRS, then calls find_package(Torch).
+#
+# Torch_DIR comes from, in order: -DTorch_DIR / $Torch_DIR, the python interpreter's torch
+# (Python3_EXECUTABLE, else the first python3 on PATH: `torch.utils.cmake_prefix_path`), CMAKE_PREFIX_PATH.
+# The CUDA toolkit comes from CUDAToolkit_ROOT / CUDA_TOOLKIT_ROOT_DIR / CMAKE_CUDA_COMPILER if given,
+# else $CUDA_HOME, $CUDA_PATH, /usr/local/cuda-<torch's CUDA version>, /usr/local/cuda.
+# A pip torch keeps the CUDA runtime libraries and headers (nvrtc, cuBLAS, ...) under
+# site-packages/nvidia/*/{lib,include}; those are used where the toolkit lacks them.
+
+function(_customlayers_locate_torch_dir out)
+  if(Torch_DIR AND EXISTS "${Torch_DIR}/TorchConfig.cmake")
+    set(${out} "${Torch_DIR}" PARENT_SCOPE)
+    return()
+  endif()
+  if(DEFINED ENV{Torch_DIR} AND EXISTS "$ENV{Torch_DIR}/TorchConfig.cmake")
+    set(${out} "$ENV{Torch_DIR}" PARENT_SCOPE)
+    return()
+  endif()
+  if(NOT Python3_EXECUTABLE)
+    find_package(Python3 COMPONENTS Interpreter QUIET)
+  endif()
+  if(Python3_EXECUTABLE)
+    execute_process(
+      COMMAND "${Python3_EXECUTABLE}" -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
+      OUTPUT_VARIABLE prefix OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE rc)
+    if(rc EQUAL 0 AND EXISTS "${prefix}/Torch/TorchConfig.cmake")
+      set(${out} "${prefix}/Torch" PARENT_SCOPE)
+      return()
+    endif()
+  endif()
+  foreach(prefix IN LISTS CMAKE_PREFIX_PATH)
+    if(EXISTS "${prefix}/share/cmake/Torch/TorchConfig.cmake")
+      set(${out} "${prefix}/share/cmake/Torch" PARENT_SCOPE)
+      return()
+    endif()
+  endforeach()
+  message(FATAL_ERROR
+    "customlayers: cannot find the Torch CMake package. Pass -DPython3_EXECUTABLE=<python with torch>, "
+    "or -DTorch_DIR=<torch>/share/cmake/Torch, or add a libtorch directory to CMAKE_PREFIX_PATH.")
+endfunction()
+
+# The CUDA version torch was built with ("13.0"), or "" for a CPU build.
+function(_customlayers_torch_cuda_version torch_root out)
+  set(version "")
+  if(EXISTS "${torch_root}/version.py")                       # pip wheel
+    file(STRINGS "${torch_root}/version.py" line REGEX "^cuda[:=]")
+    if(line MATCHES "'([0-9]+\\.[0-9]+)'")
+      set(version "${CMAKE_MATCH_1}")
+    endif()
+  elseif(EXISTS "${torch_root}/build-version")                # libtorch archive: 2.x.y+cu130
+    file(READ "${torch_root}/build-version" build)
+    if(build MATCHES "\\+cu([0-9]+)([0-9])")
+      set(version "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}")
+    endif()
+  endif()
+  set(${out} "${version}" PARENT_SCOPE)
+endfunction()
+
+function(_customlayers_is_toolkit dir out)
+  if(dir AND EXISTS "${dir}/bin/nvcc" AND EXISTS "${dir}/include/cuda_runtime.h")
+    set(${out} TRUE PARENT_SCOPE)
+  else()
+    set(${out} FALSE PARENT_SCOPE)
+  endif()
+endfunction()
+
+function(_customlayers_locate_cuda_toolkit cuda_version out)
+  set(candidates "${CUDAToolkit_ROOT}" "${CUDA_TOOLKIT_ROOT_DIR}")
+  if(CMAKE_CUDA_COMPILER)
+    get_filename_component(bindir "${CMAKE_CUDA_COMPILER}" DIRECTORY)
+    list(APPEND candidates "${bindir}/..")
+  endif()
+  list(APPEND candidates "$ENV{CUDA_HOME}" "$ENV{CUDA_PATH}" "/usr/local/cuda-${cuda_version}" "/usr/local/cuda")
+  foreach(dir IN LISTS candidates)
+    _customlayers_is_toolkit("${dir}" ok)
+    if(ok)
+      # A real path: /usr/local/cuda and nvcc wrapper scripts on PATH must not stand in for the toolkit.
+      file(REAL_PATH "${dir}" dir)
+      set(${out} "${dir}" PARENT_SCOPE)
+      return()
+    endif()
+  endforeach()
+  set(${out} "" PARENT_SCOPE)
+endfunction()
+
+macro(customlayers_find_torch)
+  _customlayers_locate_torch_dir(Torch_DIR)
+  set(Torch_DIR "${Torch_DIR}" CACHE PATH "Directory of TorchConfig.cmake" FORCE)
+  get_filename_component(TORCH_ROOT "${Torch_DIR}/../../.." ABSOLUTE)
+  _customlayers_torch_cuda_version("${TORCH_ROOT}" TORCH_CUDA_VERSION)
+  set(CUSTOMLAYERS_PIP_CUDA_INCLUDE_DIRS "")
+
+  if(TORCH_CUDA_VERSION)
+    # torch's CMake package needs a CUDA toolkit even to link CPU code: without one it stops with
+    # "Caffe2 uses CUDA but I cannot find the CUDA libraries".
+    _customlayers_locate_cuda_toolkit("${TORCH_CUDA_VERSION}" _cl_toolkit)
+    if(NOT _cl_toolkit)
+      message(FATAL_ERROR
+        "customlayers: torch at ${TORCH_ROOT} is a CUDA ${TORCH_CUDA_VERSION} build, and its CMake package "
+        "needs a CUDA toolkit (bin/nvcc, include/cuda_runtime.h), even for a CPU-only library. Set CUDA_HOME "
+        "or -DCUDAToolkit_ROOT=<toolkit>, or build against a CPU-only torch.")
+    endif()
+    set(CUDA_TOOLKIT_ROOT_DIR "${_cl_toolkit}" CACHE PATH "CUDA toolkit used by torch's CMake package")
+    set(CUDAToolkit_ROOT "${_cl_toolkit}")
+    if(NOT CMAKE_CUDA_COMPILER)
+      set(CMAKE_CUDA_COMPILER "${_cl_toolkit}/bin/nvcc" CACHE FILEPATH "CUDA compiler")
+    endif()
+
+    # pip-installed CUDA libraries and headers: site-packages/nvidia/<pkg>/{lib,include}.
+    get_filename_component(_cl_site "${TORCH_ROOT}/.." ABSOLUTE)
+    file(GLOB _cl_pip_includes LIST_DIRECTORIES true "${_cl_site}/nvidia/*/include")
+    file(GLOB _cl_pip_libdirs LIST_DIRECTORIES true "${_cl_site}/nvidia/*/lib")
+    # For the .cu files: torch's CUDA headers include cublas_v2.h, cusparse.h, ... which a bare toolkit
+    # may lack.
+    set(CUSTOMLAYERS_PIP_CUDA_INCLUDE_DIRS ${_cl_pip_includes})
+
+    if(NOT CUDA_nvrtc_LIBRARY)
+      find_library(_cl_nvrtc nvrtc HINTS "${_cl_toolkit}" PATH_SUFFIXES lib64 lib NO_DEFAULT_PATH)
+      if(NOT _cl_nvrtc)
+        # pip ships only the versioned name (libnvrtc.so.13), which find_library does not match.
+        foreach(_cl_dir IN LISTS _cl_pip_libdirs)
+          file(GLOB _cl_nvrtc_candidates "${_cl_dir}/libnvrtc.so.[0-9]*")
+          list(FILTER _cl_nvrtc_candidates EXCLUDE REGEX "builtins|alt")
+          if(_cl_nvrtc_candidates)
+            list(GET _cl_nvrtc_candidates 0 _cl_nvrtc)
+            break()
+          endif()
+        endforeach()
+      endif()
+      if(_cl_nvrtc)
+        set(CUDA_nvrtc_LIBRARY "${_cl_nvrtc}" CACHE FILEPATH "libnvrtc used by torch's CMake package")
+      endif()
+    endif()
+    message(STATUS "customlayers: torch CUDA ${TORCH_CUDA_VERSION}, toolkit ${_cl_toolkit}, "
+                   "nvrtc ${CUDA_nvrtc_LIBRARY}")
+  endif()
+
+  # A user's CMAKE_CUDA_ARCHITECTURES (90;80) becomes torch's TORCH_CUDA_ARCH_LIST (9.0;8.0), which is what
+  # torch's package actually uses (it overrides CMAKE_CUDA_ARCHITECTURES).
+  if(CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED TORCH_CUDA_ARCH_LIST AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+    set(TORCH_CUDA_ARCH_LIST "")
+    foreach(_cl_arch IN LISTS CMAKE_CUDA_ARCHITECTURES)
+      if(_cl_arch MATCHES "^([0-9]+)([0-9])([a-z]?)(-real|-virtual)?$")
+        list(APPEND TORCH_CUDA_ARCH_LIST "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+      endif()
+    endforeach()
+  endif()
+
+  set(CMAKE_CXX_STANDARD 20)          # torch's headers require C++20
+  set(CMAKE_CXX_STANDARD_REQUIRED ON)
+  # torch's package compiles a CUDA probe with CMAKE_CUDA_STANDARD (default: the C++ standard), and
+  # CMake before 3.26 has no C++20 dialect flag for nvcc; the library's own .cu files get C++20 anyway.
+  if(NOT DEFINED CMAKE_CUDA_STANDARD)
+    set(CMAKE_CUDA_STANDARD 17)
+  endif()
+  find_package(Torch REQUIRED CONFIG)
+endmacro()
