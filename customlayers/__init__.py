@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Dict
 
-from . import _ops, functional, nn, reference  # noqa: F401  (_ops loads the extension first)
+from . import _ops, functional, init, nn, reference  # noqa: F401  (_ops loads the extension first)
+from .nn import convert
 
 __version__ = "0.1.0"
-__all__ = ["backend", "backend_report", "functional", "nn", "reference"]
+__all__ = ["backend", "backend_report", "convert", "functional", "init", "nn", "reference"]
 
 
 def backend() -> str:

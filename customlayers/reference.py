@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["centered"]
+__all__ = ["centered", "linear_act"]
 
 
 def centered(x: torch.Tensor, dim: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -14,3 +14,13 @@ def centered(x: torch.Tensor, dim: Optional[Sequence[int]] = None) -> torch.Tens
     if dim is None or len(dim) == 0:
         return x - x.mean()
     return x - x.mean(dim=tuple(dim), keepdim=True)
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               act: str = "relu") -> torch.Tensor:
+    """``torch.relu(x @ weight + bias)`` (the book's MyLinear), weight (in_features, out_features);
+    act='none' leaves out the ReLU."""
+    y = x @ weight
+    if bias is not None:
+        y = y + bias
+    return torch.relu(y) if act == "relu" else y
