@@ -49,6 +49,10 @@ int64_t linear_rows(const at::Tensor& x) {
   return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
 }
 
+at::Tensor unit_column_stride(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
 void check_linear_backward_inputs(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                   const at::Tensor& weight, const at::Tensor& out, Activation act) {
   check_floating(grad, op, "grad");

@@ -26,6 +26,10 @@ std::vector<int64_t> linear_output_shape(const at::Tensor& x, const at::Tensor& 
 // The number of rows of x seen as a (rows, in_features) matrix: the product of its leading dims.
 int64_t linear_rows(const at::Tensor& x);
 
+// A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
+// row-wise backward kernels read.
+at::Tensor unit_column_stride(const at::Tensor& t);
+
 // Validates linear_act_backward's grad and out (the forward's output, needed for act='relu') against
 // x and weight, after check_linear_inputs(x, weight).
 void check_linear_backward_inputs(const char* op, const at::Tensor& grad, const at::Tensor& x,

@@ -66,9 +66,6 @@ void mm_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t 
   at::cpu::mm_out(dst, a.narrow(0, r0, r1 - r0), b);
 }
 
-// A [rows, cols] block with unit column stride (row stride arbitrary), or a contiguous copy.
-at::Tensor unit_column_stride(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
-
 // y[r, :] = act(y[r, :] + bias) for rows [r0, r1) of a contiguous [M, N] block.
 template <typename T>
 void epilogue_rows(T* y, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* bias, Activation act) {
