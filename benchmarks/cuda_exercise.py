@@ -37,7 +37,31 @@ def exercise_masked_uniform(dev):
         assert base[0].abs().sum() == 0 and base[:, 0].abs().sum() == 0, "wrote outside the view"
 
 
-EXERCISES = {"centered": exercise_centered, "masked_uniform_": exercise_masked_uniform}
+def exercise_linear_act(dev):
+    # Edge tiles, K not a multiple of the tile, 1-row inputs, both weight layouts, both activations.
+    shapes = [(1, 1, 1), (1, 20, 256), (7, 13, 5), (65, 33, 129), (256, 20, 256), (130, 200, 70)]
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
+        for m, k, n in shapes:
+            x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
+            for w in (torch.randn(k, n, device=dev, dtype=dtype), torch.randn(n, k, device=dev, dtype=dtype).t()):
+                w.requires_grad_()
+                b = torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
+                for act in ("relu", "none"):
+                    y = F.linear_act(x, w, b, act)
+                    ref = reference.linear_act(x.double(), w.double(), b.double(), act)
+                    scale = max(1.0, k ** 0.5)
+                    check(f"linear_act {m}x{k}x{n} {dtype} {act}", y, ref, tol * scale)
+                    if dtype in (torch.bfloat16, torch.float16):
+                        continue  # ReLU masks of rounded outputs differ from float64's near 0: check grads in fp32/64
+                    g = torch.randn_like(y)
+                    got = torch.autograd.grad(y, (x, w, b), g)
+                    exp = torch.autograd.grad(ref, (x, w, b), g.double())
+                    for name, a, e in zip(("dx", "dw", "db"), got, exp):
+                        check(f"linear_act {name} {m}x{k}x{n} {dtype} {act}", a, e, tol * scale * max(1.0, m ** 0.5))
+
+
+EXERCISES = {"centered": exercise_centered, "masked_uniform_": exercise_masked_uniform,
+             "linear_act": exercise_linear_act}
 
 
 def main():

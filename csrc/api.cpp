@@ -22,4 +22,27 @@ at::Tensor& masked_uniform_(at::Tensor& self, double low, double high, double th
   return self;
 }
 
+at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      c10::string_view act) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("customlayers::linear_act", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               c10::string_view)>();
+  return op.call(x, weight, bias, act);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& weight,
+                                                                   const std::optional<at::Tensor>& out,
+                                                                   c10::string_view act,
+                                                                   std::array<bool, 3> output_mask) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("customlayers::linear_act_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const std::optional<at::Tensor>&, c10::string_view,
+                                                                std::array<bool, 3>)>();
+  return op.call(grad, x, weight, out, act, output_mask);
+}
+
 }  // namespace customlayers

@@ -3,9 +3,16 @@
 // Each backward calls ops through the dispatcher, so it is itself differentiable (double backward).
 #include "customlayers/customlayers.h"
 
+#include "common/linear.h"
+
+#include <ATen/ops/gt.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
+
+#include <string>
 
 namespace customlayers {
 namespace {
@@ -48,11 +55,62 @@ void masked_uniform_autograd(at::Tensor& self, double low, double high, double t
   torch::autograd::increment_version(self);
 }
 
+// out = act(x @ W + b). First-order gradients come from the fused linear_act_backward kernel; when a
+// graph of the backward is wanted (create_graph=True, double backward) they are built from
+// differentiable ops instead: the masked gradient g' = where(out > 0, g, 0) (ReLU' is piecewise
+// constant, so the mask has no derivative of its own), dX = linear_act(g', W^T, act='none'),
+// dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
+struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, c10::string_view act) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = linear_act(x, weight, bias, act);
+    }
+    const bool relu = act == "relu";
+    ctx->saved_data["act"] = std::string(act);
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->save_for_backward({x, weight, relu ? out : at::Tensor()});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& out = saved[2];
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    const at::Tensor& g = grads[0];
+    if (!at::GradMode::is_enabled()) {
+      auto [dx, dw, db] =
+          linear_act_backward(g, x, weight, out.defined() ? std::optional<at::Tensor>(out) : std::nullopt, act, mask);
+      return {dx, dw, db, at::Tensor()};
+    }
+    const int64_t K = weight.size(0), N = weight.size(1), M = linear_rows(x);
+    const at::Tensor gp = act == "relu" ? at::where(out.gt(0), g, 0) : g;
+    const at::Tensor gp2 = gp.reshape({M, N});
+    at::Tensor dx, dw, db;
+    if (mask[0]) dx = linear_act(gp, weight.t(), std::nullopt, "none");
+    if (mask[1]) dw = linear_act(x.reshape({M, K}).t(), gp2, std::nullopt, "none");
+    if (mask[2]) db = gp2.sum(0);
+    return {dx, dw, db, at::Tensor()};
+  }
+};
+
+at::Tensor linear_act_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               c10::string_view act) {
+  return LinearActFunction::apply(x, weight, bias, act);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(customlayers, Autograd, m) {
   m.impl("centered", &centered_autograd);
   m.impl("masked_uniform_", &masked_uniform_autograd);
+  m.impl("linear_act", &linear_act_autograd);
 }
 
 }  // namespace customlayers

@@ -10,4 +10,11 @@ TORCH_LIBRARY(customlayers, m) {
   // Not differentiable (an initializer). Returns nothing, so that torch.compile can functionalize it.
   m.def("masked_uniform_(Tensor(a!) self, float low=-10, float high=10, float threshold=5, int? seed=None, "
         "int offset=0) -> ()");
+  // y = act(x @ weight + bias): x (*, in), weight (in, out) of any strides (nn.Linear.weight.t() works
+  // without a copy), bias (out,) or None, act 'relu' or 'none'.
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias=None, str act='relu') -> Tensor");
+  // Gradients of linear_act for the inputs selected by output_mask (x, weight, bias); the others are
+  // None. `out` is the forward's output (the ReLU mask; unused for act='none').
+  m.def("linear_act_backward(Tensor grad, Tensor x, Tensor weight, Tensor? out, str act, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
 }

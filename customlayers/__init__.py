@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Dict
 
 from . import _ops, functional, init, nn, reference  # noqa: F401  (_ops loads the extension first)
+from .nn import convert
 
 __version__ = "0.1.0"
-__all__ = ["backend", "backend_report", "functional", "init", "nn", "reference"]
+__all__ = ["backend", "backend_report", "convert", "functional", "init", "nn", "reference"]
 
 
 def backend() -> str:

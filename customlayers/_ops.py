@@ -17,7 +17,7 @@ import torch
 from . import _cpu
 
 NAMESPACE = "customlayers"
-OPS = ("centered", "masked_uniform_")
+OPS = ("centered", "masked_uniform_", "linear_act", "linear_act_backward")
 
 _loaded = False
 _reason: Optional[str] = None      # why the extension is not used (None when it is)
@@ -165,6 +165,63 @@ def check_floating(t: torch.Tensor, op: str, arg: str) -> None:
     if t.dtype not in _FLOATING:
         raise TypeError(f"{op}: expected {arg} to be a floating-point tensor (float32, float64, float16 or "
                         f"bfloat16), but got dtype {t.dtype}")
+
+
+ACTIVATIONS = ("relu", "none")
+
+
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str,
+                 op: str = "linear_act") -> None:
+    """The same validation, exception types and messages as the C++ kernels (common/linear.cpp)."""
+    check_floating(x, op, "x")
+    check_floating(weight, op, "weight")
+    if bias is not None:
+        check_floating(bias, op, "bias")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: expected x and {name} to have the same dtype, but x is {x.dtype} and "
+                            f"{name} is {t.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: expected all tensors on one device, but x is on {x.device} and {name} "
+                               f"is on {t.device}")
+    if weight.dim() != 2:
+        raise RuntimeError(f"{op}: expected weight to be 2-D (in_features, out_features), but got shape "
+                           f"{list(weight.shape)}")
+    if x.dim() < 1:
+        raise RuntimeError(f"{op}: expected x to have at least 1 dimension (*, in_features), but got shape "
+                           f"{list(x.shape)}")
+    if x.shape[-1] != weight.shape[0]:
+        raise RuntimeError(f"{op}: x's last dimension must equal weight's in_features (weight.shape[0]), but x "
+                           f"has shape {list(x.shape)} and weight has shape {list(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[1]):
+        raise RuntimeError(f"{op}: expected bias of shape [{weight.shape[1]}] (out_features,), but got shape "
+                           f"{list(bias.shape)}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{op}: act must be 'relu' or 'none', but got '{act}'")
+
+
+def linear_grad_weight_like(weight: torch.Tensor) -> torch.Tensor:
+    """An uninitialized weight gradient in the layout the kernels give it: weight's own (a transposed
+    view such as nn.Linear.weight.t() gets a transposed gradient)."""
+    k, n = weight.shape
+    if weight.stride(0) == 1 and weight.stride(1) != 1:
+        return weight.new_empty((n, k)).t()
+    return weight.new_empty((k, n))
+
+
+@register_fake("linear_act")
+def _linear_act_fake(x, weight, bias=None, act="relu"):
+    check_linear(x, weight, bias, act)
+    return x.new_empty((*x.shape[:-1], weight.shape[1]))
+
+
+@register_fake("linear_act_backward")
+def _linear_act_backward_fake(grad, x, weight, out, act, output_mask):
+    check_linear(x, weight, None, act, "linear_act_backward")
+    return (x.new_empty(x.shape) if output_mask[0] else None,
+            linear_grad_weight_like(weight) if output_mask[1] else None,
+            x.new_empty((weight.shape[1],)) if output_mask[2] else None)
 
 
 @register_fake("centered")

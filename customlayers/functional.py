@@ -14,7 +14,7 @@ import torch
 
 from . import _ops, reference
 
-__all__ = ["centered"]
+__all__ = ["centered", "linear_act"]
 
 Dims = Optional[Union[int, Sequence[int]]]
 
@@ -31,3 +31,20 @@ def centered(x: torch.Tensor, dim: Dims = None) -> torch.Tensor:
         return _ops.op("centered")(x, dims)
     _ops.check_floating(x, "centered", "x")
     return reference.centered(x, dims)
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               act: str = "relu") -> torch.Tensor:
+    """``act(x @ weight + bias)`` in one fused op: the book's ``MyLinear`` forward (act='relu').
+
+    Args:
+        x: (*, in_features), any leading shape.
+        weight: (in_features, out_features), the book's layout. A transposed view such as
+            ``nn.Linear.weight.t()`` is used as is, without a copy.
+        bias: (out_features,) or None.
+        act: 'relu' or 'none'.
+    """
+    if _ops.use_kernel("linear_act", x.device):
+        return _ops.op("linear_act")(x, weight, bias, act)
+    _ops.check_linear(x, weight, bias, act)
+    return reference.linear_act(x, weight, bias, act)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["centered", "masked_uniform_"]
+__all__ = ["centered", "linear_act", "masked_uniform_"]
 
 
 def centered(x: torch.Tensor, dim: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -22,3 +22,13 @@ def masked_uniform_(w: torch.Tensor, a: float = -10.0, b: float = 10.0, threshol
     w.uniform_(a, b, generator=generator)
     w *= w.abs() >= threshold
     return w
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               act: str = "relu") -> torch.Tensor:
+    """``torch.relu(x @ weight + bias)`` (the book's MyLinear), weight (in_features, out_features);
+    act='none' leaves out the ReLU."""
+    y = x @ weight
+    if bias is not None:
+        y = y + bias
+    return torch.relu(y) if act == "relu" else y

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from customlayers.nn import CenteredLayer
+from customlayers.nn import CenteredLayer, LinearReLU, MyLinear
 from conftest import requires_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +20,9 @@ FEATURES = 8
 LAYERS = [
     ("centered_all", lambda f: CenteredLayer(), "centered"),
     ("centered_dim1", lambda f: CenteredLayer(dim=(1,)), "centered"),
+    ("mylinear", lambda f: MyLinear(f, f), "linear_act"),
+    ("mylinear_nobias_none", lambda f: MyLinear(f, f, bias=False, activation="none"), "linear_act"),
+    ("linear_relu", lambda f: LinearReLU(f, f), "linear_act"),
 ]
 
 pytestmark = requires_extension()

@@ -49,4 +49,9 @@ at::Tensor empty_like(const at::Tensor& x) {
                                            c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type());
 }
 
+at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_generic(sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   std::nullopt);
+}
+
 }  // namespace customlayers::cpu

@@ -11,4 +11,7 @@ namespace customlayers::cpu {
 // which cost more than the op's arithmetic.
 at::Tensor empty_like(const at::Tensor& x);
 
+// A contiguous CPU tensor of `sizes` and `dtype`, with the same allocator as empty_like.
+at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype);
+
 }  // namespace customlayers::cpu

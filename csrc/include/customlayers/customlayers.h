@@ -7,6 +7,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/OptionalArrayRef.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
 
 #include <cstdint>
 #include <optional>
@@ -31,7 +36,19 @@ CUSTOMLAYERS_API at::Tensor centered(const at::Tensor& x, at::OptionalIntArrayRe
 // book's initializer), and returns it. The values depend only on (seed, offset, shape), bit for bit the
 // same on CPU and CUDA; without a seed they come from the device's default generator. Not
 // differentiable: call it under torch::NoGradGuard when `self` requires grad.
-CUSTOMLAYERS_API at::Tensor& masked_uniform_(at::Tensor& self, double low = -10, double high = 10, double threshold = 5,
-                            std::optional<int64_t> seed = std::nullopt, int64_t offset = 0);
+CUSTOMLAYERS_API at::Tensor& masked_uniform_(at::Tensor& self, double low = -10, double high = 10,
+                                              double threshold = 5, std::optional<int64_t> seed = std::nullopt, int64_t offset = 0);
+
+// act(x @ weight + bias) with weight (in_features, out_features) of any strides; act "relu" or "none".
+CUSTOMLAYERS_API at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, c10::string_view act = "relu");
+
+// (dx, dweight, dbias) of linear_act for the selected inputs (undefined tensors for the others);
+// `out` is linear_act's output (needed for act "relu").
+CUSTOMLAYERS_API std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& weight,
+                                                                   const std::optional<at::Tensor>& out,
+                                                                   c10::string_view act,
+                                                                   std::array<bool, 3> output_mask);
 
 }  // namespace customlayers

@@ -1,0 +1,78 @@
+"""Benchmark of customlayers.functional.linear_act (MyLinear / LinearReLU: relu(x @ W + b)) against eager
+PyTorch, nn.Linear + nn.ReLU, torch._addmm_activation and torch.compile, forward and forward+backward, at
+MLP layer sizes. "GEMM floor" runs only the op's matrix products with torch.mm (forward: x @ W; backward
+adds g @ W^T and x^T @ g): the time left above it is what the bias, ReLU, masking and bias-gradient work
+and the framework overhead cost. Run: python -m benchmarks.bench_linear [run.py options]."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from customlayers.functional import linear_act
+
+from .harness import FWD, FWD_BWD, OURS, Case, Device, bind, compile_fresh
+
+OP = "linear_act"
+# (batch, in_features, out_features): the book's MLP layer (batch 256, 20 -> 256), MNIST's first layer,
+# a transformer-sized MLP and a square one.
+SHAPES = [(256, 20, 256), (8192, 256, 256), (64, 784, 256), (2048, 784, 256), (8192, 784, 256),
+          (64, 1024, 4096), (1024, 1024, 4096), (8192, 4096, 4096)]
+QUICK_SHAPES = [(256, 20, 256), (8192, 256, 256), (2048, 784, 256)]
+BF16_SHAPES = [(1024, 1024, 4096), (8192, 4096, 4096)]   # CUDA only (full run)
+
+
+def eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x @ w + b)
+
+
+def nn_linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.relu(torch.nn.functional.linear(x, w.t(), b))
+
+
+def addmm_activation(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch._addmm_activation(b, x, w)
+
+
+def gemm_floor(x: torch.Tensor, w: torch.Tensor, g: Optional[torch.Tensor]) -> Callable[[], object]:
+    """The op's GEMMs alone: 1 mm forward, 3 mm forward+backward (g = None: forward only)."""
+    x, w = x.detach(), w.detach()
+    if g is None:
+        return lambda: torch.mm(x, w)
+    return lambda: (torch.mm(x, w), torch.mm(g, w.t()), torch.mm(x.t(), g))
+
+
+def cases(device: Device, quick: bool = False) -> List[Case]:
+    """fwd and fwd+bwd cases; the weight is nn.Linear's (out, in) parameter seen through .t(), as
+    LinearReLU uses it, and every implementation of a case shares its inputs."""
+    torch.manual_seed(0)
+    device = torch.device(device)
+    shapes = [(s, torch.float32) for s in (QUICK_SHAPES if quick else SHAPES)]
+    if device.type == "cuda":
+        shapes += [(s, torch.bfloat16) for s in (QUICK_SHAPES[-1:] if quick else BF16_SHAPES)]
+    out = []
+    for (m, k, n), dtype in shapes:
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = (torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5).t()
+        b = torch.randn(n, device=device, dtype=dtype)
+        g = torch.randn(m, n, device=device, dtype=dtype)
+        for mode in (FWD, FWD_BWD):
+            inputs = (x, w, b) if mode == FWD else tuple(t.detach().requires_grad_() for t in (x, w, b))
+            fns: Dict[str, Callable] = {OURS: linear_act, "eager": eager, "nn.Linear+ReLU": nn_linear_relu,
+                                        "torch.compile": compile_fresh(eager, dynamic=False)}
+            if mode == FWD:
+                fns["_addmm_activation"] = addmm_activation
+            # The floor goes first: it computes only part of the op, so its output is not compared.
+            impls = {"GEMM floor": gemm_floor(x, w, g if mode == FWD_BWD else None),
+                     **bind(fns, inputs, mode, (g,))}
+            out.append(Case(OP, m * k * n, dtype, mode, impls, label=f"{m}x{k}->{n}"))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from .run import main as run_main
+    run_main(argv, default_ops=[OP])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+// Argument handling shared by the CPU and CUDA kernels of the fused linear ops (linear_act,
+// linear_act_backward): the activation, input validation and the output shape.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <vector>
+
+namespace customlayers {
+
+enum class Activation { kNone, kRelu };
+
+// "relu" or "none"; anything else is a ValueError naming the op and the value.
+Activation parse_activation(c10::string_view act, const char* op);
+
+// x (*, in), weight (in, out) of any strides, bias (out,) or none: floating point, one dtype, one
+// device, matching sizes. Errors name the shapes, dtypes or devices involved.
+void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias);
+
+// (*, out): x's shape with its last dim replaced by weight's out_features.
+std::vector<int64_t> linear_output_shape(const at::Tensor& x, const at::Tensor& weight);
+
+// The number of rows of x seen as a (rows, in_features) matrix: the product of its leading dims.
+int64_t linear_rows(const at::Tensor& x);
+
+// A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
+// row-wise backward kernels read.
+at::Tensor unit_column_stride(const at::Tensor& t);
+
+// Validates linear_act_backward's grad and out (the forward's output, needed for act='relu') against
+// x and weight, after check_linear_inputs(x, weight).
+void check_linear_backward_inputs(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& weight, const at::Tensor& out, Activation act);
+
+}  // namespace customlayers

@@ -1,0 +1,385 @@
+"""MyLinear / LinearReLU / customlayers.linear_act: correctness against the reference, gradients of
+first and second order, errors, torch.library.opcheck, torch.compile, module conversion and training,
+on every device present."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import customlayers
+from customlayers import functional as F
+from customlayers import reference
+from customlayers.nn import LazyMyLinear, LinearReLU, MyLinear
+from conftest import DEVICES, FLOAT_DTYPES, requires_extension
+
+# Tolerances relative to the float64 reference; reduced precision scales with sqrt(in_features).
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+# (x shape, in, out): 1x1x1, odd sizes, 1-row inputs, 3-D inputs, sizes past a row block, zero sizes.
+SHAPES = [((1, 1), 1, 1), ((7, 5), 5, 3), ((1, 33), 33, 17), ((2, 3, 20), 20, 9), ((5,), 5, 4),
+          ((130, 65), 65, 70), ((600, 20), 20, 31), ((0, 4), 4, 3), ((3, 0), 0, 5), ((3, 4), 4, 0)]
+
+
+def make(shape, k, n, dtype=torch.float64, device="cpu", transposed=False, bias=True, requires_grad=False):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    w = torch.randn(n, k, dtype=dtype, device=device).t() if transposed else torch.randn(k, n, dtype=dtype,
+                                                                                          device=device)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    if requires_grad:
+        for t in (x, w, b):
+            if t is not None:
+                t.requires_grad_()
+    return x, w, b
+
+
+def check_close(y, expected, dtype, k):
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    tol = TOL[dtype] * max(1.0, k ** 0.5)
+    torch.testing.assert_close(y.double(), expected.double(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_matches_reference(device, dtype, act, transposed, shape):
+    x, w, b = make(*shape, dtype=dtype, device=device, transposed=transposed)
+    y = F.linear_act(x, w, b, act)
+    assert y.shape == (*x.shape[:-1], w.shape[1]) and y.dtype == dtype and y.device == x.device
+    check_close(y, reference.linear_act(x.double(), w.double(), b.double(), act), dtype, shape[1])
+    check_close(F.linear_act(x, w, None, act), reference.linear_act(x.double(), w.double(), None, act), dtype,
+                shape[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("shape", [((600, 20), 20, 31), ((2, 3, 20), 20, 9), ((64, 300), 300, 257)], ids=str)
+def test_backward_matches_reference(device, dtype, act, shape):
+    x, w, b = make(*shape, dtype=dtype, device=device, requires_grad=True)
+    g = torch.randn(*shape[0][:-1], shape[2], dtype=dtype, device=device)
+    ours = torch.autograd.grad(F.linear_act(x, w, b, act), (x, w, b), g)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.autograd.grad(reference.linear_act(xd, wd, bd, act), (xd, wd, bd), g.double())
+    for o, r, k in zip(ours, ref, (shape[2], shape[0][0], shape[0][0])):
+        assert o.dtype == dtype
+        check_close(o, r, dtype, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [((1, 1), 1, 1), ((7, 5), 5, 3), ((2, 3, 4), 4, 5), ((3,), 3, 2), ((70, 3), 3, 2)],
+                         ids=str)
+def test_gradcheck(device, act, transposed, bias, shape):
+    x, w, b = make(*shape, device=device, transposed=transposed, bias=bias, requires_grad=True)
+    inputs = (x, w) if b is None else (x, w, b)
+
+    def fn(x, w, b=None):
+        return F.linear_act(x, w, b, act)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_needed_gradients(device):
+    """The first layer's input needs no gradient: only dW and db are computed."""
+    x, w, b = make((9, 4), 4, 6, device=device)
+    w.requires_grad_()
+    y = F.linear_act(x, w, b)
+    y.sum().backward()
+    assert w.grad is not None and x.grad is None and b.grad is None
+    expected, = torch.autograd.grad(reference.linear_act(x, w, b).sum(), w)
+    torch.testing.assert_close(w.grad, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transposed_weight_grad_layout(device):
+    """nn.Linear's weight is used through .t() without a copy; its gradient lands contiguous."""
+    lin = nn.Linear(6, 4, device=device, dtype=torch.float64)
+    x = torch.randn(5, 6, device=device, dtype=torch.float64)
+    F.linear_act(x, lin.weight.t(), lin.bias).sum().backward()
+    assert lin.weight.grad.is_contiguous()
+    expected, = torch.autograd.grad(torch.relu(lin(x)).sum(), lin.weight)
+    torch.testing.assert_close(lin.weight.grad, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_inputs(device):
+    x = torch.randn(9, 20, dtype=torch.float64, device=device)[:, ::2]
+    w = torch.randn(30, 8, dtype=torch.float64, device=device)[::3]
+    b = torch.randn(16, dtype=torch.float64, device=device)[::2]
+    torch.testing.assert_close(F.linear_act(x, w, b), reference.linear_act(x, w, b))
+    xe = torch.randn(1, 10, dtype=torch.float64, device=device).expand(4, 10)
+    torch.testing.assert_close(F.linear_act(xe, w, b), reference.linear_act(xe, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_nan_and_mask(device):
+    x = torch.tensor([[1.0, float("nan")], [-1.0, 0.0]], device=device)
+    w = torch.eye(2, device=device, requires_grad=True)
+    y = F.linear_act(x, w)
+    ref = torch.relu(x @ w.detach())
+    torch.testing.assert_close(y, ref, equal_nan=True)
+
+
+def test_book_examples():
+    linear = MyLinear(5, 3)
+    assert linear.weight.shape == (5, 3) and linear.bias.shape == (3,)
+    net = nn.Sequential(MyLinear(64, 8), MyLinear(8, 1))
+    assert net(torch.rand(2, 64)).shape == (2, 1)
+    x = torch.rand(2, 5)
+    torch.testing.assert_close(linear(x), torch.relu(x @ linear.weight + linear.bias))
+
+
+def test_mylinear_init():
+    torch.manual_seed(1)
+    ours = MyLinear(20, 7)
+    torch.manual_seed(1)
+    ref = nn.Linear(20, 7)
+    assert torch.equal(ours.weight, ref.weight.t()) and torch.equal(ours.bias, ref.bias)
+    torch.manual_seed(2)
+    book = MyLinear(4, 3, init="randn")
+    torch.manual_seed(2)
+    assert torch.equal(book.weight, torch.randn(4, 3)) and torch.equal(book.bias, torch.randn(3))
+    assert MyLinear(3, 2, bias=False).bias is None
+    with pytest.raises(ValueError, match="activation must be"):
+        MyLinear(3, 2, activation="tanh")
+    with pytest.raises(ValueError, match="init must be"):
+        MyLinear(3, 2, init="zeros")
+
+
+def test_mylinear_activation_none():
+    layer = MyLinear(3, 2, activation="none")
+    x = -torch.rand(4, 3) * 10
+    torch.testing.assert_close(layer(x), x @ layer.weight + layer.bias)
+
+
+def test_lazy_mylinear():
+    layer = LazyMyLinear(6)
+    y = layer(torch.randn(4, 9))
+    assert type(layer) is MyLinear and layer.weight.shape == (9, 6) and layer.in_units == 9
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(layer(x), torch.relu(x @ layer.weight + layer.bias))
+    no_bias = LazyMyLinear(2, bias=False)
+    no_bias(torch.randn(1, 3))
+    assert no_bias.bias is None and no_bias.weight.shape == (3, 2)
+
+
+def test_linear_relu_matches_nn_linear():
+    torch.manual_seed(3)
+    ours = LinearReLU(12, 5)
+    torch.manual_seed(3)
+    ref = nn.Linear(12, 5)
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(ours(x), torch.relu(ref(x)))
+    ref2 = nn.Linear(12, 5)
+    ref2.load_state_dict(ours.state_dict())
+    ours.load_state_dict(nn.Linear(12, 5).state_dict())
+
+
+def test_from_linear_and_to_linear_share_parameters():
+    lin = nn.Linear(4, 3)
+    fused = LinearReLU.from_linear(lin)
+    assert fused.weight is lin.weight and fused.bias is lin.bias
+    back = fused.to_linear()
+    assert type(back) is nn.Linear and back.weight is lin.weight and back.bias is lin.bias
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(fused(x), torch.relu(lin(x)))
+    torch.testing.assert_close(back(x), lin(x))
+    nobias = LinearReLU.from_linear(nn.Linear(4, 3, bias=False))
+    assert nobias.bias is None and nobias.to_linear().bias is None
+    with pytest.raises(TypeError, match="expected an nn.Linear"):
+        LinearReLU.from_linear(nn.ReLU())
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 16), nn.ReLU()), nn.Linear(16, 1))
+
+
+def test_convert_equivalence_and_state_dict():
+    model = _mlp()
+    converted = customlayers.convert(model)
+    assert type(model[0]) is nn.Linear  # inplace=False leaves the original alone
+    assert type(converted[0]) is LinearReLU and type(converted[1]) is nn.Identity
+    assert type(converted[2][0]) is LinearReLU and type(converted[3]) is nn.Linear
+    assert list(converted.state_dict()) == list(model.state_dict())
+    x = torch.randn(8, 10)
+    torch.testing.assert_close(converted(x), model(x))
+    # A checkpoint of the original loads into the converted model (weights_only) and back.
+    buffer = io.BytesIO()
+    torch.save(_mlp().state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    converted.load_state_dict(state)
+    model.load_state_dict(state)
+    torch.testing.assert_close(converted(x), model(x))
+    buffer = io.BytesIO()
+    torch.save(converted.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = _mlp()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(fresh(x), converted(x))
+    assert customlayers.convert(model, inplace=True) is model and type(model[0]) is LinearReLU
+
+
+def test_convert_keeps_tied_layers_shared():
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(6, 1))
+    converted = customlayers.convert(model)
+    assert converted[0] is converted[2] and type(converted[0]) is LinearReLU
+    assert len(list(converted.parameters())) == len(list(model.parameters()))
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(converted(x), model(x))
+    model(x).sum().backward()
+    converted(x).sum().backward()
+    torch.testing.assert_close(converted[0].weight.grad, model[0].weight.grad)
+    torch.testing.assert_close(converted[0].bias.grad, model[0].bias.grad)
+
+
+def _train(model, steps=100):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen)
+    y = (x[:, :1] * 2 - x[:, 1:2].sin() + 0.5 * x[:, 2:3] * x[:, 3:4])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_training_matches_native_mlp():
+    torch.manual_seed(0)
+    native = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
+    fused = customlayers.convert(native)
+    native_loss = _train(native)
+    fused_loss = _train(fused)
+    assert fused_loss == pytest.approx(native_loss, rel=1e-3)
+    assert native_loss < 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", ["dtype_w", "dtype_b", "int", "in_size", "bias_size", "weight_dim", "act",
+                                 "scalar_x"])
+def test_bad_input_errors(device, bad):
+    x, w, b = make((3, 4), 4, 5, dtype=torch.float32, device=device)
+    cases = {
+        "dtype_w": ((x, w.double(), b), TypeError, r"same dtype, but x is .* and weight is"),
+        "dtype_b": ((x, w, b.half()), TypeError, r"same dtype, but x is .* and bias is"),
+        "int": ((torch.ones(3, 4, dtype=torch.long, device=device), w, b), TypeError, "floating-point"),
+        "in_size": ((torch.randn(3, 6, device=device), w, b), RuntimeError,
+                    r"x has shape \[3, 6\] and weight has shape \[4, 5\]"),
+        "bias_size": ((x, w, b[:3]), RuntimeError, r"expected bias of shape \[5\].*got shape \[3\]"),
+        "weight_dim": ((x, w.flatten(), b), RuntimeError, "expected weight to be 2-D"),
+        "act": ((x, w, b, "tanh"), ValueError, "act must be 'relu' or 'none', but got 'tanh'"),
+        "scalar_x": ((torch.tensor(1.0, device=device), w, b), RuntimeError, "at least 1 dimension"),
+    }
+    args, exc, msg = cases[bad]
+    with pytest.raises(exc, match=msg):
+        F.linear_act(*args)
+    if customlayers._ops.loaded():
+        with pytest.raises(exc, match=msg):
+            torch.ops.customlayers.linear_act(*args)
+
+
+def test_fallback_errors_match(monkeypatch):
+    """The pure-PyTorch path raises the same exception types and messages."""
+    monkeypatch.setattr(customlayers._ops, "_has_kernel", {("linear_act", "cpu"): False})
+    monkeypatch.setattr(customlayers._ops, "_warned", {"x"})
+    monkeypatch.setattr(customlayers._ops, "_warn_once", lambda message: None)
+    x, w, b = make((3, 4), 4, 5, dtype=torch.float32)
+    with pytest.raises(TypeError, match="same dtype"):
+        F.linear_act(x, w.double(), b)
+    with pytest.raises(RuntimeError, match=r"x has shape \[3, 4\] and weight has shape \[5, 5\]"):
+        F.linear_act(x, torch.randn(5, 5), b)
+    with pytest.raises(ValueError, match="act must be"):
+        F.linear_act(x, w, b, "gelu")
+    torch.testing.assert_close(F.linear_act(x, w, b), reference.linear_act(x, w, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed devices need a CUDA device")
+def test_mixed_devices_error():
+    x, w, b = make((3, 4), 4, 5, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="one device"):
+        F.linear_act(x.cuda(), w, b)
+    with pytest.raises(RuntimeError, match="one device"):
+        F.linear_act(x, w, b.cuda())
+
+
+@requires_extension()
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_op_errors(device):
+    x, w, _ = make((3, 4), 4, 5, dtype=torch.float32, device=device)
+    op = torch.ops.customlayers.linear_act_backward.default
+    with pytest.raises(RuntimeError, match=r"expected grad of shape \[3, 5\]"):
+        op(torch.randn(3, 4, device=device), x, w, None, "none", [True, True, True])
+    with pytest.raises(RuntimeError, match="needs the forward output"):
+        op(torch.randn(3, 5, device=device), x, w, None, "relu", [True, True, True])
+
+
+@requires_extension()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("args", [((3, 5), 5, 4, True, "relu", False), ((2, 3, 5), 5, 4, False, "none", True),
+                                  ((1, 1), 1, 1, True, "relu", True), ((0, 3), 3, 2, True, "relu", False)],
+                         ids=str)
+def test_opcheck(device, args):
+    shape, k, n, bias, act, transposed = args
+    x, w, b = make(shape, k, n, device=device, transposed=transposed, bias=bias, requires_grad=True)
+    torch.library.opcheck(torch.ops.customlayers.linear_act.default, (x, w, b, act))
+    out = F.linear_act(x, w, b, act).detach()
+    g = torch.randn_like(out)
+    for mask in ([True, True, True], [False, True, False], [True, False, bias]):
+        torch.library.opcheck(torch.ops.customlayers.linear_act_backward.default,
+                              (g, x.detach(), w.detach(), out if act == "relu" else None, act, mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    model = nn.Sequential(MyLinear(8, 16), LinearReLU(16, 8), MyLinear(8, 3, activation="none")).to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 8, device=device)
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+@requires_extension()
+def test_cpu_bias_grad_independent_of_thread_count():
+    x, w, b = make((3000, 17), 17, 33, dtype=torch.float32, requires_grad=True)
+    g = torch.randn(3000, 33)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.autograd.grad(F.linear_act(x, w, b), b, g)[0]
+        torch.set_num_threads(max(2, before))
+        many = torch.autograd.grad(F.linear_act(x, w, b), b, g)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_extension()
+def test_cuda_deterministic_and_current_stream():
+    x, w, b = make((1000, 77), 77, 130, dtype=torch.float32, device="cuda", requires_grad=True)
+    g = torch.randn(1000, 130, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        first = torch.autograd.grad(F.linear_act(x, w, b), (x, w, b), g)
+        second = torch.autograd.grad(F.linear_act(x, w, b), (x, w, b), g)
+    s.synchronize()
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
