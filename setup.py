@@ -124,6 +124,12 @@ def _write_build_info(cuda_version, cpu_isa):
 def _extension():
     with_cuda, detail = _want_cuda()
     cxx_flags = ["-O3", "-g0", "-std=c++20", "-fvisibility=hidden"] if sys.platform != "win32" else ["/O2"]
+    # at::parallel_for is an OpenMP region inlined from torch's headers: compiled without OpenMP, the
+    # CPU kernels would run on one thread. (torch's bundled libgomp.so.1 then serves both.)
+    link_args = []
+    if torch._C.has_openmp and sys.platform != "win32":
+        cxx_flags.append("-fopenmp")
+        link_args.append("-fopenmp")
     cpu_isa = _cpu_isa()
     if cpu_isa == "avx2":
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -134,7 +140,7 @@ def _extension():
         _write_build_info(None, cpu_isa)
         return cpp_extension.CppExtension(
             "customlayers._C", _sources(False), include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags}, define_macros=define_macros)
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_args, define_macros=define_macros)
 
     cuda_home = detail
     os.environ["CUDA_HOME"] = cuda_home
@@ -149,7 +155,7 @@ def _extension():
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "customlayers._C", _sources(True), include_dirs=include_dirs,
-        library_dirs=_pip_nvidia_dirs("lib"),
+        library_dirs=_pip_nvidia_dirs("lib"), extra_link_args=link_args,
         extra_compile_args={"cxx": cxx_flags + ["-DCUSTOMLAYERS_WITH_CUDA"],
                             "nvcc": nvcc_flags + ["-DCUSTOMLAYERS_WITH_CUDA"]},
         define_macros=define_macros)

@@ -53,8 +53,12 @@ at::Tensor unit_column_stride(const at::Tensor& t) {
   return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
 }
 
-void check_linear_backward_inputs(const char* op, const at::Tensor& grad, const at::Tensor& x,
-                                  const at::Tensor& weight, const at::Tensor& out, Activation act) {
+Activation check_linear_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& out_arg, c10::string_view act_name) {
+  constexpr const char* op = "linear_act_backward";
+  check_linear_inputs(op, x, weight, std::nullopt);
+  const Activation act = parse_activation(act_name, op);
+  const at::Tensor out = out_arg.has_value() ? *out_arg : at::Tensor();
   check_floating(grad, op, "grad");
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": expected grad and x to have the same dtype, but grad is ",
                    grad.scalar_type(), " and x is ", x.scalar_type());
@@ -70,6 +74,7 @@ void check_linear_backward_inputs(const char* op, const at::Tensor& grad, const 
     TORCH_CHECK(out.sizes() == grad.sizes(), op, ": expected out of shape ", grad.sizes(), ", but got shape ",
                 out.sizes());
   }
+  return act;
 }
 
 }  // namespace customlayers

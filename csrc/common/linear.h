@@ -30,9 +30,10 @@ int64_t linear_rows(const at::Tensor& x);
 // row-wise backward kernels read.
 at::Tensor unit_column_stride(const at::Tensor& t);
 
-// Validates linear_act_backward's grad and out (the forward's output, needed for act='relu') against
-// x and weight, after check_linear_inputs(x, weight).
-void check_linear_backward_inputs(const char* op, const at::Tensor& grad, const at::Tensor& x,
-                                  const at::Tensor& weight, const at::Tensor& out, Activation act);
+// Validates all of linear_act_backward's arguments: x and weight as check_linear_inputs does, the
+// activation, and grad and out (the forward's output, needed for act='relu') against them.
+// Returns the parsed activation.
+Activation check_linear_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& out, c10::string_view act);
 
 }  // namespace customlayers

@@ -29,7 +29,6 @@ namespace customlayers::cpu {
 namespace {
 
 constexpr const char* kOp = "linear_act";
-constexpr const char* kBackwardOp = "linear_act_backward";
 constexpr int64_t kChunkRows = 64;                 // rows per bias-gradient partial sum (kColFlush)
 constexpr int64_t kMaxBlockRows = 512;             // rows per block in the blocked mode
 constexpr int64_t kCachedWeightBytes = 4 << 20;    // weights up to this size use the blocked mode
@@ -249,10 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Ten
                                                                    const std::optional<at::Tensor>& out,
                                                                    c10::string_view act_name,
                                                                    std::array<bool, 3> mask) {
-  check_linear_inputs(kBackwardOp, x, weight, std::nullopt);
-  const Activation act = parse_activation(act_name, kBackwardOp);
+  const Activation act = check_linear_backward_inputs(grad, x, weight, out, act_name);
   const at::Tensor o = out.has_value() ? *out : at::Tensor();
-  check_linear_backward_inputs(kBackwardOp, grad, x, weight, o, act);
   const int64_t K = weight.size(0), N = weight.size(1);
   const int64_t M = linear_rows(x);
   const at::Tensor x2 = x.reshape({M, K});

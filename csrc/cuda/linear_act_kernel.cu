@@ -34,7 +34,6 @@ namespace customlayers::cuda {
 namespace {
 
 constexpr const char* kOp = "linear_act";
-constexpr const char* kBackwardOp = "linear_act_backward";
 constexpr int kBytesPerVector = 16;
 
 // kBytesPerVector bytes of T, loaded and stored as one vector instruction.
@@ -470,10 +469,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Ten
                                                                    const std::optional<at::Tensor>& out,
                                                                    c10::string_view act_name,
                                                                    std::array<bool, 3> mask) {
-  check_linear_inputs(kBackwardOp, x, weight, std::nullopt);
-  const Activation act = parse_activation(act_name, kBackwardOp);
+  const Activation act = check_linear_backward_inputs(grad, x, weight, out, act_name);
   const at::Tensor o = out.has_value() ? *out : at::Tensor();
-  check_linear_backward_inputs(kBackwardOp, grad, x, weight, o, act);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool relu = act == Activation::kRelu;

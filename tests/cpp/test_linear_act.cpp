@@ -1,0 +1,101 @@
+// customlayers::linear_act / linear_act_backward through the public C++ API: values against libtorch's
+// relu(x @ W + b) for both weight layouts, gradients against libtorch autograd, errors.
+#include <customlayers/customlayers.h>
+
+#include <array>
+#include <tuple>
+
+#include "testing.h"
+
+namespace {
+
+using customlayers::testing::expect_throws;
+using customlayers::testing::float_dtypes;
+using customlayers::testing::for_each_device;
+
+at::Tensor reference(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
+  at::Tensor y = at::matmul(x.to(at::kDouble), w.to(at::kDouble));
+  if (b.has_value()) y = y + b->to(at::kDouble);
+  return relu ? y.relu() : y;
+}
+
+// Tolerance for a product over k terms of N(0,1) values in `dtype`, as an absolute error.
+double linear_tol(at::ScalarType dtype, int64_t k) {
+  const double eps = dtype == at::kDouble ? 1e-12 : dtype == at::kFloat ? 1e-5 : dtype == at::kHalf ? 4e-3 : 3e-2;
+  return eps * std::max<double>(1.0, std::sqrt(double(k))) * 4;
+}
+
+TEST(LinearAct, MatchesLibtorchBothLayouts) {
+  for_each_device([](at::Device device) {
+    for (auto dtype : float_dtypes()) {
+      for (auto [m, k, n] : std::vector<std::array<int64_t, 3>>{{1, 1, 1}, {7, 13, 5}, {65, 33, 129}, {256, 20, 256}}) {
+        const auto opts = at::TensorOptions().dtype(dtype).device(device);
+        const at::Tensor x = at::randn({m, k}, opts);
+        const at::Tensor b = at::randn({n}, opts);
+        for (const at::Tensor& w : {at::randn({k, n}, opts), at::randn({n, k}, opts).t()}) {
+          for (bool relu : {true, false}) {
+            const at::Tensor y = customlayers::linear_act(x, w, b, relu ? "relu" : "none");
+            ASSERT_EQ(y.scalar_type(), dtype);
+            const double err = (y.to(at::kDouble) - reference(x, w, b, relu)).abs().max().item<double>();
+            EXPECT_LE(err, linear_tol(dtype, k)) << m << "x" << k << "x" << n << " " << dtype;
+          }
+        }
+      }
+    }
+  });
+}
+
+TEST(LinearAct, LeadingDimsAndNoBias) {
+  const at::Tensor x = at::randn({2, 3, 4, 6}, at::kDouble);
+  const at::Tensor w = at::randn({6, 5}, at::kDouble);
+  const at::Tensor y = customlayers::linear_act(x, w, std::nullopt, "relu");
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{2, 3, 4, 5}));
+  EXPECT_TRUE(at::allclose(y, reference(x, w, std::nullopt, true)));
+}
+
+TEST(LinearActAutograd, GradientsMatchLibtorch) {
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor x = at::randn({9, 7}, opts).requires_grad_();
+  const at::Tensor w = at::randn({7, 4}, opts).requires_grad_();
+  const at::Tensor b = at::randn({4}, opts).requires_grad_();
+  const at::Tensor g = at::randn({9, 4}, opts);
+  const auto ours = torch::autograd::grad({customlayers::linear_act(x, w, b)}, {x, w, b}, {g});
+  const auto ref = torch::autograd::grad({at::relu(at::matmul(x, w) + b)}, {x, w, b}, {g});
+  for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(at::allclose(ours[i], ref[i], 1e-10, 1e-10)) << "gradient " << i;
+}
+
+TEST(LinearActAutograd, DoubleBackward) {
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor x = at::randn({5, 4}, opts).requires_grad_();
+  const at::Tensor w = at::randn({4, 3}, opts).requires_grad_();
+  auto first = [&](auto fn) {
+    const auto gx = torch::autograd::grad({fn().square().sum()}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    return torch::autograd::grad({gx[0].sum()}, {w})[0];
+  };
+  const at::Tensor ours = first([&] { return customlayers::linear_act(x, w, std::nullopt, "relu"); });
+  const at::Tensor ref = first([&] { return at::relu(at::matmul(x, w)); });
+  EXPECT_TRUE(at::allclose(ours, ref, 1e-10, 1e-10));
+}
+
+TEST(LinearActBackward, FusedKernelRespectsOutputMask) {
+  const at::Tensor x = at::randn({6, 4}, at::kDouble), w = at::randn({4, 3}, at::kDouble);
+  const at::Tensor out = customlayers::linear_act(x, w, std::nullopt, "relu");
+  const at::Tensor g = at::randn({6, 3}, at::kDouble);
+  auto [dx, dw, db] = customlayers::linear_act_backward(g, x, w, out, "relu", {true, false, true});
+  const at::Tensor gp = g * out.gt(0);
+  EXPECT_TRUE(at::allclose(dx, at::matmul(gp, w.t())));
+  EXPECT_FALSE(dw.defined());
+  EXPECT_TRUE(at::allclose(db, gp.sum(0)));
+}
+
+TEST(LinearAct, RejectsBadInputs) {
+  const at::Tensor x = at::randn({4, 3}), w = at::randn({3, 2});
+  expect_throws<c10::TypeError>([&] { customlayers::linear_act(x, w.to(at::kDouble), std::nullopt); }, "dtype");
+  expect_throws<c10::TypeError>([&] { customlayers::linear_act(x.to(at::kLong), w.to(at::kLong), std::nullopt); },
+                                "floating-point");
+  expect_throws<c10::Error>([&] { customlayers::linear_act(x, at::randn({5, 2}), std::nullopt); }, "[4, 3]");
+  expect_throws<c10::Error>([&] { customlayers::linear_act(x, w, at::randn({3})); }, "bias");
+  expect_throws<c10::ValueError>([&] { customlayers::linear_act(x, w, std::nullopt, "gelu"); }, "act must be");
+}
+
+}  // namespace
