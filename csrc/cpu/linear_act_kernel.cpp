@@ -33,6 +33,8 @@ constexpr int64_t kChunkRows = 64;                 // rows per bias-gradient par
 constexpr int64_t kMaxBlockRows = 512;             // rows per block in the blocked mode
 constexpr int64_t kCachedWeightBytes = 4 << 20;    // weights up to this size use the blocked mode
 constexpr int64_t kTaskFlops = 1 << 18;            // at least this much GEMM work per task
+constexpr int64_t kSmallMacs = 1 << 22;            // GEMMs up to this many multiply-adds are never blocked
+constexpr int64_t kTaskElems = 1 << 16;            // at least this many elements per task of the elementwise-only passes
 
 static_assert(kChunkRows == kColFlush, "bias-gradient chunks are add_column_sums' flush interval");
 
@@ -47,15 +49,17 @@ struct RowPlan {
 
 RowPlan plan_rows(int64_t M, int64_t K, int64_t N, int64_t element_size) {
   RowPlan plan;
-  plan.blocked = K * N * element_size <= kCachedWeightBytes;
+  // Small GEMMs are not split: one BLAS call (with BLAS's own choice of threads) costs less than
+  // per-block calls and a parallel region around them.
+  plan.blocked = K * N * element_size <= kCachedWeightBytes && M * K * N > kSmallMacs;
   const int64_t threads = at::get_num_threads();
   // Enough blocks for every thread, each as tall as possible up to kMaxBlockRows.
   const int64_t per_thread = (M + threads - 1) / threads;
   plan.rows = std::clamp<int64_t>((per_thread + kChunkRows - 1) / kChunkRows * kChunkRows, kChunkRows,
                                   plan.blocked ? kMaxBlockRows : kMaxBlockRows * 4);
   plan.count = (M + plan.rows - 1) / plan.rows;
-  const int64_t block_flops = 2 * plan.rows * std::max<int64_t>(K, 1) * N;
-  plan.grain = std::max<int64_t>(1, kTaskFlops / std::max<int64_t>(block_flops, 1));
+  const int64_t block_work = plan.blocked ? 2 * plan.rows * std::max<int64_t>(K, 1) * N : plan.rows * N;
+  plan.grain = std::max<int64_t>(1, (plan.blocked ? kTaskFlops : kTaskElems) / std::max<int64_t>(block_work, 1));
   return plan;
 }
 
