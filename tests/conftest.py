@@ -36,3 +36,16 @@ def requires_extension():
 def strict_extension() -> bool:
     """CI sets CUSTOMLAYERS_EXPECT_EXTENSION=1: then a missing extension is a failure, not a skip."""
     return os.environ.get("CUSTOMLAYERS_EXPECT_EXTENSION") == "1"
+
+
+def assert_compiled_matches_eager(model, x):
+    """torch.compile(model, fullgraph=True) gives eager's outputs and parameter gradients."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)

@@ -8,7 +8,7 @@ import customlayers
 from customlayers import functional as F
 from customlayers import reference
 from customlayers.nn import CenteredLayer
-from conftest import DEVICES, FLOAT_DTYPES, requires_extension
+from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension
 
 # Absolute error allowed relative to max|x|: float32 must match a float64 reference within 1e-6.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -180,18 +180,10 @@ def test_opcheck(device, args):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(8, 16), CenteredLayer(), nn.ReLU(), nn.Linear(16, 4),
                           CenteredLayer(dim=1)).to(device)
-    compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(5, 8, device=device)
-    torch.testing.assert_close(compiled(x), model(x))
-    compiled(x).square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model(x).square().sum().backward()
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(g, p.grad)
+    assert_compiled_matches_eager(model, x)
 
 
 @requires_extension()

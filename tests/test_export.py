@@ -98,3 +98,20 @@ def test_export_save_load_round_trip(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "customlayers.centered.default" in out.stdout
+
+
+class SeededNoise(nn.Module):
+    """A forward that calls the mutating masked_uniform_ op (seeded, so eager and exported runs agree)."""
+
+    def forward(self, x):
+        noise = torch.empty_like(x)
+        torch.ops.customlayers.masked_uniform_(noise, -10.0, 10.0, 5.0, 3, 0)
+        return x + noise
+
+
+def test_export_masked_uniform_in_forward():
+    model = SeededNoise()
+    ep = _export(model)
+    assert "masked_uniform_" in [t._opname for t in _custom_ops(ep)]
+    x = torch.randn(6, FEATURES)
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)

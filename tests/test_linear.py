@@ -11,7 +11,7 @@ import customlayers
 from customlayers import functional as F
 from customlayers import reference
 from customlayers.nn import LazyMyLinear, LinearReLU, MyLinear
-from conftest import DEVICES, FLOAT_DTYPES, requires_extension
+from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension
 
 # Tolerances relative to the float64 reference; reduced precision scales with sqrt(in_features).
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -343,17 +343,9 @@ def test_opcheck(device, args):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    torch._dynamo.reset()
     model = nn.Sequential(MyLinear(8, 16), LinearReLU(16, 8), MyLinear(8, 3, activation="none")).to(device)
-    compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(5, 8, device=device)
-    torch.testing.assert_close(compiled(x), model(x))
-    compiled(x).square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model(x).square().sum().backward()
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(g, p.grad)
+    assert_compiled_matches_eager(model, x)
 
 
 @requires_extension()
