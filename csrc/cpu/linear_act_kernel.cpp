@@ -9,7 +9,8 @@
 //    parallel epilogue pass (re-reading a large weight per block would cost more than the pass).
 //  * backward: one pass over grad computes the masked gradient g' = grad * (out > 0) and the bias
 //    gradient (column sums of g') together; in the blocked mode each block's dX = g' W^T follows
-//    immediately. dW = X^T g' is one multithreaded GEMM over all rows.
+//    immediately. dW = X^T g' is one multithreaded GEMM over all rows. Small weights (few inputs)
+//    skip BLAS for dX: each group of rows computes its dX from g' held in registers/L1.
 // Column sums are kept per fixed 64-row chunk and combined in order in double: the bias gradient
 // does not depend on the thread count or the block size.
 #include "common/checks.h"
@@ -186,6 +187,89 @@ void mask_and_sum_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, 
   }
 }
 
+// The small-weight backward (K <= kSmallK inputs, K * N <= kSmallWeight): dX = g' W^T is computed here
+// rather than by BLAS, whose GEMM with few output columns is slow. Rows are taken kDxRows at a time:
+// their masked gradient is made once in acc_t (also written to gp for dW when `gp` is set, and added
+// to the chunk's bias-gradient column sums like mask_and_sum_rows), then each dX element is a dot
+// accumulated as broadcast(g'[r, n]) * W^T[n, :] against an acc_t copy of W^T ([N, Kp], zero-padded).
+constexpr int64_t kSmallK = 64;
+constexpr int64_t kSmallWeight = 1 << 16;
+constexpr int64_t kDxRows = 4;
+constexpr int kDxCols = 3;  // output vectors per pass: kDxRows * kDxCols accumulators
+
+template <typename T>
+void small_backward_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, T* dx, const acc_t<T>* wt,
+                         int64_t r0, int64_t r1, int64_t N, int64_t K, int64_t Kp, Activation act, double* partial,
+                         acc_t<T>* scratch, acc_t<T>* rows_buf) {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  using A = acc_t<T>;
+  constexpr int64_t kW = Vec::size();
+  const Vec zero(0);
+  const bool relu = act == Activation::kRelu;
+  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+    const int64_t c1 = std::min(r1, c0 + kChunkRows);
+    if (partial != nullptr) std::fill(scratch, scratch + N, A(0));
+    for (int64_t q0 = c0; q0 < c1; q0 += kDxRows) {
+      const int64_t nq = std::min(kDxRows, c1 - q0);
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t r = q0 + i;
+        const T* gr = g + r * ldg;
+        const T* orow = relu ? o + r * ldo : nullptr;
+        T* gpr = gp != nullptr ? gp + r * N : nullptr;
+        A* buf = rows_buf + i * N;
+        Vec v[L::kVecs], m[L::kVecs];
+        int64_t c = 0;
+        for (; c + L::kStep <= N; c += L::kStep) {
+          L::load(gr + c, v);
+          if (relu) {
+            L::load(orow + c, m);
+            for (int j = 0; j < L::kVecs; ++j) v[j] = v[j] & (m[j] > zero);  // exact g or +0
+          }
+          if (gpr != nullptr) L::store(gpr + c, v);
+          for (int j = 0; j < L::kVecs; ++j) v[j].store(buf + c + j * kW);
+          if (partial != nullptr)
+            for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(scratch + c + j * kW) + v[j]).store(scratch + c + j * kW);
+        }
+        for (; c < N; ++c) {
+          A s = static_cast<A>(gr[c]);
+          if (relu) s = static_cast<A>(orow[c]) > 0 ? s : A(0);
+          if (gpr != nullptr) gpr[c] = static_cast<T>(s);
+          buf[c] = s;
+          if (partial != nullptr) scratch[c] += s;
+        }
+      }
+      if (dx == nullptr) continue;
+      for (int64_t i = nq; i < kDxRows; ++i) std::fill(rows_buf + i * N, rows_buf + (i + 1) * N, A(0));
+      // dX rows += g'[r, n] * W^T[n, :], kDxCols vectors of outputs at a time (all in registers).
+      for (int64_t kb = 0; kb < Kp; kb += kDxCols * kW) {
+        Vec acc[kDxRows][kDxCols];
+        for (auto& row : acc)
+          for (auto& a : row) a = zero;
+        for (int64_t n = 0; n < N; ++n) {
+          Vec w[kDxCols];
+          for (int j = 0; j < kDxCols; ++j) w[j] = Vec::loadu(wt + n * Kp + kb + j * kW);
+          for (int64_t i = 0; i < kDxRows; ++i) {
+            const Vec gv(rows_buf[i * N + n]);
+            for (int j = 0; j < kDxCols; ++j) acc[i][j] = at::vec::fmadd(gv, w[j], acc[i][j]);
+          }
+        }
+        const int64_t nk = std::min<int64_t>(K - kb, kDxCols * kW);
+        for (int64_t i = 0; i < nq; ++i) {
+          A out[kDxCols * kW];
+          for (int j = 0; j < kDxCols; ++j) acc[i][j].store(out + j * kW);
+          T* dst = dx + (q0 + i) * K + kb;
+          for (int64_t k = 0; k < nk; ++k) dst[k] = static_cast<T>(out[k]);
+        }
+      }
+    }
+    if (partial != nullptr) {
+      double* dst = partial + (c0 / kChunkRows) * N;
+      for (int64_t c = 0; c < N; ++c) dst[c] = static_cast<double>(scratch[c]);
+    }
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g2, const at::Tensor& x2,
                                                              const at::Tensor& weight, const at::Tensor& o2,
@@ -204,10 +288,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
 
   // g' = g * (out > 0): its own buffer for relu, g itself otherwise.
   at::Tensor gp = relu ? cpu::empty({M, N}, dtype) : g2;
-  const RowPlan plan = plan_rows(M, N, K, g2.element_size());  // dX = g' @ W^T: [M, N] x [N, K]
-  const bool fused_dx = mask[0] && plan.blocked && N > 0;
+  RowPlan plan = plan_rows(M, N, K, g2.element_size());  // dX = g' @ W^T: [M, N] x [N, K]
+  const bool small = mask[0] && K > 0 && N > 0 && K <= kSmallK && K * N <= kSmallWeight;
+  const bool fused_dx = mask[0] && (plan.blocked || small) && N > 0;
   std::vector<double> partial(mask[2] ? ((M + kChunkRows - 1) / kChunkRows) * N : 0);
-  if (relu || mask[2] || fused_dx) {
+  if (small) {
+    using Vec = typename Lanes<T>::Vec;
+    constexpr int64_t kOutStep = kDxCols * Vec::size();
+    const int64_t Kp = (K + kOutStep - 1) / kOutStep * kOutStep;
+    std::vector<A> wt(N * Kp, A(0));  // W^T as acc_t, rows zero-padded to whole output passes
+    const T* w = weight.const_data_ptr<T>();
+    const int64_t sk = weight.stride(0), sn = weight.stride(1);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) wt[n * Kp + k] = static_cast<A>(w[k * sk + n * sn]);
+    const T* g = g2.const_data_ptr<T>();
+    const T* o = relu ? o2.const_data_ptr<T>() : nullptr;
+    T* gpp = relu && mask[1] ? gp.mutable_data_ptr<T>() : nullptr;
+    T* dxp = dx.mutable_data_ptr<T>();
+    const int64_t ldg = g2.stride(0), ldo = relu ? o2.stride(0) : 0;
+    plan.grain = std::max<int64_t>(1, kTaskFlops / (2 * plan.rows * K * N));
+    at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
+      std::vector<A> scratch(mask[2] ? N : 0), rows_buf(kDxRows * N);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r0 = blk * plan.rows, r1 = std::min(M, r0 + plan.rows);
+        small_backward_rows(g, ldg, o, ldo, gpp, dxp, wt.data(), r0, r1, N, K, Kp, act,
+                            mask[2] ? partial.data() : nullptr, scratch.data(), rows_buf.data());
+      }
+    });
+  } else if (relu || mask[2] || fused_dx) {
     const T* g = g2.const_data_ptr<T>();
     const T* o = relu ? o2.const_data_ptr<T>() : nullptr;
     T* gpp = relu ? gp.mutable_data_ptr<T>() : nullptr;
