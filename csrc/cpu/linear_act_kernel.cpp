@@ -141,44 +141,52 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::
   return out.view(linear_output_shape(x, weight));
 }
 
-// For rows [r0, r1) (r0 a multiple of kChunkRows): gp = relu ? g * (o > 0) : g (written only for relu),
-// and, when `partial` is set, each 64-row chunk's column sums of gp into partial[chunk * N ...].
+// One row of the masked gradient s = o ? g * (o > 0) : g (o null: no ReLU), stored to `gp` (T) and `buf`
+// (acc_t) where they are set, and added to the bias-gradient column sums `sums` where set.
 template <typename T>
-void mask_and_sum_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, int64_t r0, int64_t r1, int64_t N,
-                       Activation act, double* partial, acc_t<T>* scratch) {
+inline void mask_row(const T* g, const T* o, T* gp, acc_t<T>* buf, acc_t<T>* sums, int64_t N) {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
   using A = acc_t<T>;
   constexpr int64_t kW = Vec::size();
   const Vec zero(0);
+  Vec v[L::kVecs], m[L::kVecs];
+  int64_t c = 0;
+  for (; c + L::kStep <= N; c += L::kStep) {
+    L::load(g + c, v);
+    if (o != nullptr) {
+      L::load(o + c, m);
+      for (int j = 0; j < L::kVecs; ++j) v[j] = v[j] & (m[j] > zero);  // exact g or +0
+    }
+    if (gp != nullptr) L::store(gp + c, v);
+    if (buf != nullptr)
+      for (int j = 0; j < L::kVecs; ++j) v[j].store(buf + c + j * kW);
+    if (sums != nullptr)
+      for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(sums + c + j * kW) + v[j]).store(sums + c + j * kW);
+  }
+  for (; c < N; ++c) {
+    A s = static_cast<A>(g[c]);
+    if (o != nullptr) s = static_cast<A>(o[c]) > 0 ? s : A(0);
+    if (gp != nullptr) gp[c] = static_cast<T>(s);
+    if (buf != nullptr) buf[c] = s;
+    if (sums != nullptr) sums[c] += s;
+  }
+}
+
+// For rows [r0, r1) (r0 a multiple of kChunkRows): gp = relu ? g * (o > 0) : g (written only for relu),
+// and, when `partial` is set, each 64-row chunk's column sums of gp into partial[chunk * N ...].
+template <typename T>
+void mask_and_sum_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, int64_t r0, int64_t r1, int64_t N,
+                       Activation act, double* partial, acc_t<T>* scratch) {
+  using A = acc_t<T>;
   const bool relu = act == Activation::kRelu;
   for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
     const int64_t c1 = std::min(r1, c0 + kChunkRows);
     if (partial != nullptr) std::fill(scratch, scratch + N, A(0));
     for (int64_t r = c0; r < c1; ++r) {
       const T* gr = g + r * ldg;
-      const T* orow = relu ? o + r * ldo : nullptr;
-      T* gpr = relu ? gp + r * N : nullptr;
-      Vec v[L::kVecs], m[L::kVecs];
-      int64_t c = 0;
-      for (; c + L::kStep <= N; c += L::kStep) {
-        L::load(gr + c, v);
-        if (relu) {
-          L::load(orow + c, m);
-          for (int j = 0; j < L::kVecs; ++j) v[j] = v[j] & (m[j] > zero);  // exact g or +0
-          L::store(gpr + c, v);
-        }
-        if (partial != nullptr)
-          for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(scratch + c + j * kW) + v[j]).store(scratch + c + j * kW);
-      }
-      for (; c < N; ++c) {
-        A s = static_cast<A>(gr[c]);
-        if (relu) {
-          s = static_cast<A>(orow[c]) > 0 ? s : A(0);
-          gpr[c] = static_cast<T>(s);
-        }
-        if (partial != nullptr) scratch[c] += s;
-      }
+      mask_row(gr, relu ? o + r * ldo : nullptr, relu ? gp + r * N : nullptr, nullptr,
+               partial != nullptr ? scratch : nullptr, N);
     }
     if (partial != nullptr) {
       double* dst = partial + (c0 / kChunkRows) * N;
@@ -215,29 +223,8 @@ void small_backward_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t r = q0 + i;
         const T* gr = g + r * ldg;
-        const T* orow = relu ? o + r * ldo : nullptr;
-        T* gpr = gp != nullptr ? gp + r * N : nullptr;
-        A* buf = rows_buf + i * N;
-        Vec v[L::kVecs], m[L::kVecs];
-        int64_t c = 0;
-        for (; c + L::kStep <= N; c += L::kStep) {
-          L::load(gr + c, v);
-          if (relu) {
-            L::load(orow + c, m);
-            for (int j = 0; j < L::kVecs; ++j) v[j] = v[j] & (m[j] > zero);  // exact g or +0
-          }
-          if (gpr != nullptr) L::store(gpr + c, v);
-          for (int j = 0; j < L::kVecs; ++j) v[j].store(buf + c + j * kW);
-          if (partial != nullptr)
-            for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(scratch + c + j * kW) + v[j]).store(scratch + c + j * kW);
-        }
-        for (; c < N; ++c) {
-          A s = static_cast<A>(gr[c]);
-          if (relu) s = static_cast<A>(orow[c]) > 0 ? s : A(0);
-          if (gpr != nullptr) gpr[c] = static_cast<T>(s);
-          buf[c] = s;
-          if (partial != nullptr) scratch[c] += s;
-        }
+        mask_row(gr, relu ? o + r * ldo : nullptr, gp != nullptr ? gp + r * N : nullptr, rows_buf + i * N,
+                 partial != nullptr ? scratch : nullptr, N);
       }
       if (dx == nullptr) continue;
       for (int64_t i = nq; i < kDxRows; ++i) std::fill(rows_buf + i * N, rows_buf + (i + 1) * N, A(0));
