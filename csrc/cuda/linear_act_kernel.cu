@@ -133,6 +133,35 @@ __device__ __forceinline__ A bias_act(A v, const T* bias, int64_t n, bool relu) 
   return relu && v <= A(0) ? A(0) : v;
 }
 
+// The K loop of both GEMM kernels: BK-deep tiles of A and B, double-buffered through registers and the
+// shared arrays As/Bs ([2][BK * LDA] and [2][BK * LDB]); compute(as, bs) consumes one tile pair while the
+// next one is being fetched from global memory.
+template <int BK, int LDA, int LDB, typename T, typename ALoader, typename BLoader, typename Compute>
+__device__ __forceinline__ void gemm_k_loop(const GemmArgs<T>& args, int64_t m0, int64_t n0, ALoader& a_tile,
+                                            BLoader& b_tile, T (*As)[BK * LDA], T (*Bs)[BK * LDB], Compute compute) {
+  const int64_t tiles = (args.K + BK - 1) / BK;
+  a_tile.fetch(args.a, args.K, args.M, 0, m0);
+  b_tile.fetch(args.b, args.K, args.N, 0, n0);
+  a_tile.store(As[0], LDA);
+  b_tile.store(Bs[0], LDB);
+  __syncthreads();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int cur = t & 1;
+    const bool more = t + 1 < tiles;
+    if (more) {
+      a_tile.fetch(args.a, args.K, args.M, (t + 1) * BK, m0);
+      b_tile.fetch(args.b, args.K, args.N, (t + 1) * BK, n0);
+    }
+    compute(As[cur], Bs[cur]);
+    // The other buffer was last read before the previous barrier: safe to overwrite now.
+    if (more) {
+      a_tile.store(As[cur ^ 1], LDA);
+      b_tile.store(Bs[cur ^ 1], LDB);
+    }
+    __syncthreads();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // float32 / float64 on CUDA cores.
 constexpr int kSimtBM = 64, kSimtBN = 64, kSimtBK = 16, kSimtTM = 4, kSimtTN = 4;
@@ -153,38 +182,20 @@ __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(const GemmArgs<
   TileLoader<T, BK, BN, kSimtThreads, kBContigN, kVec> b_tile;
   A acc[TM][TN] = {};
 
-  const int64_t tiles = (args.K + BK - 1) / BK;
-  a_tile.fetch(args.a, args.K, args.M, 0, m0);
-  b_tile.fetch(args.b, args.K, args.N, 0, n0);
-  a_tile.store(As[0], LDA);
-  b_tile.store(Bs[0], LDB);
-  __syncthreads();
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int cur = t & 1;
-    const bool more = t + 1 < tiles;
-    if (more) {
-      a_tile.fetch(args.a, args.K, args.M, (t + 1) * BK, m0);
-      b_tile.fetch(args.b, args.K, args.N, (t + 1) * BK, n0);
-    }
+  gemm_k_loop<BK, LDA, LDB>(args, m0, n0, a_tile, b_tile, As, Bs, [&](const T* as, const T* bs) {
 #pragma unroll
     for (int k = 0; k < BK; ++k) {
       A av[TM], bv[TN];
 #pragma unroll
-      for (int i = 0; i < TM; ++i) av[i] = static_cast<A>(As[cur][k * LDA + ty * TM + i]);
+      for (int i = 0; i < TM; ++i) av[i] = static_cast<A>(as[k * LDA + ty * TM + i]);
 #pragma unroll
-      for (int j = 0; j < TN; ++j) bv[j] = static_cast<A>(Bs[cur][k * LDB + tx * TN + j]);
+      for (int j = 0; j < TN; ++j) bv[j] = static_cast<A>(bs[k * LDB + tx * TN + j]);
 #pragma unroll
       for (int i = 0; i < TM; ++i)
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
     }
-    // The other buffer was last read before the previous barrier: safe to overwrite now.
-    if (more) {
-      a_tile.store(As[cur ^ 1], LDA);
-      b_tile.store(Bs[cur ^ 1], LDB);
-    }
-    __syncthreads();
-  }
+  });
 
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
@@ -243,21 +254,9 @@ __global__ void __launch_bounds__(kTcThreads) gemm_wmma_kernel(const GemmArgs<T>
 #pragma unroll
     for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  const int64_t tiles = (args.K + BK - 1) / BK;
-  a_tile.fetch(args.a, args.K, args.M, 0, m0);
-  b_tile.fetch(args.b, args.K, args.N, 0, n0);
-  a_tile.store(As[0], LDA);
-  b_tile.store(Bs[0], LDB);
-  __syncthreads();
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int cur = t & 1;
-    const bool more = t + 1 < tiles;
-    if (more) {
-      a_tile.fetch(args.a, args.K, args.M, (t + 1) * BK, m0);
-      b_tile.fetch(args.b, args.K, args.N, (t + 1) * BK, n0);
-    }
-    const W* as = reinterpret_cast<const W*>(As[cur]);
-    const W* bs = reinterpret_cast<const W*>(Bs[cur]);
+  gemm_k_loop<BK, LDA, LDB>(args, m0, n0, a_tile, b_tile, As, Bs, [&](const T* a_smem, const T* b_smem) {
+    const W* as = reinterpret_cast<const W*>(a_smem);
+    const W* bs = reinterpret_cast<const W*>(b_smem);
 #pragma unroll
     for (int kk = 0; kk < BK; kk += kFrag) {
       wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, W, wmma::col_major> af[FM];
@@ -271,12 +270,7 @@ __global__ void __launch_bounds__(kTcThreads) gemm_wmma_kernel(const GemmArgs<T>
 #pragma unroll
         for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
     }
-    if (more) {
-      a_tile.store(As[cur ^ 1], LDA);
-      b_tile.store(Bs[cur ^ 1], LDB);
-    }
-    __syncthreads();
-  }
+  });
 
   // Accumulators -> shared memory -> bias + activation -> global, one row segment per warp pass.
 #pragma unroll
