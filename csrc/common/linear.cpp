@@ -49,6 +49,17 @@ int64_t linear_rows(const at::Tensor& x) {
   return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
 }
 
+at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.dim() == 2 ? t : t.reshape({rows, cols});
+}
+
+at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x) {
+  if (x.dim() == 2) return out;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out.size(-1);
+  return out.view(shape);
+}
+
 at::Tensor unit_column_stride(const at::Tensor& t) {
   return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
 }

@@ -26,6 +26,12 @@ std::vector<int64_t> linear_output_shape(const at::Tensor& x, const at::Tensor& 
 // The number of rows of x seen as a (rows, in_features) matrix: the product of its leading dims.
 int64_t linear_rows(const at::Tensor& x);
 
+// t seen as a (rows, cols) matrix: t itself when it is 2-D (no dispatcher call), else t.reshape.
+at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols);
+
+// out (rows, out_features) seen in x's leading shape: out itself when x is 2-D, else a view.
+at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x);
+
 // A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
 // row-wise backward kernels read.
 at::Tensor unit_column_stride(const at::Tensor& t);

@@ -1,18 +1,26 @@
 // CPU kernels of customlayers::linear_act (y = act(x @ W + b)) and linear_act_backward.
 //
-// The GEMMs are BLAS (at::cpu::mm_out: MKL/OpenBLAS, any operand strides, so weight may be the
-// transposed view nn.Linear.weight.t() without a copy). Everything around them is hand-written here,
+// Small weights (in_features <= 64 and in * out <= 64K: the layers of small MLPs such as the book's
+// 20 -> 256) run entirely on one hand-written register-blocked GEMM kernel (tile_product), where BLAS's
+// GEMMs with a short inner dimension or few output columns run far below peak and per-call costs
+// dominate:
+//  * forward: one parallel pass over rows, bias + activation applied to each tile in registers;
+//  * backward: one parallel pass over fixed blocks of rows; per 64-row chunk it makes the masked
+//    gradient g' = grad * (out > 0), its bias-gradient column sums, dX = g' W^T and the block's share of
+//    dW = X^T g', all while the chunk is in cache; the blocks' dW partials are then added in order.
+// Larger weights use BLAS (at::cpu::mm_out: MKL/OpenBLAS, any operand strides, so weight may be the
+// transposed view nn.Linear.weight.t() without a copy) with everything around it hand-written here,
 // vectorized with at::vec and fused with the GEMMs by rows:
 //  * forward: when the weight is small enough to stay in cache, the rows are cut into blocks of 64-512;
 //    each task computes its block's GEMM (single-threaded BLAS) and applies bias + activation to the
 //    block at once, while it is still in cache. Large weights get one multithreaded GEMM and then one
 //    parallel epilogue pass (re-reading a large weight per block would cost more than the pass).
-//  * backward: one pass over grad computes the masked gradient g' = grad * (out > 0) and the bias
-//    gradient (column sums of g') together; in the blocked mode each block's dX = g' W^T follows
-//    immediately. dW = X^T g' is one multithreaded GEMM over all rows. Small weights (few inputs)
-//    skip BLAS for dX: each group of rows computes its dX from g' held in registers/L1.
-// Column sums are kept per fixed 64-row chunk and combined in order in double: the bias gradient
-// does not depend on the thread count or the block size.
+//  * backward: one pass over grad computes the masked gradient g' and the bias gradient together; in
+//    the blocked mode each block's dX = g' W^T follows immediately. dW = X^T g' is one multithreaded
+//    GEMM over all rows.
+// Column sums are kept per fixed 64-row chunk and combined in order in double: the bias gradient does
+// not depend on the thread count or the block size. With small weights neither does anything else
+// (the dW blocks depend on the number of rows alone).
 #include "common/checks.h"
 #include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
@@ -23,6 +31,7 @@
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -100,6 +109,347 @@ void epilogue_rows(T* y, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* bias
   }
 }
 
+// The masked gradient s = o ? g * (o > 0) : g (o null: no ReLU) of `rows` rows, stored to `gp` (T, row
+// stride ldgp) and `buf` (acc_t, row stride ldb) where they are set, and added to the bias-gradient
+// column sums `sums` where set. Rows are taken four at a time, summed in registers and then added to
+// `sums`: one read-modify-write of the sums per four rows, in an order fixed by the row index alone.
+template <typename T>
+inline void mask_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, int64_t rows, T* gp, int64_t ldgp,
+                      acc_t<T>* buf, int64_t ldb, acc_t<T>* sums, int64_t N) {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  using A = acc_t<T>;
+  constexpr int64_t kW = Vec::size();
+  constexpr int64_t kGroup = 4;
+  const Vec zero(0);
+  for (int64_t r0 = 0; r0 < rows; r0 += kGroup) {
+    const int64_t nr = std::min(kGroup, rows - r0);
+    int64_t c = 0;
+    for (; c + L::kStep <= N; c += L::kStep) {
+      Vec s[L::kVecs];
+      for (auto& v : s) v = zero;
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        Vec v[L::kVecs], m[L::kVecs];
+        L::load(g + r * ldg + c, v);
+        if (o != nullptr) {
+          L::load(o + r * ldo + c, m);
+          for (int j = 0; j < L::kVecs; ++j) v[j] = v[j] & (m[j] > zero);  // exact g or +0
+        }
+        if (gp != nullptr) L::store(gp + r * ldgp + c, v);
+        if (buf != nullptr)
+          for (int j = 0; j < L::kVecs; ++j) v[j].store(buf + r * ldb + c + j * kW);
+        for (int j = 0; j < L::kVecs; ++j) s[j] = s[j] + v[j];
+      }
+      if (sums != nullptr)
+        for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(sums + c + j * kW) + s[j]).store(sums + c + j * kW);
+    }
+    for (; c < N; ++c) {
+      A sum = 0;
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        A v = static_cast<A>(g[r * ldg + c]);
+        if (o != nullptr) v = static_cast<A>(o[r * ldo + c]) > 0 ? v : A(0);
+        if (gp != nullptr) gp[r * ldgp + c] = static_cast<T>(v);
+        if (buf != nullptr) buf[r * ldb + c] = v;
+        sum += v;
+      }
+      if (sums != nullptr) sums[c] += sum;
+    }
+  }
+}
+
+// Chunk-wise bias-gradient partial sums: zero the chunk's acc_t column sums before its rows, store them
+// in double to partial[chunk * N ...] after. (partial null: nothing.)
+template <typename A>
+inline void begin_chunk(A* scratch, const double* partial, int64_t N) {
+  if (partial != nullptr) std::fill(scratch, scratch + N, A(0));
+}
+template <typename A>
+inline void end_chunk(const A* scratch, double* partial, int64_t chunk, int64_t N) {
+  if (partial == nullptr) return;
+  double* dst = partial + chunk * N;
+  for (int64_t c = 0; c < N; ++c) dst[c] = static_cast<double>(scratch[c]);
+}
+
+// For rows [r0, r1) (r0 a multiple of kChunkRows): the masked gradient of mask_rows into gp (when set),
+// and, when `partial` is set, each 64-row chunk's column sums of it into partial[chunk * N ...].
+template <typename T>
+void mask_and_sum_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, int64_t r0, int64_t r1, int64_t N,
+                       double* partial, acc_t<T>* scratch) {
+  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+    const int64_t c1 = std::min(r1, c0 + kChunkRows);
+    begin_chunk(scratch, partial, N);
+    mask_rows(g + c0 * ldg, ldg, o != nullptr ? o + c0 * ldo : nullptr, ldo, c1 - c0,
+              gp != nullptr ? gp + c0 * N : nullptr, N, static_cast<acc_t<T>*>(nullptr), 0,
+              partial != nullptr ? scratch : nullptr, N);
+    end_chunk(scratch, partial, c0 / kChunkRows, N);
+  }
+}
+
+// ------------------------------------------------------------------------------ small weights
+// Weights with few inputs (K <= kSmallK, K * N <= kSmallWeight: the MLP layers of small models) get
+// all three GEMMs from one register-blocked kernel here instead of BLAS, whose GEMMs with a short inner
+// dimension or few output columns run far below peak and whose per-call overhead dominates at these
+// sizes. The kernel computes a kTileRows x (kTileVecs vectors) tile of C = A @ B in registers, B being
+// a panel packed in acc_t with its columns zero-padded to whole tiles:
+//  * forward: A = rows of x (acc_t copies), B = W [K, Np]; bias + activation applied to the tile;
+//  * dX: A = rows of g' (made by the mask pass), B = W^T [N, Kp];
+//  * dW: A = X^T (rows are x's columns), B = g' [M, Np]; each task owns whole output columns, so dW is
+//    a sum over rows in a fixed order (acc_t per kInnerRows rows, double across them) for any thread
+//    count, like the bias gradient.
+constexpr int64_t kSmallK = 64;
+constexpr int64_t kSmallWeight = 1 << 16;
+constexpr int64_t kTileRows = 4;
+constexpr int kTileVecs = 3;
+
+bool small_weight(int64_t K, int64_t N) { return K > 0 && N > 0 && K <= kSmallK && K * N <= kSmallWeight; }
+
+template <typename T>
+constexpr int64_t tile_cols() {
+  return kTileVecs * Vectorized<acc_t<T>>::size();
+}
+
+template <typename T>
+int64_t padded_cols(int64_t cols) {
+  return (cols + tile_cols<T>() - 1) / tile_cols<T>() * tile_cols<T>();
+}
+
+// An uninitialized acc_t buffer of n values (the extension's CPU allocator: no zero fill, recycled).
+template <typename T>
+at::Tensor acc_buffer(int64_t n) {
+  return cpu::empty({n}, c10::CppTypeToScalarType<acc_t<T>>::value);
+}
+
+// B[i, c] = src[i * si + c * sc] for i < inner, c < cols, as acc_t rows of ld >= cols values, zero padded.
+template <typename T>
+at::Tensor pack_panel(const T* src, int64_t inner, int64_t cols, int64_t si, int64_t sc, int64_t ld) {
+  at::Tensor buf = acc_buffer<T>(inner * ld);
+  acc_t<T>* b = buf.template mutable_data_ptr<acc_t<T>>();
+  for (int64_t i = 0; i < inner; ++i) {
+    for (int64_t c = 0; c < cols; ++c) b[i * ld + c] = static_cast<acc_t<T>>(src[i * si + c * sc]);
+    std::fill(b + i * ld + cols, b + (i + 1) * ld, acc_t<T>(0));
+  }
+  return buf;
+}
+
+template <typename A>
+struct Tile {
+  Vectorized<A> v[kTileRows][kTileVecs];
+};
+
+// acc[r][j] = sum over i in [i0, i1) of a[r * sr + i * si] * b[i * ldb + c0 + j * width]; rows r >= nrows
+// repeat row nrows - 1 (read, never stored). All arguments by value: the loop keeps them in registers.
+template <typename A>
+inline Tile<A> tile_product(const A* a, int64_t sr, int64_t si, int64_t nrows, const A* b, int64_t ldb, int64_t c0,
+                            int64_t i0, int64_t i1) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  const A* row[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) row[r] = a + std::min(r, nrows - 1) * sr;
+  // Accumulated in locals and copied out once: kept in registers (accumulating into the returned
+  // object directly makes GCC store it to memory on every iteration).
+  Vec acc[kTileRows][kTileVecs];
+  for (auto& rr : acc)
+    for (auto& v : rr) v = Vec(0);
+  for (int64_t i = i0; i < i1; ++i) {
+    Vec w[kTileVecs];
+    for (int j = 0; j < kTileVecs; ++j) w[j] = Vec::loadu(b + i * ldb + c0 + j * kW);
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const Vec av(row[r][i * si]);
+      for (int j = 0; j < kTileVecs; ++j) acc[r][j] = at::vec::fmadd(av, w[j], acc[r][j]);
+    }
+  }
+  Tile<A> t;
+  for (int64_t r = 0; r < kTileRows; ++r)
+    for (int j = 0; j < kTileVecs; ++j) t.v[r][j] = acc[r][j];
+  return t;
+}
+
+// dst[c * sc] = v[c] for the first n values of a tile row.
+template <typename T, typename A>
+inline void store_tile_row(const Vectorized<A>* v, int64_t n, T* dst, int64_t sc) {
+  constexpr int64_t kW = Vectorized<A>::size();
+  if constexpr (std::is_same_v<T, A>) {
+    if (sc == 1 && n == kTileVecs * kW) {
+      for (int j = 0; j < kTileVecs; ++j) v[j].store(dst + j * kW);
+      return;
+    }
+  }
+  A tmp[kTileVecs * kW];
+  for (int j = 0; j < kTileVecs; ++j) v[j].store(tmp + j * kW);
+  for (int64_t c = 0; c < n; ++c) dst[c * sc] = static_cast<T>(tmp[c]);
+}
+
+// Forward rows [r0, r1): y = act(x @ W + b) with W packed as [K, Np] and the bias padded to Np (or null).
+template <typename T>
+void small_forward_rows(const T* x, int64_t sxr, int64_t sxc, const acc_t<T>* wp, const acc_t<T>* bias, T* y,
+                        int64_t r0, int64_t r1, int64_t K, int64_t N, Activation act) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  const int64_t ld = padded_cols<T>(N);
+  A xs[kTileRows * kSmallK];
+  for (int64_t q0 = r0; q0 < r1; q0 += kTileRows) {
+    const int64_t nq = std::min(kTileRows, r1 - q0);
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t k = 0; k < K; ++k) xs[i * K + k] = static_cast<A>(x[(q0 + i) * sxr + k * sxc]);
+    for (int64_t c0 = 0; c0 < N; c0 += tile_cols<T>()) {
+      Tile<A> t = tile_product(xs, K, 1, nq, wp, ld, c0, 0, K);
+      for (int64_t i = 0; i < nq; ++i) {
+        for (int j = 0; j < kTileVecs; ++j) {
+          if (bias != nullptr) t.v[i][j] = t.v[i][j] + Vec::loadu(bias + c0 + j * kW);
+          if (act == Activation::kRelu) t.v[i][j] = at::vec::maximum(t.v[i][j], Vec(0));  // NaN stays NaN
+        }
+        store_tile_row(t.v[i], std::min(tile_cols<T>(), N - c0), y + (q0 + i) * N + c0, 1);
+      }
+    }
+  }
+}
+
+template <typename T>
+void small_forward(const at::Tensor& x2, const at::Tensor& weight, const std::vector<acc_t<T>>& bias, at::Tensor& out,
+                   Activation act) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = out.size(1);
+  const at::Tensor wp =
+      pack_panel(weight.const_data_ptr<T>(), K, N, weight.stride(0), weight.stride(1), padded_cols<T>(N));
+  std::vector<acc_t<T>> bp;
+  if (!bias.empty()) {
+    bp.assign(padded_cols<T>(N), acc_t<T>(0));
+    std::copy(bias.begin(), bias.end(), bp.begin());
+  }
+  const T* x = x2.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  const int64_t sxr = x2.stride(0), sxc = x2.stride(1);
+  const acc_t<T>* bptr = bp.empty() ? nullptr : bp.data();
+  const int64_t grain = std::max<int64_t>(kTileRows, kTaskFlops / (2 * K * N));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    small_forward_rows(x, sxr, sxc, wp.template const_data_ptr<acc_t<T>>(), bptr, y, begin, end, K, N, act);
+  });
+}
+
+// The small-weight backward, for one block of rows [r0, r1) (r0 a multiple of kChunkRows), a 64-row
+// chunk at a time: the chunk's masked gradient g' (acc_t, into the chunk buffer `gp`, rows of ldp) and
+// its bias-gradient column sums (into `partial`, when set); then dX = g' W^T for it (W^T packed as
+// [N, Kp]; when dx is set) and X^T g' added to the block's dW partial `dwp` ([K, ldp] acc_t; when set).
+// X is read as acc_t: directly (xa, row stride ldx) when it is, else converted per chunk into `xbuf`.
+template <typename T>
+void small_backward_block(const T* g, int64_t ldg, const T* o, int64_t ldo, const T* x, int64_t sxr, int64_t sxc,
+                          bool x_direct, const acc_t<T>* wt, T* dx, acc_t<T>* dwp, double* partial, int64_t r0,
+                          int64_t r1, int64_t N, int64_t K, acc_t<T>* gp, acc_t<T>* xbuf, acc_t<T>* scratch) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  const int64_t ldp = padded_cols<T>(N), ldk = padded_cols<T>(K);
+  if (dwp != nullptr) std::fill(dwp, dwp + K * ldp, A(0));
+  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+    const int64_t rows = std::min(r1, c0 + kChunkRows) - c0;
+    begin_chunk(scratch, partial, N);
+    mask_rows(g + c0 * ldg, ldg, o != nullptr ? o + c0 * ldo : nullptr, ldo, rows, static_cast<T*>(nullptr), 0, gp,
+              ldp, partial != nullptr ? scratch : nullptr, N);
+    end_chunk(scratch, partial, c0 / kChunkRows, N);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t c = N; c < ldp; ++c) gp[i * ldp + c] = A(0);  // the panel's padding
+    if (dx != nullptr) {
+      for (int64_t q = 0; q < rows; q += kTileRows) {
+        const int64_t nq = std::min(kTileRows, rows - q);
+        for (int64_t kb = 0; kb < K; kb += tile_cols<T>()) {
+          const Tile<A> t = tile_product(gp + q * ldp, ldp, 1, nq, wt, ldk, kb, 0, N);
+          for (int64_t i = 0; i < nq; ++i)
+            store_tile_row(t.v[i], std::min(tile_cols<T>(), K - kb), dx + (c0 + q + i) * K + kb, 1);
+        }
+      }
+    }
+    if (dwp == nullptr) continue;
+    const A* xa;
+    int64_t ldx;
+    if (x_direct) {
+      xa = reinterpret_cast<const A*>(x) + c0 * sxr;
+      ldx = sxr;
+    } else {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t k = 0; k < K; ++k) xbuf[i * K + k] = static_cast<A>(x[(c0 + i) * sxr + k * sxc]);
+      xa = xbuf;
+      ldx = K;
+    }
+    // The block's dW += X_chunk^T g'_chunk: rows of the tile are x's columns k0..k0+3.
+    for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
+      const int64_t nk = std::min(kTileRows, K - k0);
+      for (int64_t n0 = 0; n0 < ldp; n0 += tile_cols<T>()) {
+        const Tile<A> t = tile_product(xa + k0, 1, ldx, nk, gp, ldp, n0, 0, rows);
+        for (int64_t r = 0; r < nk; ++r) {
+          A* dst = dwp + (k0 + r) * ldp + n0;
+          for (int j = 0; j < kTileVecs; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
+        }
+      }
+    }
+  }
+}
+
+// dst[n * sn] = sum over b < blocks of src[b * stride + n] for n < N (src rows padded to ldp, a whole
+// number of tiles), added in b order in acc_t.
+template <typename T>
+void sum_dw_partials(const acc_t<T>* src, int64_t stride, int64_t blocks, int64_t ldp, T* dst, int64_t sn, int64_t N) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  for (int64_t n0 = 0; n0 < ldp; n0 += tile_cols<T>()) {
+    Vec acc[kTileVecs];
+    for (auto& v : acc) v = Vec(0);
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int j = 0; j < kTileVecs; ++j) acc[j] = acc[j] + Vec::loadu(src + b * stride + n0 + j * kW);
+    store_tile_row(acc, std::min(tile_cols<T>(), N - n0), dst + n0 * sn, sn);
+  }
+}
+
+// Rows per dW block: a whole number of chunks (at least kMinDwBlockRows), at most kDwBlocks blocks. It
+// depends on M alone, so the order of dW's additions (rows within a block, then blocks in order) does too.
+constexpr int64_t kDwBlocks = 16;
+constexpr int64_t kMinDwBlockRows = 2 * kChunkRows;
+int64_t dw_block_rows(int64_t M) {
+  const int64_t per_block = (M + kDwBlocks - 1) / kDwBlocks;
+  return std::max<int64_t>(kMinDwBlockRows, (per_block + kChunkRows - 1) / kChunkRows * kChunkRows);
+}
+
+// The whole small-weight backward in one parallel pass over blocks of rows (small_backward_block), then
+// the blocks' dW partials summed in order.
+template <typename T>
+void small_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& o2,
+                    at::Tensor& dx, at::Tensor& dw, double* partial) {
+  using A = acc_t<T>;
+  const int64_t M = g2.size(0), N = g2.size(1), K = x2.size(1);
+  const int64_t ldp = padded_cols<T>(N);
+  const at::Tensor wt =  // W^T as [N, Kp]
+      dx.defined() ? pack_panel(weight.const_data_ptr<T>(), N, K, weight.stride(1), weight.stride(0), padded_cols<T>(K))
+                   : at::Tensor();
+  const A* wtp = dx.defined() ? wt.template const_data_ptr<A>() : nullptr;
+  const int64_t block_rows = dw_block_rows(M);
+  const int64_t blocks = (M + block_rows - 1) / block_rows;
+  const at::Tensor dw_parts = dw.defined() ? acc_buffer<T>(blocks * K * ldp) : at::Tensor();
+  A* parts = dw.defined() ? dw_parts.template mutable_data_ptr<A>() : nullptr;
+  const T* g = g2.const_data_ptr<T>();
+  const T* o = o2.defined() ? o2.const_data_ptr<T>() : nullptr;
+  const T* x = x2.const_data_ptr<T>();
+  T* dxp = dx.defined() ? dx.mutable_data_ptr<T>() : nullptr;
+  const int64_t ldg = g2.stride(0), ldo = o2.defined() ? o2.stride(0) : 0;
+  const int64_t sxr = x2.stride(0), sxc = x2.stride(1);
+  const bool x_direct = std::is_same_v<T, A> && sxc == 1;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buf = acc_buffer<T>(kChunkRows * (ldp + K) + N);
+    A* gp = buf.template mutable_data_ptr<A>();
+    for (int64_t blk = begin; blk < end; ++blk)
+      small_backward_block(g, ldg, o, ldo, x, sxr, sxc, x_direct, wtp, dxp,
+                           parts != nullptr ? parts + blk * K * ldp : nullptr, partial, blk * block_rows,
+                           std::min(M, (blk + 1) * block_rows), N, K, gp, gp + kChunkRows * ldp,
+                           gp + kChunkRows * (ldp + K));
+  });
+  if (!dw.defined()) return;
+  // dW = the blocks' partials added in block order (in acc_t: at most kDwBlocks terms).
+  T* dwo = dw.mutable_data_ptr<T>();
+  const int64_t sk = dw.stride(0), sn = dw.stride(1);
+  at::parallel_for(0, K, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, blocks * ldp)), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) sum_dw_partials(parts + k * ldp, K * ldp, blocks, ldp, dwo + k * sk, sn, N);
+  });
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
                   Activation act) {
@@ -112,6 +462,7 @@ void forward_impl(const at::Tensor& x2, const at::Tensor& weight, const at::Tens
     bias_acc.assign(b, b + N);
   }
   const A* bias_ptr = bias.defined() ? bias_acc.data() : nullptr;
+  if (small_weight(K, N)) return small_forward<T>(x2, weight, bias_acc, out, act);
   if (K == 0) out.zero_();  // an empty sum; BLAS is not asked about zero-length inner dimensions
   const RowPlan plan = plan_rows(M, K, N, out.element_size());
   if (!plan.blocked && K > 0) at::cpu::mm_out(out, x2, weight);
@@ -131,140 +482,58 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::
   check_linear_inputs(kOp, x, weight, bias);
   const Activation act = parse_activation(act_name, kOp);
   const int64_t K = weight.size(0), N = weight.size(1);
-  const at::Tensor x2 = x.reshape({linear_rows(x), K});
+  const at::Tensor x2 = as_matrix(x, linear_rows(x), K);
   at::Tensor out = cpu::empty({x2.size(0), N}, x.scalar_type());
   if (out.numel() > 0) {
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_cpu",
                                     [&] { forward_impl<scalar_t>(x2, weight, b, out, act); });
   }
-  return out.view(linear_output_shape(x, weight));
+  return as_leading_shape(out, x);
 }
 
-// One row of the masked gradient s = o ? g * (o > 0) : g (o null: no ReLU), stored to `gp` (T) and `buf`
-// (acc_t) where they are set, and added to the bias-gradient column sums `sums` where set.
+// The BLAS backward: the mask pass (with the bias-gradient partials; in the blocked mode each block's
+// dX GEMM follows it while the block is in cache), then the remaining GEMMs over all rows.
 template <typename T>
-inline void mask_row(const T* g, const T* o, T* gp, acc_t<T>* buf, acc_t<T>* sums, int64_t N) {
-  using L = Lanes<T>;
-  using Vec = typename L::Vec;
-  using A = acc_t<T>;
-  constexpr int64_t kW = Vec::size();
-  const Vec zero(0);
-  Vec v[L::kVecs], m[L::kVecs];
-  int64_t c = 0;
-  for (; c + L::kStep <= N; c += L::kStep) {
-    L::load(g + c, v);
-    if (o != nullptr) {
-      L::load(o + c, m);
-      for (int j = 0; j < L::kVecs; ++j) v[j] = v[j] & (m[j] > zero);  // exact g or +0
-    }
-    if (gp != nullptr) L::store(gp + c, v);
-    if (buf != nullptr)
-      for (int j = 0; j < L::kVecs; ++j) v[j].store(buf + c + j * kW);
-    if (sums != nullptr)
-      for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(sums + c + j * kW) + v[j]).store(sums + c + j * kW);
-  }
-  for (; c < N; ++c) {
-    A s = static_cast<A>(g[c]);
-    if (o != nullptr) s = static_cast<A>(o[c]) > 0 ? s : A(0);
-    if (gp != nullptr) gp[c] = static_cast<T>(s);
-    if (buf != nullptr) buf[c] = s;
-    if (sums != nullptr) sums[c] += s;
-  }
-}
-
-// For rows [r0, r1) (r0 a multiple of kChunkRows): gp = relu ? g * (o > 0) : g (written only for relu),
-// and, when `partial` is set, each 64-row chunk's column sums of gp into partial[chunk * N ...].
-template <typename T>
-void mask_and_sum_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, int64_t r0, int64_t r1, int64_t N,
-                       Activation act, double* partial, acc_t<T>* scratch) {
-  using A = acc_t<T>;
-  const bool relu = act == Activation::kRelu;
-  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
-    const int64_t c1 = std::min(r1, c0 + kChunkRows);
-    if (partial != nullptr) std::fill(scratch, scratch + N, A(0));
-    for (int64_t r = c0; r < c1; ++r) {
-      const T* gr = g + r * ldg;
-      mask_row(gr, relu ? o + r * ldo : nullptr, relu ? gp + r * N : nullptr, nullptr,
-               partial != nullptr ? scratch : nullptr, N);
-    }
-    if (partial != nullptr) {
-      double* dst = partial + (c0 / kChunkRows) * N;
-      for (int64_t c = 0; c < N; ++c) dst[c] = static_cast<double>(scratch[c]);
-    }
-  }
-}
-
-// The small-weight backward (K <= kSmallK inputs, K * N <= kSmallWeight): dX = g' W^T is computed here
-// rather than by BLAS, whose GEMM with few output columns is slow. Rows are taken kDxRows at a time:
-// their masked gradient is made once in acc_t (also written to gp for dW when `gp` is set, and added
-// to the chunk's bias-gradient column sums like mask_and_sum_rows), then each dX element is a dot
-// accumulated as broadcast(g'[r, n]) * W^T[n, :] against an acc_t copy of W^T ([N, Kp], zero-padded).
-constexpr int64_t kSmallK = 64;
-constexpr int64_t kSmallWeight = 1 << 16;
-constexpr int64_t kDxRows = 4;
-constexpr int kDxCols = 3;  // output vectors per pass: kDxRows * kDxCols accumulators
-
-template <typename T>
-void small_backward_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, T* dx, const acc_t<T>* wt,
-                         int64_t r0, int64_t r1, int64_t N, int64_t K, int64_t Kp, Activation act, double* partial,
-                         acc_t<T>* scratch, acc_t<T>* rows_buf) {
-  using L = Lanes<T>;
-  using Vec = typename L::Vec;
-  using A = acc_t<T>;
-  constexpr int64_t kW = Vec::size();
-  const Vec zero(0);
-  const bool relu = act == Activation::kRelu;
-  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
-    const int64_t c1 = std::min(r1, c0 + kChunkRows);
-    if (partial != nullptr) std::fill(scratch, scratch + N, A(0));
-    for (int64_t q0 = c0; q0 < c1; q0 += kDxRows) {
-      const int64_t nq = std::min(kDxRows, c1 - q0);
-      for (int64_t i = 0; i < nq; ++i) {
-        const int64_t r = q0 + i;
-        const T* gr = g + r * ldg;
-        mask_row(gr, relu ? o + r * ldo : nullptr, gp != nullptr ? gp + r * N : nullptr, rows_buf + i * N,
-                 partial != nullptr ? scratch : nullptr, N);
+void blas_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& o2,
+                   at::Tensor& dx, at::Tensor& dw, double* partial) {
+  const int64_t M = g2.size(0), N = g2.size(1), K = x2.size(1);
+  const bool relu = o2.defined(), grads = dx.defined() || dw.defined();
+  // g' = g * (out > 0): its own buffer for relu, g itself otherwise.
+  const at::Tensor gp = relu && grads ? cpu::empty({M, N}, g2.scalar_type()) : g2;
+  const RowPlan plan = plan_rows(M, N, K, g2.element_size());  // dX = g' @ W^T: [M, N] x [N, K]
+  const bool fused_dx = dx.defined() && plan.blocked && N > 0;
+  if ((relu && grads) || partial != nullptr || fused_dx) {
+    const T* g = g2.const_data_ptr<T>();
+    const T* o = relu ? o2.const_data_ptr<T>() : nullptr;
+    T* gpp = gp.is_same(g2) ? nullptr : gp.mutable_data_ptr<T>();
+    const int64_t ldg = g2.stride(0), ldo = relu ? o2.stride(0) : 0;
+    const at::Tensor wt = weight.t();
+    at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t<T>> scratch(partial != nullptr ? N : 0);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r0 = blk * plan.rows, r1 = std::min(M, r0 + plan.rows);
+        mask_and_sum_rows(g, ldg, o, ldo, gpp, r0, r1, N, partial, scratch.data());
+        if (fused_dx) mm_rows(dx, gp, wt, r0, r1);
       }
-      if (dx == nullptr) continue;
-      for (int64_t i = nq; i < kDxRows; ++i) std::fill(rows_buf + i * N, rows_buf + (i + 1) * N, A(0));
-      // dX rows += g'[r, n] * W^T[n, :], kDxCols vectors of outputs at a time (all in registers).
-      for (int64_t kb = 0; kb < Kp; kb += kDxCols * kW) {
-        Vec acc[kDxRows][kDxCols];
-        for (auto& row : acc)
-          for (auto& a : row) a = zero;
-        for (int64_t n = 0; n < N; ++n) {
-          Vec w[kDxCols];
-          for (int j = 0; j < kDxCols; ++j) w[j] = Vec::loadu(wt + n * Kp + kb + j * kW);
-          for (int64_t i = 0; i < kDxRows; ++i) {
-            const Vec gv(rows_buf[i * N + n]);
-            for (int j = 0; j < kDxCols; ++j) acc[i][j] = at::vec::fmadd(gv, w[j], acc[i][j]);
-          }
-        }
-        const int64_t nk = std::min<int64_t>(K - kb, kDxCols * kW);
-        for (int64_t i = 0; i < nq; ++i) {
-          A out[kDxCols * kW];
-          for (int j = 0; j < kDxCols; ++j) acc[i][j].store(out + j * kW);
-          T* dst = dx + (q0 + i) * K + kb;
-          for (int64_t k = 0; k < nk; ++k) dst[k] = static_cast<T>(out[k]);
-        }
-      }
-    }
-    if (partial != nullptr) {
-      double* dst = partial + (c0 / kChunkRows) * N;
-      for (int64_t c = 0; c < N; ++c) dst[c] = static_cast<double>(scratch[c]);
-    }
+    });
+  }
+  if (dx.defined() && !fused_dx) {
+    if (N > 0) at::cpu::mm_out(dx, gp, weight.t());
+    else dx.zero_();
+  }
+  if (dw.defined()) {
+    if (M > 0) at::cpu::mm_out(dw, x2.t(), gp);
+    else dw.zero_();
   }
 }
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g2, const at::Tensor& x2,
                                                              const at::Tensor& weight, const at::Tensor& o2,
-                                                             Activation act, std::array<bool, 3> mask) {
-  using A = acc_t<T>;
+                                                             std::array<bool, 3> mask) {
   const int64_t M = g2.size(0), N = g2.size(1), K = x2.size(1);
   const auto dtype = g2.scalar_type();
-  const bool relu = act == Activation::kRelu;
   at::Tensor dx = mask[0] ? cpu::empty({M, K}, dtype) : at::Tensor();
   // dW in weight's layout (nn.Linear.weight.t() gets a gradient whose .t() is contiguous).
   at::Tensor dw;
@@ -273,67 +542,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   at::Tensor db = mask[2] ? cpu::empty({N}, dtype) : at::Tensor();
   if (!mask[0] && !mask[1] && !mask[2]) return {dx, dw, db};
 
-  // g' = g * (out > 0): its own buffer for relu, g itself otherwise.
-  at::Tensor gp = relu ? cpu::empty({M, N}, dtype) : g2;
-  RowPlan plan = plan_rows(M, N, K, g2.element_size());  // dX = g' @ W^T: [M, N] x [N, K]
-  const bool small = mask[0] && K > 0 && N > 0 && K <= kSmallK && K * N <= kSmallWeight;
-  const bool fused_dx = mask[0] && (plan.blocked || small) && N > 0;
-  std::vector<double> partial(mask[2] ? ((M + kChunkRows - 1) / kChunkRows) * N : 0);
-  if (small) {
-    using Vec = typename Lanes<T>::Vec;
-    constexpr int64_t kOutStep = kDxCols * Vec::size();
-    const int64_t Kp = (K + kOutStep - 1) / kOutStep * kOutStep;
-    std::vector<A> wt(N * Kp, A(0));  // W^T as acc_t, rows zero-padded to whole output passes
-    const T* w = weight.const_data_ptr<T>();
-    const int64_t sk = weight.stride(0), sn = weight.stride(1);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) wt[n * Kp + k] = static_cast<A>(w[k * sk + n * sn]);
-    const T* g = g2.const_data_ptr<T>();
-    const T* o = relu ? o2.const_data_ptr<T>() : nullptr;
-    T* gpp = relu && mask[1] ? gp.mutable_data_ptr<T>() : nullptr;
-    T* dxp = dx.mutable_data_ptr<T>();
-    const int64_t ldg = g2.stride(0), ldo = relu ? o2.stride(0) : 0;
-    plan.grain = std::max<int64_t>(1, kTaskFlops / (2 * plan.rows * K * N));
-    at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
-      std::vector<A> scratch(mask[2] ? N : 0), rows_buf(kDxRows * N);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t r0 = blk * plan.rows, r1 = std::min(M, r0 + plan.rows);
-        small_backward_rows(g, ldg, o, ldo, gpp, dxp, wt.data(), r0, r1, N, K, Kp, act,
-                            mask[2] ? partial.data() : nullptr, scratch.data(), rows_buf.data());
-      }
-    });
-  } else if (relu || mask[2] || fused_dx) {
-    const T* g = g2.const_data_ptr<T>();
-    const T* o = relu ? o2.const_data_ptr<T>() : nullptr;
-    T* gpp = relu ? gp.mutable_data_ptr<T>() : nullptr;
-    const int64_t ldg = g2.stride(0), ldo = relu ? o2.stride(0) : 0;
-    const at::Tensor wt = weight.t();
-    at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
-      std::vector<A> scratch(mask[2] ? N : 0);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t r0 = blk * plan.rows, r1 = std::min(M, r0 + plan.rows);
-        if (relu || mask[2])
-          mask_and_sum_rows(g, ldg, o, ldo, gpp, r0, r1, N, act, mask[2] ? partial.data() : nullptr, scratch.data());
-        if (fused_dx) mm_rows(dx, gp, wt, r0, r1);
-      }
-    });
-  }
-  if (mask[0] && !fused_dx) {
-    if (N > 0) at::cpu::mm_out(dx, gp, weight.t());
-    else dx.zero_();
-  }
-  if (mask[1]) {
-    if (M > 0) at::cpu::mm_out(dw, x2.t(), gp);
-    else dw.zero_();
-  }
+  const int64_t chunks = (M + kChunkRows - 1) / kChunkRows;
+  // Every chunk's row of bias-gradient partial sums is written by the mask pass.
+  const auto partial = std::make_unique_for_overwrite<double[]>(mask[2] ? chunks * N : 0);
+  double* partial_ptr = mask[2] ? partial.get() : nullptr;
+  if (small_weight(K, N) && (mask[0] || mask[1])) small_backward<T>(g2, x2, weight, o2, dx, dw, partial_ptr);
+  else blas_backward<T>(g2, x2, weight, o2, dx, dw, partial_ptr);
   if (mask[2]) {
     // Chunks added in order, in double.
-    const int64_t chunks = (M + kChunkRows - 1) / kChunkRows;
     T* dbp = db.mutable_data_ptr<T>();
     at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
       std::vector<double> acc(end - begin, 0.0);
       for (int64_t k = 0; k < chunks; ++k) {
-        const double* src = partial.data() + k * N;
+        const double* src = partial_ptr + k * N;
         for (int64_t c = begin; c < end; ++c) acc[c - begin] += src[c];
       }
       for (int64_t c = begin; c < end; ++c) dbp[c] = static_cast<T>(acc[c - begin]);
@@ -351,14 +572,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Ten
   const at::Tensor o = out.has_value() ? *out : at::Tensor();
   const int64_t K = weight.size(0), N = weight.size(1);
   const int64_t M = linear_rows(x);
-  const at::Tensor x2 = x.reshape({M, K});
-  const at::Tensor g2 = unit_column_stride(grad.reshape({M, N}));
-  const at::Tensor o2 = act == Activation::kRelu ? unit_column_stride(o.reshape({M, N})) : at::Tensor();
+  const at::Tensor x2 = as_matrix(x, M, K);
+  const at::Tensor g2 = unit_column_stride(as_matrix(grad, M, N));
+  // Defined only for act='relu'.
+  const at::Tensor o2 = act == Activation::kRelu ? unit_column_stride(as_matrix(o, M, N)) : at::Tensor();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_backward_cpu",
-                                  [&] { result = backward_impl<scalar_t>(g2, x2, weight, o2, act, mask); });
+                                  [&] { result = backward_impl<scalar_t>(g2, x2, weight, o2, mask); });
   auto& dx = std::get<0>(result);
-  if (dx.defined()) dx = dx.view(x.sizes());
+  if (dx.defined() && x.dim() != 2) dx = dx.view(x.sizes());
   return result;
 }
 

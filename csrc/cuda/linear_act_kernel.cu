@@ -372,7 +372,7 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::
   const Activation act = parse_activation(act_name, kOp);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = linear_rows(x), K = weight.size(0), N = weight.size(1);
-  const at::Tensor x2 = x.reshape({M, K});
+  const at::Tensor x2 = as_matrix(x, M, K);
   at::Tensor out = at::empty({M, N}, x.options());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_cuda", [&] {
@@ -381,7 +381,7 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::
                             act == Activation::kRelu};
     gemm(args, at::cuda::getCurrentCUDAStream());
   });
-  return out.view(linear_output_shape(x, weight));
+  return as_leading_shape(out, x);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -469,9 +469,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Ten
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool relu = act == Activation::kRelu;
   const int64_t M = linear_rows(x), K = weight.size(0), N = weight.size(1);
-  const at::Tensor x2 = x.reshape({M, K});
-  const at::Tensor g2 = unit_column_stride(grad.reshape({M, N}));
-  const at::Tensor o2 = relu ? unit_column_stride(o.reshape({M, N})) : at::Tensor();
+  const at::Tensor x2 = as_matrix(x, M, K);
+  const at::Tensor g2 = unit_column_stride(as_matrix(grad, M, N));
+  const at::Tensor o2 = relu ? unit_column_stride(as_matrix(o, M, N)) : at::Tensor();
   const auto opts = x.options();
   at::Tensor dx = mask[0] ? at::empty({M, K}, opts) : at::Tensor();
   at::Tensor dw;  // in weight's layout: nn.Linear.weight.t() gets a gradient whose .t() is contiguous
@@ -498,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Ten
       gemm(args, stream);
     }
   });
-  if (dx.defined()) dx = dx.view(x.sizes());
+  if (dx.defined() && x.dim() != 2) dx = dx.view(x.sizes());
   return {dx, dw, db};
 }
 
