@@ -8,6 +8,7 @@ import json
 import platform
 import re
 import shutil
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -159,20 +160,33 @@ def _mismatch(out: object, ref: object, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
+# Each implementation is timed in ROUNDS interleaved rounds (ours, baseline, ..., ours, baseline, ...)
+# and its time is the median of its round medians: a drift of the machine's speed during a case (other
+# load, frequency, a sleeping OpenMP worker) then shifts every implementation alike instead of whichever
+# happened to be measured at the time.
+ROUNDS = 3
+
+
+def _combine(rounds: List[Dict[str, float]]) -> Dict[str, float]:
+    medians = [r["median"] for r in rounds]
+    return {"median": statistics.median(medians), "iqr": statistics.median(r["iqr"] for r in rounds),
+            "mean": statistics.fmean(r["mean"] for r in rounds),
+            "measurements": sum(r["measurements"] for r in rounds),
+            "runs_per_measurement": rounds[-1]["runs_per_measurement"], "round_medians": medians}
+
+
 def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True) -> List[Result]:
     """Time every implementation of every case, after one warm-up call (which compiles torch.compile
-    and whose output is checked against customlayers')."""
-    total, done = sum(len(c.impls) for c in cases), 0
+    and whose output is checked against customlayers'), in ROUNDS interleaved rounds."""
+    total, done = sum(len(c.impls) for c in cases) * ROUNDS, 0
     results = []
     for case in cases:
-        times: Dict[str, Dict[str, float]] = {}
+        rounds: Dict[str, List[Dict[str, float]]] = {}
         errors: Dict[str, str] = {}
         mismatches: Dict[str, str] = {}
         ref = None
         for name, fn in case.impls.items():
             where = f"{case.op} {case.mode} {case.label} {_dtype_name(case.dtype)} {name}"
-            if progress:
-                _progress(done, total, where)
             try:
                 out = fn()
                 if name == OURS:
@@ -181,12 +195,24 @@ def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True)
                     mismatches[name] = why
                     print(f"\n{where}: output differs from {OURS}: {why}", file=sys.stderr)
                 del out
-                times[name] = _measure(fn, min_run_time)
+                rounds[name] = []
             except Exception as exc:  # one failing baseline (e.g. no compiler) must not lose the others
                 errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 print(f"\n{where} failed: {errors[name]}", file=sys.stderr)
-            done += 1
         del ref
+        for _ in range(ROUNDS):
+            for name, fn in case.impls.items():
+                if progress:
+                    _progress(done, total, f"{case.op} {case.mode} {case.label} {_dtype_name(case.dtype)} {name}")
+                done += 1
+                if name in errors:
+                    continue
+                try:
+                    rounds[name].append(_measure(fn, min_run_time / ROUNDS))
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    rounds.pop(name, None)
+        times = {name: _combine(r) for name, r in rounds.items() if r}
         results.append(_result(case, times, errors, mismatches))
     if progress:
         _progress(done, total, "done")

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import bench_centered, bench_init, bench_linear
-from .harness import results_dir, run_cases, write_results
+from .harness import ROUNDS, results_dir, run_cases, write_results
 
 # op name -> module with cases(device, quick) -> List[Case]
 BENCHES: Dict[str, ModuleType] = {
@@ -47,7 +47,8 @@ def main(argv: Optional[Sequence[str]] = None, default_ops: Optional[List[str]] 
     for device in _devices(args.device):
         for op in args.ops:
             results = run_cases(BENCHES[op].cases(torch.device(device), args.quick), min_run_time)
-            md = write_results(results, op, device, quick=args.quick, meta={"min_run_time": min_run_time})
+            md = write_results(results, op, device, quick=args.quick,
+                               meta={"min_run_time": min_run_time, "rounds": ROUNDS})
             tables.append(md.read_text())
         print(f"results in {results_dir(device, args.quick)}", flush=True)
     print("\n" + "\n".join(tables))
