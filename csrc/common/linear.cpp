@@ -53,11 +53,8 @@ at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
   return t.dim() == 2 ? t : t.reshape({rows, cols});
 }
 
-at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x) {
-  if (x.dim() == 2) return out;
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = out.size(-1);
-  return out.view(shape);
+at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
+  return x.dim() == 2 ? out : out.view(linear_output_shape(x, weight));
 }
 
 at::Tensor unit_column_stride(const at::Tensor& t) {

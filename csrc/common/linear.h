@@ -29,8 +29,8 @@ int64_t linear_rows(const at::Tensor& x);
 // t seen as a (rows, cols) matrix: t itself when it is 2-D (no dispatcher call), else t.reshape.
 at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols);
 
-// out (rows, out_features) seen in x's leading shape: out itself when x is 2-D, else a view.
-at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x);
+// out (rows, out_features) seen in linear_output_shape(x, weight): out itself when x is 2-D, else a view.
+at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
 
 // A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
 // row-wise backward kernels read.

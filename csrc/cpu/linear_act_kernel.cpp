@@ -79,26 +79,26 @@ void mm_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t 
   at::cpu::mm_out(dst, a.narrow(0, r0, r1 - r0), b);
 }
 
+// act(v + bias[0..width)) for one vector of outputs (bias null: no bias). NaN stays NaN, like torch.relu.
+template <typename A>
+inline Vectorized<A> bias_act(Vectorized<A> v, const A* bias, Activation act) {
+  if (bias != nullptr) v = v + Vectorized<A>::loadu(bias);
+  return act == Activation::kRelu ? at::vec::maximum(v, Vectorized<A>(0)) : v;
+}
+
 // y[r, :] = act(y[r, :] + bias) for rows [r0, r1) of a contiguous [M, N] block.
 template <typename T>
 void epilogue_rows(T* y, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* bias, Activation act) {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
   constexpr int64_t kW = Vec::size();
-  const Vec zero(0);
-  auto apply = [&](Vec* v, int64_t c) {
-    for (int j = 0; j < L::kVecs; ++j) {
-      if (bias != nullptr) v[j] = v[j] + Vec::loadu(bias + c + j * kW);
-      if (act == Activation::kRelu) v[j] = at::vec::maximum(v[j], zero);  // NaN stays NaN, like torch.relu
-    }
-  };
   for (int64_t r = r0; r < r1; ++r) {
     T* row = y + r * N;
     Vec v[L::kVecs];
     int64_t c = 0;
     for (; c + L::kStep <= N; c += L::kStep) {
       L::load(row + c, v);
-      apply(v, c);
+      for (int j = 0; j < L::kVecs; ++j) v[j] = bias_act(v[j], bias != nullptr ? bias + c + j * kW : nullptr, act);
       L::store(row + c, v);
     }
     for (; c < N; ++c) {
@@ -189,13 +189,14 @@ void mask_and_sum_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, 
 // Weights with few inputs (K <= kSmallK, K * N <= kSmallWeight: the MLP layers of small models) get
 // all three GEMMs from one register-blocked kernel here instead of BLAS, whose GEMMs with a short inner
 // dimension or few output columns run far below peak and whose per-call overhead dominates at these
-// sizes. The kernel computes a kTileRows x (kTileVecs vectors) tile of C = A @ B in registers, B being
-// a panel packed in acc_t with its columns zero-padded to whole tiles:
-//  * forward: A = rows of x (acc_t copies), B = W [K, Np]; bias + activation applied to the tile;
-//  * dX: A = rows of g' (made by the mask pass), B = W^T [N, Kp];
-//  * dW: A = X^T (rows are x's columns), B = g' [M, Np]; each task owns whole output columns, so dW is
-//    a sum over rows in a fixed order (acc_t per kInnerRows rows, double across them) for any thread
-//    count, like the bias gradient.
+// sizes. The kernel (tile_product) computes a kTileRows x (kTileVecs vectors) tile of C = A @ B in
+// registers, B being an acc_t panel with its columns zero-padded to whole tiles:
+//  * forward: A = rows of x (acc_t copies), B = W packed as [K, Np]; bias + activation applied to the
+//    tile before it is stored;
+//  * dX: A = rows of a 64-row chunk of g' (made by the mask pass), B = W^T packed as [N, Kp];
+//  * dW: A = X^T of the chunk (rows are x's columns), B = the chunk of g' [64, Np], added to its row
+//    block's dW partial; the partials are added in block order, and blocks depend on M alone, so dW
+//    does not depend on the thread count, like the bias gradient.
 constexpr int64_t kSmallK = 64;
 constexpr int64_t kSmallWeight = 1 << 16;
 constexpr int64_t kTileRows = 4;
@@ -295,31 +296,24 @@ void small_forward_rows(const T* x, int64_t sxr, int64_t sxc, const acc_t<T>* wp
     for (int64_t c0 = 0; c0 < N; c0 += tile_cols<T>()) {
       Tile<A> t = tile_product(xs, K, 1, nq, wp, ld, c0, 0, K);
       for (int64_t i = 0; i < nq; ++i) {
-        for (int j = 0; j < kTileVecs; ++j) {
-          if (bias != nullptr) t.v[i][j] = t.v[i][j] + Vec::loadu(bias + c0 + j * kW);
-          if (act == Activation::kRelu) t.v[i][j] = at::vec::maximum(t.v[i][j], Vec(0));  // NaN stays NaN
-        }
+        for (int j = 0; j < kTileVecs; ++j)
+          t.v[i][j] = bias_act(t.v[i][j], bias != nullptr ? bias + c0 + j * kW : nullptr, act);
         store_tile_row(t.v[i], std::min(tile_cols<T>(), N - c0), y + (q0 + i) * N + c0, 1);
       }
     }
   }
 }
 
+// The small-weight forward; `bias` (acc_t, null: none) is padded with zeros to padded_cols(N).
 template <typename T>
-void small_forward(const at::Tensor& x2, const at::Tensor& weight, const std::vector<acc_t<T>>& bias, at::Tensor& out,
+void small_forward(const at::Tensor& x2, const at::Tensor& weight, const acc_t<T>* bptr, at::Tensor& out,
                    Activation act) {
   const int64_t M = x2.size(0), K = x2.size(1), N = out.size(1);
   const at::Tensor wp =
       pack_panel(weight.const_data_ptr<T>(), K, N, weight.stride(0), weight.stride(1), padded_cols<T>(N));
-  std::vector<acc_t<T>> bp;
-  if (!bias.empty()) {
-    bp.assign(padded_cols<T>(N), acc_t<T>(0));
-    std::copy(bias.begin(), bias.end(), bp.begin());
-  }
   const T* x = x2.const_data_ptr<T>();
   T* y = out.mutable_data_ptr<T>();
   const int64_t sxr = x2.stride(0), sxc = x2.stride(1);
-  const acc_t<T>* bptr = bp.empty() ? nullptr : bp.data();
   const int64_t grain = std::max<int64_t>(kTileRows, kTaskFlops / (2 * K * N));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     small_forward_rows(x, sxr, sxc, wp.template const_data_ptr<acc_t<T>>(), bptr, y, begin, end, K, N, act);
@@ -346,8 +340,9 @@ void small_backward_block(const T* g, int64_t ldg, const T* o, int64_t ldo, cons
     mask_rows(g + c0 * ldg, ldg, o != nullptr ? o + c0 * ldo : nullptr, ldo, rows, static_cast<T*>(nullptr), 0, gp,
               ldp, partial != nullptr ? scratch : nullptr, N);
     end_chunk(scratch, partial, c0 / kChunkRows, N);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t c = N; c < ldp; ++c) gp[i * ldp + c] = A(0);  // the panel's padding
+    if (dwp != nullptr)  // g' is dW's B panel: its padding columns are read
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = N; c < ldp; ++c) gp[i * ldp + c] = A(0);
     if (dx != nullptr) {
       for (int64_t q = 0; q < rows; q += kTileRows) {
         const int64_t nq = std::min(kTileRows, rows - q);
@@ -455,14 +450,17 @@ void forward_impl(const at::Tensor& x2, const at::Tensor& weight, const at::Tens
                   Activation act) {
   using A = acc_t<T>;
   const int64_t M = x2.size(0), K = x2.size(1), N = out.size(1);
-  // The bias in the accumulation type, once (loads of float16/bfloat16 need widening otherwise).
+  const bool small = small_weight(K, N);
+  // The bias in the accumulation type, once (loads of float16/bfloat16 need widening otherwise); zero
+  // padded to whole tiles for the small-weight kernel.
   std::vector<A> bias_acc;
   if (bias.defined()) {
     const T* b = bias.const_data_ptr<T>();
-    bias_acc.assign(b, b + N);
+    bias_acc.assign(small ? padded_cols<T>(N) : N, A(0));
+    std::copy(b, b + N, bias_acc.begin());
   }
   const A* bias_ptr = bias.defined() ? bias_acc.data() : nullptr;
-  if (small_weight(K, N)) return small_forward<T>(x2, weight, bias_acc, out, act);
+  if (small) return small_forward<T>(x2, weight, bias_ptr, out, act);
   if (K == 0) out.zero_();  // an empty sum; BLAS is not asked about zero-length inner dimensions
   const RowPlan plan = plan_rows(M, K, N, out.element_size());
   if (!plan.blocked && K > 0) at::cpu::mm_out(out, x2, weight);
@@ -489,7 +487,7 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_cpu",
                                     [&] { forward_impl<scalar_t>(x2, weight, b, out, act); });
   }
-  return as_leading_shape(out, x);
+  return as_leading_shape(out, x, weight);
 }
 
 // The BLAS backward: the mask pass (with the bias-gradient partials; in the blocked mode each block's

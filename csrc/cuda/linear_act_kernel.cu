@@ -381,7 +381,7 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::
                             act == Activation::kRelu};
     gemm(args, at::cuda::getCurrentCUDAStream());
   });
-  return as_leading_shape(out, x);
+  return as_leading_shape(out, x, weight);
 }
 
 // ---------------------------------------------------------------------------------------------------
