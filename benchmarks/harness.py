@@ -184,34 +184,38 @@ def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True)
         rounds: Dict[str, List[Dict[str, float]]] = {}
         errors: Dict[str, str] = {}
         mismatches: Dict[str, str] = {}
+        where = f"{case.op} {case.mode} {case.label} {_dtype_name(case.dtype)}"
+
+        def fail(name: str, exc: Exception) -> None:  # one failing baseline must not lose the others
+            errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            rounds.pop(name, None)
+            print(f"\n{where} {name} failed: {errors[name]}", file=sys.stderr)
+
         ref = None
         for name, fn in case.impls.items():
-            where = f"{case.op} {case.mode} {case.label} {_dtype_name(case.dtype)} {name}"
             try:
                 out = fn()
                 if name == OURS:
                     ref = out
                 elif ref is not None and (why := _mismatch(out, ref, case.dtype)):
                     mismatches[name] = why
-                    print(f"\n{where}: output differs from {OURS}: {why}", file=sys.stderr)
+                    print(f"\n{where} {name}: output differs from {OURS}: {why}", file=sys.stderr)
                 del out
                 rounds[name] = []
-            except Exception as exc:  # one failing baseline (e.g. no compiler) must not lose the others
-                errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                print(f"\n{where} failed: {errors[name]}", file=sys.stderr)
+            except Exception as exc:  # e.g. no compiler for torch.compile
+                fail(name, exc)
         del ref
         for _ in range(ROUNDS):
             for name, fn in case.impls.items():
                 if progress:
-                    _progress(done, total, f"{case.op} {case.mode} {case.label} {_dtype_name(case.dtype)} {name}")
+                    _progress(done, total, f"{where} {name}")
                 done += 1
                 if name in errors:
                     continue
                 try:
                     rounds[name].append(_measure(fn, min_run_time / ROUNDS))
                 except Exception as exc:
-                    errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                    rounds.pop(name, None)
+                    fail(name, exc)
         times = {name: _combine(r) for name, r in rounds.items() if r}
         results.append(_result(case, times, errors, mismatches))
     if progress:
