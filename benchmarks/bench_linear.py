@@ -35,11 +35,14 @@ def addmm_activation(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch
 
 
 def gemm_floor(x: torch.Tensor, w: torch.Tensor, g: Optional[torch.Tensor]) -> Callable[[], object]:
-    """The op's GEMMs alone: 1 mm forward, 3 mm forward+backward (g = None: forward only)."""
+    """The op's GEMMs alone: 1 mm forward, 3 mm forward+backward (g = None: forward only). dW is
+    written in the weight's layout, as the op returns it (for nn.Linear.weight.t(), the layout of
+    nn.Linear's weight, so that accumulating it into .grad needs no copy): BLAS's speed depends on it."""
     x, w = x.detach(), w.detach()
     if g is None:
         return lambda: torch.mm(x, w)
-    return lambda: (torch.mm(x, w), torch.mm(g, w.t()), torch.mm(x.t(), g))
+    dw = torch.empty_like(w)
+    return lambda: (torch.mm(x, w), torch.mm(g, w.t()), torch.mm(x.t(), g, out=dw))
 
 
 def cases(device: Device, quick: bool = False) -> List[Case]:

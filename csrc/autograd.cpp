@@ -80,11 +80,13 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
     const at::Tensor& x = saved[0];
     const at::Tensor& weight = saved[1];
     const at::Tensor& out = saved[2];
-    const std::string act = ctx->saved_data["act"].toStringRef();
+    const std::string& act = ctx->saved_data["act"].toStringRef();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
     const at::Tensor& g = grads[0];
     if (!at::GradMode::is_enabled()) {
+      // No graph of the backward is recorded: straight to the kernel, past autograd's fallback for the op.
+      at::AutoDispatchBelowADInplaceOrView guard;
       auto [dx, dw, db] =
           linear_act_backward(g, x, weight, out.defined() ? std::optional<at::Tensor>(out) : std::nullopt, act, mask);
       return {dx, dw, db, at::Tensor()};

@@ -44,10 +44,12 @@ HugePageAllocator g_allocator;
 
 }  // namespace
 
-at::Tensor empty_like(const at::Tensor& x) {
-  return at::detail::empty_strided_generic(x.sizes(), empty_like_strides(x), &g_allocator,
-                                           c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type());
+at::Tensor empty_strided(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype) {
+  return at::detail::empty_strided_generic(sizes, strides, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           dtype);
 }
+
+at::Tensor empty_like(const at::Tensor& x) { return empty_strided(x.sizes(), empty_like_strides(x), x.scalar_type()); }
 
 at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_generic(sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,

@@ -14,4 +14,7 @@ at::Tensor empty_like(const at::Tensor& x);
 // A contiguous CPU tensor of `sizes` and `dtype`, with the same allocator as empty_like.
 at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype);
 
+// The same with the given (non-overlapping and dense) strides.
+at::Tensor empty_strided(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype);
+
 }  // namespace customlayers::cpu

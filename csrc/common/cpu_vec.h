@@ -11,6 +11,10 @@
 #include <cmath>
 #include <type_traits>
 
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace customlayers::cpu {
 
 using at::vec::Vectorized;
@@ -106,6 +110,46 @@ inline void add_column_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, 
       for (; c < cols; ++c) scratch[c] += static_cast<acc_t<T>>(row[c]);
     }
     for (int64_t c = 0; c < cols; ++c) out[c] += static_cast<double>(scratch[c]);
+  }
+}
+
+// dst[c * ldd + r] = D(src[r * lds + c]) for r < rows, c < cols: a transposing copy (with conversion).
+// float to float goes through 8x8 register transposes on AVX2; the rest, in 8-row strips, element by
+// element, reading each source line once per strip.
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {  // t[i] = rows i, i+1 interleaved: lanes (i0 i+1,0 i1 i+1,1 | i4 ...)
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {  // r[h + j]: column j (j < 4) and j + 4 of rows h..h+3, one per half
+    r[h + 0] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+  }
+}
+#endif
+
+template <typename S, typename D>
+inline void transpose_copy(const S* src, int64_t lds, int64_t rows, int64_t cols, D* dst, int64_t ldd) {
+  constexpr int64_t kB = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+    const int64_t r1 = std::min(rows, r0 + kB);
+    int64_t c0 = 0;
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+    if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>)
+      if (r1 - r0 == kB)
+        for (; c0 + kB <= cols; c0 += kB) transpose_8x8(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+#endif
+    for (int64_t c = c0; c < cols; ++c)
+      for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = static_cast<D>(src[r * lds + c]);
   }
 }
 

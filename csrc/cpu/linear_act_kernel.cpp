@@ -220,16 +220,33 @@ at::Tensor acc_buffer(int64_t n) {
   return cpu::empty({n}, c10::CppTypeToScalarType<acc_t<T>>::value);
 }
 
-// B[i, c] = src[i * si + c * sc] for i < inner, c < cols, as acc_t rows of ld >= cols values, zero padded.
-template <typename T>
-at::Tensor pack_panel(const T* src, int64_t inner, int64_t cols, int64_t si, int64_t sc, int64_t ld) {
-  at::Tensor buf = acc_buffer<T>(inner * ld);
-  acc_t<T>* b = buf.template mutable_data_ptr<acc_t<T>>();
-  for (int64_t i = 0; i < inner; ++i) {
-    for (int64_t c = 0; c < cols; ++c) b[i * ld + c] = static_cast<acc_t<T>>(src[i * si + c * sc]);
-    std::fill(b + i * ld + cols, b + (i + 1) * ld, acc_t<T>(0));
+// dst[r * sr + c * sc] = src[r * ld + c] for r < rows, c < cols: a row-major block stored in any layout
+// (a transposing copy when the destination's columns are its contiguous dimension).
+template <typename S, typename D>
+void copy_block(const S* src, int64_t ld, int64_t rows, int64_t cols, D* dst, int64_t sr, int64_t sc) {
+  if (sc == 1 || cols == 1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[r * sr + c] = static_cast<D>(src[r * ld + c]);
+  } else if (sr == 1 || rows == 1) {
+    transpose_copy(src, ld, rows, cols, dst, sc);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[r * sr + c * sc] = static_cast<D>(src[r * ld + c]);
   }
-  return buf;
+}
+
+// b[i * ld + c] = src[i * si + c * sc] for i < inner, c < cols: acc_t rows of ld >= cols values, zero
+// padded. Each parallel task packs its own copy of a panel: packed once and read by every thread, it
+// would move from core to core on every call, which costs more than packing it again.
+template <typename T>
+void pack_panel(const T* src, int64_t inner, int64_t cols, int64_t si, int64_t sc, int64_t ld, acc_t<T>* b) {
+  // src seen as the row-major [cols, inner] block with rows of sc values when its inner dimension is
+  // contiguous (B is then its transpose); else as [inner, cols] with any strides.
+  if (si == 1 && sc != 1) copy_block(src, sc, cols, inner, b, 1, ld);
+  else
+    for (int64_t i = 0; i < inner; ++i)
+      for (int64_t c = 0; c < cols; ++c) b[i * ld + c] = static_cast<acc_t<T>>(src[i * si + c * sc]);
+  for (int64_t i = 0; i < inner; ++i) std::fill(b + i * ld + cols, b + (i + 1) * ld, acc_t<T>(0));
 }
 
 template <typename A>
@@ -265,19 +282,19 @@ inline Tile<A> tile_product(const A* a, int64_t sr, int64_t si, int64_t nrows, c
   return t;
 }
 
-// dst[c * sc] = v[c] for the first n values of a tile row.
+// dst[c] = v[c] for the first n values of a tile row.
 template <typename T, typename A>
-inline void store_tile_row(const Vectorized<A>* v, int64_t n, T* dst, int64_t sc) {
+inline void store_tile_row(const Vectorized<A>* v, int64_t n, T* dst) {
   constexpr int64_t kW = Vectorized<A>::size();
   if constexpr (std::is_same_v<T, A>) {
-    if (sc == 1 && n == kTileVecs * kW) {
+    if (n == kTileVecs * kW) {
       for (int j = 0; j < kTileVecs; ++j) v[j].store(dst + j * kW);
       return;
     }
   }
   A tmp[kTileVecs * kW];
   for (int j = 0; j < kTileVecs; ++j) v[j].store(tmp + j * kW);
-  for (int64_t c = 0; c < n; ++c) dst[c * sc] = static_cast<T>(tmp[c]);
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(tmp[c]);
 }
 
 // Forward rows [r0, r1): y = act(x @ W + b) with W packed as [K, Np] and the bias padded to Np (or null).
@@ -298,7 +315,7 @@ void small_forward_rows(const T* x, int64_t sxr, int64_t sxc, const acc_t<T>* wp
       for (int64_t i = 0; i < nq; ++i) {
         for (int j = 0; j < kTileVecs; ++j)
           t.v[i][j] = bias_act(t.v[i][j], bias != nullptr ? bias + c0 + j * kW : nullptr, act);
-        store_tile_row(t.v[i], std::min(tile_cols<T>(), N - c0), y + (q0 + i) * N + c0, 1);
+        store_tile_row(t.v[i], std::min(tile_cols<T>(), N - c0), y + (q0 + i) * N + c0);
       }
     }
   }
@@ -309,14 +326,17 @@ template <typename T>
 void small_forward(const at::Tensor& x2, const at::Tensor& weight, const acc_t<T>* bptr, at::Tensor& out,
                    Activation act) {
   const int64_t M = x2.size(0), K = x2.size(1), N = out.size(1);
-  const at::Tensor wp =
-      pack_panel(weight.const_data_ptr<T>(), K, N, weight.stride(0), weight.stride(1), padded_cols<T>(N));
+  const T* w = weight.const_data_ptr<T>();
+  const int64_t swk = weight.stride(0), swn = weight.stride(1);
   const T* x = x2.const_data_ptr<T>();
   T* y = out.mutable_data_ptr<T>();
   const int64_t sxr = x2.stride(0), sxc = x2.stride(1);
   const int64_t grain = std::max<int64_t>(kTileRows, kTaskFlops / (2 * K * N));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    small_forward_rows(x, sxr, sxc, wp.template const_data_ptr<acc_t<T>>(), bptr, y, begin, end, K, N, act);
+    const at::Tensor wp = acc_buffer<T>(K * padded_cols<T>(N));  // W as [K, Np]
+    acc_t<T>* wpp = wp.template mutable_data_ptr<acc_t<T>>();
+    pack_panel(w, K, N, swk, swn, padded_cols<T>(N), wpp);
+    small_forward_rows(x, sxr, sxc, wpp, bptr, y, begin, end, K, N, act);
   });
 }
 
@@ -349,7 +369,7 @@ void small_backward_block(const T* g, int64_t ldg, const T* o, int64_t ldo, cons
         for (int64_t kb = 0; kb < K; kb += tile_cols<T>()) {
           const Tile<A> t = tile_product(gp + q * ldp, ldp, 1, nq, wt, ldk, kb, 0, N);
           for (int64_t i = 0; i < nq; ++i)
-            store_tile_row(t.v[i], std::min(tile_cols<T>(), K - kb), dx + (c0 + q + i) * K + kb, 1);
+            store_tile_row(t.v[i], std::min(tile_cols<T>(), K - kb), dx + (c0 + q + i) * K + kb);
         }
       }
     }
@@ -379,20 +399,24 @@ void small_backward_block(const T* g, int64_t ldg, const T* o, int64_t ldo, cons
   }
 }
 
-// dst[n * sn] = sum over b < blocks of src[b * stride + n] for n < N (src rows padded to ldp, a whole
-// number of tiles), added in b order in acc_t.
+// Rows [k0, k1) of dW: the blocks' partials (block b's row k at parts[b * stride + k * ldp], rows padded
+// to ldp, a whole number of vectors) added in block order in acc_t into block 0's, then stored to dst
+// (strides sk, sn).
 template <typename T>
-void sum_dw_partials(const acc_t<T>* src, int64_t stride, int64_t blocks, int64_t ldp, T* dst, int64_t sn, int64_t N) {
+void finish_dw_rows(acc_t<T>* parts, int64_t stride, int64_t blocks, int64_t ldp, int64_t k0, int64_t k1, T* dst,
+                    int64_t sk, int64_t sn, int64_t N) {
   using A = acc_t<T>;
   using Vec = Vectorized<A>;
   constexpr int64_t kW = Vec::size();
-  for (int64_t n0 = 0; n0 < ldp; n0 += tile_cols<T>()) {
-    Vec acc[kTileVecs];
-    for (auto& v : acc) v = Vec(0);
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int j = 0; j < kTileVecs; ++j) acc[j] = acc[j] + Vec::loadu(src + b * stride + n0 + j * kW);
-    store_tile_row(acc, std::min(tile_cols<T>(), N - n0), dst + n0 * sn, sn);
+  for (int64_t k = k0; k < k1 && blocks > 1; ++k) {
+    A* row = parts + k * ldp;
+    for (int64_t n0 = 0; n0 < ldp; n0 += kW) {
+      Vec acc = Vec::loadu(row + n0);
+      for (int64_t b = 1; b < blocks; ++b) acc = acc + Vec::loadu(row + b * stride + n0);
+      acc.store(row + n0);
+    }
   }
+  copy_block(parts + k0 * ldp, ldp, k1 - k0, N, dst + k0 * sk, sk, sn);
 }
 
 // Rows per dW block: a whole number of chunks (at least kMinDwBlockRows), at most kDwBlocks blocks. It
@@ -411,11 +435,9 @@ void small_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor
                     at::Tensor& dx, at::Tensor& dw, double* partial) {
   using A = acc_t<T>;
   const int64_t M = g2.size(0), N = g2.size(1), K = x2.size(1);
-  const int64_t ldp = padded_cols<T>(N);
-  const at::Tensor wt =  // W^T as [N, Kp]
-      dx.defined() ? pack_panel(weight.const_data_ptr<T>(), N, K, weight.stride(1), weight.stride(0), padded_cols<T>(K))
-                   : at::Tensor();
-  const A* wtp = dx.defined() ? wt.template const_data_ptr<A>() : nullptr;
+  const int64_t ldp = padded_cols<T>(N), ldk = padded_cols<T>(K);
+  const T* w = weight.const_data_ptr<T>();
+  const int64_t swk = weight.stride(0), swn = weight.stride(1);
   const int64_t block_rows = dw_block_rows(M);
   const int64_t blocks = (M + block_rows - 1) / block_rows;
   const at::Tensor dw_parts = dw.defined() ? acc_buffer<T>(blocks * K * ldp) : at::Tensor();
@@ -428,8 +450,11 @@ void small_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor
   const int64_t sxr = x2.stride(0), sxc = x2.stride(1);
   const bool x_direct = std::is_same_v<T, A> && sxc == 1;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor buf = acc_buffer<T>(kChunkRows * (ldp + K) + N);
+    // The chunk buffers, then W^T packed as [N, Kp] when dX is wanted.
+    const at::Tensor buf = acc_buffer<T>(kChunkRows * (ldp + K) + N + (dxp != nullptr ? N * ldk : 0));
     A* gp = buf.template mutable_data_ptr<A>();
+    A* wtp = dxp != nullptr ? gp + kChunkRows * (ldp + K) + N : nullptr;
+    if (wtp != nullptr) pack_panel(w, N, K, swn, swk, ldk, wtp);
     for (int64_t blk = begin; blk < end; ++blk)
       small_backward_block(g, ldg, o, ldo, x, sxr, sxc, x_direct, wtp, dxp,
                            parts != nullptr ? parts + blk * K * ldp : nullptr, partial, blk * block_rows,
@@ -437,11 +462,15 @@ void small_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor
                            gp + kChunkRows * (ldp + K));
   });
   if (!dw.defined()) return;
+  if (blocks == 0) {  // no rows: an empty sum
+    dw.zero_();
+    return;
+  }
   // dW = the blocks' partials added in block order (in acc_t: at most kDwBlocks terms).
   T* dwo = dw.mutable_data_ptr<T>();
   const int64_t sk = dw.stride(0), sn = dw.stride(1);
   at::parallel_for(0, K, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, blocks * ldp)), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) sum_dw_partials(parts + k * ldp, K * ldp, blocks, ldp, dwo + k * sk, sn, N);
+    finish_dw_rows(parts, K * ldp, blocks, ldp, k0, k1, dwo, sk, sn, N);
   });
 }
 
@@ -536,7 +565,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   // dW in weight's layout (nn.Linear.weight.t() gets a gradient whose .t() is contiguous).
   at::Tensor dw;
   if (mask[1])
-    dw = weight.stride(0) == 1 && weight.stride(1) != 1 ? cpu::empty({N, K}, dtype).t() : cpu::empty({K, N}, dtype);
+    dw = weight.stride(0) == 1 && weight.stride(1) != 1 ? cpu::empty_strided({K, N}, {1, K}, dtype)
+                                                        : cpu::empty({K, N}, dtype);
   at::Tensor db = mask[2] ? cpu::empty({N}, dtype) : at::Tensor();
   if (!mask[0] && !mask[1] && !mask[2]) return {dx, dw, db};
 
