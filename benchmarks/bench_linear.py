@@ -19,7 +19,8 @@ OP = "linear_act"
 SHAPES = [(256, 20, 256), (8192, 256, 256), (64, 784, 256), (2048, 784, 256), (8192, 784, 256),
           (64, 1024, 4096), (1024, 1024, 4096), (8192, 4096, 4096)]
 QUICK_SHAPES = [(256, 20, 256), (8192, 256, 256), (2048, 784, 256)]
-BF16_SHAPES = [(1024, 1024, 4096), (8192, 4096, 4096)]   # CUDA only (full run)
+BF16_SHAPES = {"cuda": [(1024, 1024, 4096), (8192, 4096, 4096)],   # full run (--quick: QUICK_SHAPES' last)
+               "cpu": [(256, 20, 256), (2048, 784, 256)]}
 
 
 def eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,7 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
     torch.manual_seed(0)
     device = torch.device(device)
     shapes = [(s, torch.float32) for s in (QUICK_SHAPES if quick else SHAPES)]
-    if device.type == "cuda":
-        shapes += [(s, torch.bfloat16) for s in (QUICK_SHAPES[-1:] if quick else BF16_SHAPES)]
+    shapes += [(s, torch.bfloat16) for s in (QUICK_SHAPES[-1:] if quick else BF16_SHAPES.get(device.type, []))]
     out = []
     for (m, k, n), dtype in shapes:
         x = torch.randn(m, k, device=device, dtype=dtype)

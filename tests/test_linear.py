@@ -122,6 +122,30 @@ def test_noncontiguous_inputs(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_reduced_precision_strided_blas_sizes(device, dtype, transposed):
+    """float16/bfloat16 with in_features > 64 (BLAS GEMMs; on CPUs without native dot products for these
+    dtypes they run in float32), with strided x, weight and grad, forward and backward."""
+    m, k, n = 70, 100, 90
+    x = torch.randn(m, 2 * k, dtype=dtype, device=device)[:, ::2].requires_grad_()
+    w = (torch.randn(n, k + 5, dtype=dtype, device=device)[:, :k].t() if transposed
+         else torch.randn(k, n + 5, dtype=dtype, device=device)[:, :n]).requires_grad_()
+    b = torch.randn(n, dtype=dtype, device=device, requires_grad=True)
+    g = torch.randn(m, n + 3, dtype=dtype, device=device)[:, :n]
+    for act in ("relu", "none"):
+        y = F.linear_act(x, w, b, act)
+        ours = torch.autograd.grad(y, (x, w, b), g)
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+        yr = reference.linear_act(xd, wd, bd, act)
+        check_close(y, yr, dtype, k)
+        ref = torch.autograd.grad(yr, (xd, wd, bd), g.double())
+        for o, r, kk in zip(ours, ref, (n, m, m)):
+            assert o.dtype == dtype and o.shape == r.shape
+            check_close(o, r, dtype, kk)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_relu_nan_and_mask(device):
     x = torch.tensor([[1.0, float("nan")], [-1.0, 0.0]], device=device)
     w = torch.eye(2, device=device, requires_grad=True)

@@ -185,6 +185,60 @@ void mask_and_sum_rows(const T* g, int64_t ldg, const T* o, int64_t ldo, T* gp, 
   }
 }
 
+// ------------------------------------------------------------- float16/bfloat16 GEMMs in float32
+// BLAS's float16/bfloat16 GEMMs are fast only where the CPU has dot products for them (AVX512-BF16 or
+// AMX-BF16, AVX512-FP16); elsewhere ATen runs them in a generic GEMM about 10x slower than float32 BLAS.
+// There the BLAS path runs in float32 instead: operands widened once (exactly), the GEMMs and the
+// epilogue in float32 (as the reduced-precision GEMMs accumulate), each output rounded once.
+template <typename T>
+bool blas_in_float() {
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool native = std::is_same_v<T, at::BFloat16>
+                                 ? __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16")
+                                 : __builtin_cpu_supports("avx512fp16");
+  return !native;
+#else
+  return false;  // other compilers and CPUs: BLAS's own float16/bfloat16 GEMMs
+#endif
+}
+
+// dst[i] = float(src[i]) or dst[i] = T(src[i]) for i < n (T float16/bfloat16), vectorized, in parallel.
+template <typename T, typename S, typename D>
+void convert_span(const S* src, D* dst, int64_t n) {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  constexpr int64_t kW = Vec::size();
+  at::parallel_for(0, n, kTaskElems, [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += L::kStep) {
+      const int64_t m = std::min(L::kStep, end - i);
+      Vec v[L::kVecs];
+      if constexpr (std::is_same_v<S, T>) {
+        L::load(src + i, m, v);
+        for (int j = 0; j < L::kVecs; ++j)
+          if (m > j * kW) v[j].store(dst + i + j * kW, std::min(kW, m - j * kW));
+      } else {
+        for (int j = 0; j < L::kVecs; ++j) v[j] = m > j * kW ? Vec::loadu(src + i + j * kW, std::min(kW, m - j * kW)) : Vec(0);
+        L::store(dst + i, m, v);
+      }
+    }
+  });
+}
+
+// A float32 copy of t (float16/bfloat16): with t's strides when t is dense, else row-major.
+template <typename T>
+at::Tensor widened(const at::Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return widened<T>(t.contiguous());
+  at::Tensor f = cpu::empty_strided(t.sizes(), t.strides(), at::kFloat);
+  convert_span<T>(t.const_data_ptr<T>(), f.mutable_data_ptr<float>(), t.numel());
+  return f;
+}
+
+// dst = src rounded to T, both dense with the same strides.
+template <typename T>
+void narrowed_into(const at::Tensor& src, at::Tensor& dst) {
+  convert_span<T>(src.const_data_ptr<float>(), dst.mutable_data_ptr<T>(), dst.numel());
+}
+
 // ------------------------------------------------------------------------------ small weights
 // Weights with few inputs (K <= kSmallK, K * N <= kSmallWeight: the MLP layers of small models) get
 // all three GEMMs from one register-blocked kernel here instead of BLAS, whose GEMMs with a short inner
@@ -474,11 +528,31 @@ void small_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor
   });
 }
 
+// The BLAS forward (bias: acc_t, null for none): one GEMM and one epilogue pass, or per row block a GEMM
+// and its epilogue while the block is in cache (plan_rows).
+template <typename T>
+void blas_forward(const at::Tensor& x2, const at::Tensor& weight, const acc_t<T>* bias, at::Tensor& out,
+                  Activation act) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = out.size(1);
+  if (K == 0) out.zero_();  // an empty sum; BLAS is not asked about zero-length inner dimensions
+  const RowPlan plan = plan_rows(M, K, N, out.element_size());
+  if (!plan.blocked && K > 0) at::cpu::mm_out(out, x2, weight);
+  T* y = out.mutable_data_ptr<T>();
+  if (bias == nullptr && act == Activation::kNone && (!plan.blocked || K == 0)) return;
+  at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * plan.rows, r1 = std::min(M, r0 + plan.rows);
+      if (plan.blocked && K > 0) mm_rows(out, x2, weight, r0, r1);
+      epilogue_rows(y, r0, r1, N, bias, act);
+    }
+  });
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
                   Activation act) {
   using A = acc_t<T>;
-  const int64_t M = x2.size(0), K = x2.size(1), N = out.size(1);
+  const int64_t K = x2.size(1), N = out.size(1);
   const bool small = small_weight(K, N);
   // The bias in the accumulation type, once (loads of float16/bfloat16 need widening otherwise); zero
   // padded to whole tiles for the small-weight kernel.
@@ -490,18 +564,14 @@ void forward_impl(const at::Tensor& x2, const at::Tensor& weight, const at::Tens
   }
   const A* bias_ptr = bias.defined() ? bias_acc.data() : nullptr;
   if (small) return small_forward<T>(x2, weight, bias_ptr, out, act);
-  if (K == 0) out.zero_();  // an empty sum; BLAS is not asked about zero-length inner dimensions
-  const RowPlan plan = plan_rows(M, K, N, out.element_size());
-  if (!plan.blocked && K > 0) at::cpu::mm_out(out, x2, weight);
-  T* y = out.mutable_data_ptr<T>();
-  if (!bias.defined() && act == Activation::kNone && (!plan.blocked || K == 0)) return;
-  at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * plan.rows, r1 = std::min(M, r0 + plan.rows);
-      if (plan.blocked && K > 0) mm_rows(out, x2, weight, r0, r1);
-      epilogue_rows(y, r0, r1, N, bias_ptr, act);
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    if (blas_in_float<T>()) {
+      at::Tensor out_f = cpu::empty_strided(out.sizes(), out.strides(), at::kFloat);
+      blas_forward<float>(widened<T>(x2), widened<T>(weight), bias_ptr, out_f, act);
+      return narrowed_into<T>(out_f, out);
     }
-  });
+  }
+  blas_forward<T>(x2, weight, bias_ptr, out, act);
 }
 
 at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -526,6 +596,17 @@ void blas_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor&
                    at::Tensor& dx, at::Tensor& dw, double* partial) {
   const int64_t M = g2.size(0), N = g2.size(1), K = x2.size(1);
   const bool relu = o2.defined(), grads = dx.defined() || dw.defined();
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    if (grads && blas_in_float<T>()) {  // the same in float32 (the bias-gradient sums are unchanged)
+      at::Tensor dx_f = dx.defined() ? cpu::empty_strided(dx.sizes(), dx.strides(), at::kFloat) : at::Tensor();
+      at::Tensor dw_f = dw.defined() ? cpu::empty_strided(dw.sizes(), dw.strides(), at::kFloat) : at::Tensor();
+      blas_backward<float>(widened<T>(g2), widened<T>(x2), widened<T>(weight), relu ? widened<T>(o2) : at::Tensor(),
+                           dx_f, dw_f, partial);
+      if (dx.defined()) narrowed_into<T>(dx_f, dx);
+      if (dw.defined()) narrowed_into<T>(dw_f, dw);
+      return;
+    }
+  }
   // g' = g * (out > 0): its own buffer for relu, g itself otherwise.
   const at::Tensor gp = relu && grads ? cpu::empty({M, N}, g2.scalar_type()) : g2;
   const RowPlan plan = plan_rows(M, N, K, g2.element_size());  // dX = g' @ W^T: [M, N] x [N, K]
