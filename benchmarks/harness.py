@@ -310,14 +310,14 @@ def _plot(results: Sequence[Result], op: str, meta: Dict[str, object], path: Pat
     fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(6 * len(modes), 4.2 * len(dtypes)), squeeze=False)
     for (i, dtype), (j, mode) in ((a, b) for a in enumerate(dtypes) for b in enumerate(modes)):
         ax = axes[i][j]
-        points = [r for r in results if r.dtype == dtype and r.mode == mode]
+        points = sorted((r for r in results if r.dtype == dtype and r.mode == mode), key=lambda r: r.size)
         for name in names:
             timed = [r for r in points if name in r.times]
             ax.plot([r.size for r in timed], [r.times[name]["median"] * 1e6 for r in timed], marker="o",
                     label=name, linewidth=2.5 if name == OURS else 1.5)
         ax.set(xscale="log", yscale="log", title=f"{mode}, {dtype}", xlabel="size",
                ylabel="median time per call (µs)")
-        ax.set_xticks([r.size for r in points], [r.label for r in points])
+        ax.set_xticks([r.size for r in points], [r.label for r in points], rotation=40, ha="right", fontsize=8)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
