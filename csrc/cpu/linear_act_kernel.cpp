@@ -68,6 +68,8 @@ RowPlan plan_rows(int64_t M, int64_t K, int64_t N, int64_t element_size) {
   plan.rows = std::clamp<int64_t>((per_thread + kChunkRows - 1) / kChunkRows * kChunkRows, kChunkRows,
                                   plan.blocked ? kMaxBlockRows : kMaxBlockRows * 4);
   plan.count = (M + plan.rows - 1) / plan.rows;
+  // One block is one GEMM: called outside a parallel region, BLAS threads it itself.
+  plan.blocked = plan.blocked && plan.count > 1;
   const int64_t block_work = plan.blocked ? 2 * plan.rows * std::max<int64_t>(K, 1) * N : plan.rows * N;
   plan.grain = std::max<int64_t>(1, (plan.blocked ? kTaskFlops : kTaskElems) / std::max<int64_t>(block_work, 1));
   return plan;
