@@ -13,11 +13,13 @@
 // vectorized with at::vec and fused with the GEMMs by rows:
 //  * forward: when the weight is small enough to stay in cache, the rows are cut into blocks of 64-512;
 //    each task computes its block's GEMM (single-threaded BLAS) and applies bias + activation to the
-//    block at once, while it is still in cache. Large weights get one multithreaded GEMM and then one
-//    parallel epilogue pass (re-reading a large weight per block would cost more than the pass).
+//    block at once, while it is still in cache. Large weights (or a single block) get one multithreaded
+//    GEMM and then one parallel epilogue pass (re-reading a large weight per block would cost more than
+//    the pass).
 //  * backward: one pass over grad computes the masked gradient g' and the bias gradient together; in
 //    the blocked mode each block's dX = g' W^T follows immediately. dW = X^T g' is one multithreaded
-//    GEMM over all rows.
+//    GEMM over all rows, written in the weight's layout.
+// float16/bfloat16 BLAS GEMMs run in float32 on CPUs without fast native ones (blas_in_float).
 // Column sums are kept per fixed 64-row chunk and combined in order in double: the bias gradient does
 // not depend on the thread count or the block size. With small weights neither does anything else
 // (the dW blocks depend on the number of rows alone).
