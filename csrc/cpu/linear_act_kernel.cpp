@@ -604,8 +604,10 @@ void blas_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor&
     if (grads && blas_in_float<T>()) {  // the same in float32 (the bias-gradient sums are unchanged)
       at::Tensor dx_f = dx.defined() ? cpu::empty_strided(dx.sizes(), dx.strides(), at::kFloat) : at::Tensor();
       at::Tensor dw_f = dw.defined() ? cpu::empty_strided(dw.sizes(), dw.strides(), at::kFloat) : at::Tensor();
-      blas_backward<float>(widened<T>(g2), widened<T>(x2), widened<T>(weight), relu ? widened<T>(o2) : at::Tensor(),
-                           dx_f, dw_f, partial);
+      // x is read only for dW and the weight only for dX (else only their sizes): widened when read.
+      blas_backward<float>(widened<T>(g2), dw.defined() ? widened<T>(x2) : x2,
+                           dx.defined() ? widened<T>(weight) : weight, relu ? widened<T>(o2) : at::Tensor(), dx_f,
+                           dw_f, partial);
       if (dx.defined()) narrowed_into<T>(dx_f, dx);
       if (dw.defined()) narrowed_into<T>(dw_f, dw);
       return;
@@ -620,7 +622,7 @@ void blas_backward(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor&
     const T* o = relu ? o2.const_data_ptr<T>() : nullptr;
     T* gpp = gp.is_same(g2) ? nullptr : gp.mutable_data_ptr<T>();
     const int64_t ldg = g2.stride(0), ldo = relu ? o2.stride(0) : 0;
-    const at::Tensor wt = weight.t();
+    const at::Tensor wt = fused_dx ? weight.t() : at::Tensor();
     at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t<T>> scratch(partial != nullptr ? N : 0);
       for (int64_t blk = begin; blk < end; ++blk) {
