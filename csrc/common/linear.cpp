@@ -57,6 +57,12 @@ at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x, const at
   return x.dim() == 2 ? out : out.view(linear_output_shape(x, weight));
 }
 
+std::array<int64_t, 2> weight_grad_strides(const at::Tensor& weight) {
+  const int64_t K = weight.size(0), N = weight.size(1);
+  if (weight.stride(0) == 1 && weight.stride(1) != 1) return {1, K};
+  return {N, 1};
+}
+
 at::Tensor unit_column_stride(const at::Tensor& t) {
   return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
 }

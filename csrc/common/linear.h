@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -31,6 +32,11 @@ at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols);
 
 // out (rows, out_features) seen in linear_output_shape(x, weight): out itself when x is 2-D, else a view.
 at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
+
+// The strides of dW (in_features, out_features) in the weight's layout: nn.Linear.weight.t() (strides
+// (1, in)) gets a gradient whose .t() is contiguous, so accumulating it into .grad needs no copy; any
+// other weight gets a contiguous one.
+std::array<int64_t, 2> weight_grad_strides(const at::Tensor& weight);
 
 // A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
 // row-wise backward kernels read.

@@ -649,11 +649,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   const int64_t M = g2.size(0), N = g2.size(1), K = x2.size(1);
   const auto dtype = g2.scalar_type();
   at::Tensor dx = mask[0] ? cpu::empty({M, K}, dtype) : at::Tensor();
-  // dW in weight's layout (nn.Linear.weight.t() gets a gradient whose .t() is contiguous).
-  at::Tensor dw;
-  if (mask[1])
-    dw = weight.stride(0) == 1 && weight.stride(1) != 1 ? cpu::empty_strided({K, N}, {1, K}, dtype)
-                                                        : cpu::empty({K, N}, dtype);
+  at::Tensor dw = mask[1] ? cpu::empty_strided({K, N}, weight_grad_strides(weight), dtype) : at::Tensor();
   at::Tensor db = mask[2] ? cpu::empty({N}, dtype) : at::Tensor();
   if (!mask[0] && !mask[1] && !mask[2]) return {dx, dw, db};
 

@@ -20,6 +20,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -474,8 +475,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Ten
   const at::Tensor o2 = relu ? unit_column_stride(as_matrix(o, M, N)) : at::Tensor();
   const auto opts = x.options();
   at::Tensor dx = mask[0] ? at::empty({M, K}, opts) : at::Tensor();
-  at::Tensor dw;  // in weight's layout: nn.Linear.weight.t() gets a gradient whose .t() is contiguous
-  if (mask[1]) dw = weight.stride(0) == 1 && weight.stride(1) != 1 ? at::empty({N, K}, opts).t() : at::empty({K, N}, opts);
+  at::Tensor dw = mask[1] ? at::empty_strided({K, N}, weight_grad_strides(weight), opts) : at::Tensor();
   at::Tensor db = mask[2] ? at::empty({N}, opts) : at::Tensor();
   if (!mask[0] && !mask[1] && !mask[2]) return {dx, dw, db};
 
