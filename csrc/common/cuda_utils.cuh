@@ -1,24 +1,16 @@
-// CUDA building blocks shared by the CUDA kernels: accumulation types, deterministic warp and block
+// CUDA building blocks shared by the CUDA kernels (with common/cuda_device.cuh): deterministic warp and block
 // reductions (fixed shuffle trees, no atomics: the same input gives bit-identical results), and
 // launch-size helpers.
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
+#include "common/cuda_device.cuh"
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <type_traits>
 
 namespace customlayers::cuda {
-
-// Arithmetic type for elementwise work: double for double, float otherwise.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-constexpr int kWarp = 32;
 
 template <typename A>
 __device__ __forceinline__ A warp_reduce_sum(A v) {
@@ -42,8 +34,6 @@ __device__ __forceinline__ A group_reduce_sum(A v, A* shared, int n) {
   A total = lane < warps ? shared[lane] : A(0);
   return warp_reduce_sum(total);
 }
-
-inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // Blocks for a grid-stride loop over `work` items of `per_block` each: enough to fill the GPU
 // (`waves` blocks per SM) without launching more than the work needs.

@@ -1,0 +1,421 @@
+// The hand-written tiled GEMM of customlayers::linear_act (no cuBLAS):
+//   C[M, N] = act(A[M, K] @ B[K, N] + bias), bias + activation fused into the epilogue.
+// Operands are read through their strides, so transposed views (nn.Linear.weight.t(), X^T, W^T in the
+// backward) need no copy; a template flag per operand picks which dimension consecutive threads walk, so
+// global loads stay coalesced for either layout. Tiles are staged in shared memory, double buffered (the
+// next K tile is fetched into registers while the current one is multiplied), with 16-byte vector loads
+// when the operands are aligned for them.
+//  - float32 / float64: CUDA cores. Large tiles 128x128x8 with an 8x8 register block per thread (256
+//    threads; each thread's rows and columns are two groups of 4, 64 apart, read from shared memory as
+//    16-byte vectors), small tiles 64x64x16 with 4x4 per thread. float64 (gradcheck) uses the small ones.
+//  - float16 / bfloat16: tensor cores (WMMA 16x16x16 fragments, float32 accumulation). Large tiles
+//    128x128x32 (8 warps of 64x32), small 64x64x32 (4 warps of 32x32). Each warp's accumulators go
+//    through a small shared-memory scratch for the bias + activation epilogue.
+// Large tiles are used once they alone give every SM a block, small ones before that (more blocks).
+// Written against common/cuda_device.cuh only, so the CUDA emulator of the C++ tests can run it on CPU.
+#pragma once
+
+#include "common/cuda_device.cuh"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace customlayers::cuda {
+
+constexpr int kBytesPerVector = 16;
+
+// kBytesPerVector bytes of T, loaded and stored as one vector instruction.
+template <typename T>
+struct alignas(kBytesPerVector) Pack {
+  static constexpr int kSize = kBytesPerVector / sizeof(T);
+  T v[kSize];
+};
+
+// Four consecutive values, read from shared memory as one vector (16 bytes for float32).
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
+// A matrix operand seen as K x X (K the reduction dimension): element (k, x) at p[k * sk + x * sx].
+template <typename T>
+struct Operand {
+  const T* p;
+  int64_t sk, sx;
+};
+
+template <typename T>
+struct GemmArgs {
+  Operand<T> a;        // K x M (A^T): the left operand
+  Operand<T> b;        // K x N
+  T* c;                // M x N, element (m, n) at c[m * scm + n * scn]
+  int64_t scm, scn;
+  const T* bias;       // N values or nullptr
+  int64_t M, N, K;
+  bool relu;
+  bool vec = false;    // both operands can be read in whole Packs (set by gemm())
+};
+
+// Moves a kRows x kCols tile (rows along K) of an Operand from global memory into shared memory, in two
+// steps so that the global loads of the next tile overlap the math on the current one: fetch() into
+// registers, store() into shared memory. Elements outside [0, K) x [0, X) are zero.
+// kContigX: consecutive threads walk X (the operand's unit-stride dimension when it is X), else K.
+// kKX: shared memory holds the tile as smem[k * kLd + x] whatever the walk (the CUDA-core kernel reads
+// rows of K); otherwise the walked dimension stays contiguous there too, smem[x * kLd + k] when walking K
+// (the tensor-core kernel reads either layout), so every store is a 16-byte vector.
+// vec (run time): the walked dimension has unit stride, the other a multiple of Pack<T>::kSize, and p is
+// aligned, so whole Packs are loaded where they lie inside the matrix.
+template <typename T, int kRows, int kCols, int kThreads, bool kContigX, bool kKX, int kPad>
+struct TileLoader {
+  static constexpr int kV = Pack<T>::kSize;
+  static constexpr bool kXMajor = !kKX && !kContigX;  // smem[x][k]
+  static constexpr int kLd = kXMajor ? kRows + kPad : kCols + kPad;
+  static constexpr int kSize = (kXMajor ? kCols : kRows) * kLd;
+  static constexpr int kWalked = kContigX ? kCols : kRows;
+  static constexpr int kGroups = kRows * kCols / kV;
+  static_assert(kWalked % kV == 0 && kGroups % kThreads == 0, "tile must split into whole Packs per thread");
+  static_assert((kLd * sizeof(T)) % kBytesPerVector == 0, "shared rows must keep Packs aligned");
+  static constexpr int kPerThread = kGroups / kThreads;
+
+  Pack<T> regs[kPerThread];
+
+  // Tile coordinates (k, x) of the first element of group g.
+  __device__ __forceinline__ static void coords(int g, int& k, int& x) {
+    if constexpr (kContigX) {
+      k = g / (kCols / kV);
+      x = (g % (kCols / kV)) * kV;
+    } else {
+      x = g / (kRows / kV);
+      k = (g % (kRows / kV)) * kV;
+    }
+  }
+
+  __device__ __forceinline__ void fetch(const Operand<T>& op, bool vec, int64_t K, int64_t X, int64_t k0,
+                                        int64_t x0) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      int k, x;
+      coords(threadIdx.x + i * kThreads, k, x);
+      const int64_t gk = k0 + k, gx = x0 + x;
+      const int64_t start = kContigX ? gx : gk, limit = kContigX ? X : K;  // along the group
+      const bool inside = kContigX ? gk < K : gx < X;                      // across it
+      const int64_t step = kContigX ? op.sx : op.sk;
+      if (!inside) {
+#pragma unroll
+        for (int e = 0; e < kV; ++e) regs[i].v[e] = T(0.0f);
+        continue;
+      }
+      const T* src = op.p + gk * op.sk + gx * op.sx;
+      if (vec && start + kV <= limit) {
+        regs[i] = *reinterpret_cast<const Pack<T>*>(src);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kV; ++e) regs[i].v[e] = start + e < limit ? src[e * step] : T(0.0f);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(T* smem) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      int k, x;
+      coords(threadIdx.x + i * kThreads, k, x);
+      if constexpr (kContigX) {
+        *reinterpret_cast<Pack<T>*>(smem + k * kLd + x) = regs[i];
+      } else if constexpr (kXMajor) {
+        *reinterpret_cast<Pack<T>*>(smem + x * kLd + k) = regs[i];
+      } else {
+#pragma unroll
+        for (int e = 0; e < kV; ++e) smem[(k + e) * kLd + x] = regs[i].v[e];
+      }
+    }
+  }
+};
+
+// act(v + bias[n]) in the accumulation type; NaN stays NaN under ReLU, like torch.relu.
+template <typename A, typename T>
+__device__ __forceinline__ A bias_act(A v, const T* bias, int64_t n, bool relu) {
+  if (bias != nullptr) v += static_cast<A>(bias[n]);
+  return relu && v <= A(0) ? A(0) : v;
+}
+
+// The K loop of both GEMM kernels: BK-deep tiles of A and B, double-buffered through registers and the
+// shared arrays As/Bs ([2][ALoader::kSize] and [2][BLoader::kSize]); compute(as, bs) consumes one tile
+// pair while the next one is being fetched from global memory.
+template <int BK, typename T, typename ALoader, typename BLoader, typename Compute>
+__device__ __forceinline__ void gemm_k_loop(const GemmArgs<T>& args, int64_t m0, int64_t n0, ALoader& a_tile,
+                                            BLoader& b_tile, T (*As)[ALoader::kSize], T (*Bs)[BLoader::kSize],
+                                            Compute compute) {
+  const int64_t tiles = (args.K + BK - 1) / BK;
+  a_tile.fetch(args.a, args.vec, args.K, args.M, 0, m0);
+  b_tile.fetch(args.b, args.vec, args.K, args.N, 0, n0);
+  a_tile.store(As[0]);
+  b_tile.store(Bs[0]);
+  __syncthreads();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int cur = t & 1;
+    const bool more = t + 1 < tiles;
+    if (more) {
+      a_tile.fetch(args.a, args.vec, args.K, args.M, (t + 1) * BK, m0);
+      b_tile.fetch(args.b, args.vec, args.K, args.N, (t + 1) * BK, n0);
+    }
+    compute(As[cur], Bs[cur]);
+    // The other buffer was last read before the previous barrier: safe to overwrite now.
+    if (more) {
+      a_tile.store(As[cur ^ 1]);
+      b_tile.store(Bs[cur ^ 1]);
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// float32 / float64 on CUDA cores: a BM x BN block tile, a TM x TN register block per thread.
+template <int BM_, int BN_, int BK_, int TM_, int TN_>
+struct SimtTile {
+  static constexpr bool kTensorCores = false;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, TM = TM_, TN = TN_;
+  static constexpr int kThreads = (BM / TM) * (BN / TN);
+  static constexpr int kPad = 4;  // keeps rows 16-byte aligned, staggers banks
+  // A thread's TM rows are TM / 4 groups of 4 consecutive rows, kRowGap apart (columns alike), so that a
+  // warp's shared-memory reads of one group are consecutive 4-value vectors.
+  static constexpr int kRowGap = BM / (TM / 4), kColGap = BN / (TN / 4);
+  static_assert(TM % 4 == 0 && TN % 4 == 0, "register blocks are groups of 4");
+};
+using SimtSmall = SimtTile<64, 64, 16, 4, 4>;
+using SimtLarge = SimtTile<128, 128, 8, 8, 8>;
+
+template <typename Tile, typename T, bool kAContigM, bool kBContigN>
+__global__ void __launch_bounds__(Tile::kThreads) gemm_simt_kernel(const GemmArgs<T> args) {
+  using A = acc_t<T>;
+  constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, TM = Tile::TM, TN = Tile::TN;
+  using ALoader = TileLoader<T, BK, BM, Tile::kThreads, kAContigM, true, Tile::kPad>;
+  using BLoader = TileLoader<T, BK, BN, Tile::kThreads, kBContigN, true, Tile::kPad>;
+  constexpr int LDA = ALoader::kLd, LDB = BLoader::kLd;
+  __shared__ __align__(32) T As[2][ALoader::kSize];
+  __shared__ __align__(32) T Bs[2][BLoader::kSize];
+
+  const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
+  const int tx = threadIdx.x % (BN / TN), ty = threadIdx.x / (BN / TN);
+  ALoader a_tile;
+  BLoader b_tile;
+  A acc[TM][TN] = {};
+
+  gemm_k_loop<BK>(args, m0, n0, a_tile, b_tile, As, Bs, [&](const T* as, const T* bs) {
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+      A av[TM], bv[TN];
+#pragma unroll
+      for (int g = 0; g < TM / 4; ++g) {
+        const Quad<T> q = *reinterpret_cast<const Quad<T>*>(as + k * LDA + g * Tile::kRowGap + ty * 4);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) av[g * 4 + e] = static_cast<A>(q.v[e]);
+      }
+#pragma unroll
+      for (int g = 0; g < TN / 4; ++g) {
+        const Quad<T> q = *reinterpret_cast<const Quad<T>*>(bs + k * LDB + g * Tile::kColGap + tx * 4);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) bv[g * 4 + e] = static_cast<A>(q.v[e]);
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+    }
+  });
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = m0 + (i / 4) * Tile::kRowGap + ty * 4 + i % 4;
+    if (m >= args.M) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t n = n0 + (j / 4) * Tile::kColGap + tx * 4 + j % 4;
+      if (n < args.N) args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(acc[i][j], args.bias, n, args.relu));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// float16 / bfloat16 on tensor cores: a BM x BN block tile, kWarpsM x kWarpsN warps, each a grid of
+// 16 x 16 WMMA accumulators.
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <int BM_, int BN_, int kWarpsM_, int kWarpsN_>
+struct TcTile {
+  static constexpr bool kTensorCores = true;
+  static constexpr int BM = BM_, BN = BN_, BK = 32, kFrag = 16;
+  static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_, kThreads = kWarpsM * kWarpsN * kWarp;
+  static constexpr int kWarpM = BM / kWarpsM, kWarpN = BN / kWarpsN;  // one warp's tile
+  static constexpr int FM = kWarpM / kFrag, FN = kWarpN / kFrag;       // its fragments
+  static constexpr int kPad = 8;          // 16 bytes of 16-bit values: WMMA's ldm must be a multiple of 8
+  static constexpr int kScratchLd = kFrag + 4;  // float scratch: ldm a multiple of 4
+};
+using TcSmall = TcTile<64, 64, 2, 2>;   // 4 warps of 32 x 32
+using TcLarge = TcTile<128, 128, 2, 4>; // 8 warps of 64 x 32
+
+template <typename Tile, typename T, bool kAContigM, bool kBContigN>
+__global__ void __launch_bounds__(Tile::kThreads) gemm_wmma_kernel(const GemmArgs<T> args) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using W = typename WmmaType<T>::type;
+  constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, kFrag = Tile::kFrag, FM = Tile::FM, FN = Tile::FN;
+  // Shared tiles keep the operands' own layouts: A as As[k][m] (a column-major fragment source) when M
+  // is its unit-stride dimension, As[m][k] (row-major) otherwise; B as Bs[k][n] (row-major) or Bs[n][k].
+  using ALoader = TileLoader<T, BK, BM, Tile::kThreads, kAContigM, false, Tile::kPad>;
+  using BLoader = TileLoader<T, BK, BN, Tile::kThreads, kBContigN, false, Tile::kPad>;
+  using ALayout = std::conditional_t<kAContigM, wmma::col_major, wmma::row_major>;
+  using BLayout = std::conditional_t<kBContigN, wmma::row_major, wmma::col_major>;
+  constexpr int LDA = ALoader::kLd, LDB = BLoader::kLd, LDS = Tile::kScratchLd;
+  // Fragment pointers must be 32-byte aligned: every offset below is a multiple of 32 bytes.
+  static_assert((LDA * sizeof(T) * kFrag) % 32 == 0 && (LDB * sizeof(T) * kFrag) % 32 == 0, "fragment alignment");
+  static_assert((kFrag * LDS * sizeof(float)) % 32 == 0, "scratch alignment");
+  __shared__ __align__(128) T As[2][ALoader::kSize];
+  __shared__ __align__(128) T Bs[2][BLoader::kSize];
+  // After the K loop (which ends with a barrier) As is free: it becomes each warp's epilogue scratch.
+  static_assert(sizeof(As) >= sizeof(float) * Tile::kWarpsM * Tile::kWarpsN * kFrag * LDS, "scratch fits in As");
+
+  const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int wm = warp / Tile::kWarpsN, wn = warp % Tile::kWarpsN;
+  ALoader a_tile;
+  BLoader b_tile;
+  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[FM][FN];
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  gemm_k_loop<BK>(args, m0, n0, a_tile, b_tile, As, Bs, [&](const T* a_smem, const T* b_smem) {
+    const W* as = reinterpret_cast<const W*>(a_smem);
+    const W* bs = reinterpret_cast<const W*>(b_smem);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += kFrag) {
+      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, W, ALayout> af[FM];
+      wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, W, BLayout> bf[FN];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        const int m = wm * Tile::kWarpM + i * kFrag;
+        wmma::load_matrix_sync(af[i], as + (kAContigM ? kk * LDA + m : m * LDA + kk), LDA);
+      }
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        const int n = wn * Tile::kWarpN + j * kFrag;
+        wmma::load_matrix_sync(bf[j], bs + (kBContigN ? kk * LDB + n : n * LDB + kk), LDB);
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+  });
+
+  // Each accumulator -> the warp's scratch -> bias + activation -> global: lane l takes 8 values of row
+  // l / 2 of the 16 x 16 fragment.
+  float* mine = reinterpret_cast<float*>(&As[0][0]) + warp * kFrag * LDS;
+  const int r = lane / 2, c0 = (lane % 2) * (kFrag / 2);
+#pragma unroll
+  for (int i = 0; i < FM; ++i) {
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+      wmma::store_matrix_sync(mine, acc[i][j], LDS, wmma::mem_row_major);
+      __syncwarp();
+      const int64_t m = m0 + wm * Tile::kWarpM + i * kFrag + r;
+      const int64_t n_base = n0 + wn * Tile::kWarpN + j * kFrag + c0;
+      if (m < args.M) {
+#pragma unroll
+        for (int e = 0; e < kFrag / 2; ++e) {
+          const int64_t n = n_base + e;
+          if (n < args.N)
+            args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(mine[r * LDS + c0 + e], args.bias, n, args.relu));
+        }
+      }
+      __syncwarp();  // the scratch is rewritten by the next fragment
+    }
+  }
+#else
+  __trap();  // float16 / bfloat16 tensor-core GEMMs need sm_80 or newer
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host side.
+
+// Whether a K x X operand's X dimension is the one to walk (unit stride along X), and whether it can
+// be read in whole Packs. Strides of size-1 dimensions do not matter.
+struct OperandLayout {
+  bool contig_x;
+  bool vec;
+};
+
+template <typename T>
+OperandLayout operand_layout(const Operand<T>& op, int64_t K, int64_t X) {
+  constexpr int kV = Pack<T>::kSize;
+  const bool x_unit = X <= 1 || op.sx == 1;
+  const bool k_unit = K <= 1 || op.sk == 1;
+  const bool contig_x = x_unit && !(k_unit && X <= 1);  // a single column is walked along K
+  const int64_t other = contig_x ? op.sk : op.sx;
+  const int64_t other_size = contig_x ? K : X;
+  const bool vec = (contig_x ? x_unit : k_unit) && (other_size <= 1 || other % kV == 0) &&
+                   reinterpret_cast<uintptr_t>(op.p) % kBytesPerVector == 0;
+  return {contig_x, vec};
+}
+
+template <typename Tile>
+int64_t tile_count(int64_t M, int64_t N) {
+  return ((M + Tile::BM - 1) / Tile::BM) * ((N + Tile::BN - 1) / Tile::BN);
+}
+
+template <typename Tile, typename T, bool kAContigM, bool kBContigN>
+constexpr auto kernel_for() {
+  if constexpr (Tile::kTensorCores) return &gemm_wmma_kernel<Tile, T, kAContigM, kBContigN>;
+  else return &gemm_simt_kernel<Tile, T, kAContigM, kBContigN>;
+}
+
+// The Tile's kernel for the operands' layouts (4 combinations, chosen at run time).
+template <typename Tile, typename T>
+void launch_tiles(const GemmArgs<T>& args, bool a_contig_m, bool b_contig_n, cudaStream_t stream) {
+  const int64_t m_tiles = (args.M + Tile::BM - 1) / Tile::BM, n_tiles = (args.N + Tile::BN - 1) / Tile::BN;
+  TORCH_CHECK(n_tiles <= 65535, "linear_act: ", args.N, " output columns are too many for the CUDA GEMM");
+  TORCH_CHECK(m_tiles <= 0x7fffffff, "linear_act: ", args.M, " output rows are too many for the CUDA GEMM");
+  using Kernel = void (*)(const GemmArgs<T>);
+  static constexpr Kernel kTable[4] = {kernel_for<Tile, T, false, false>(), kernel_for<Tile, T, false, true>(),
+                                       kernel_for<Tile, T, true, false>(), kernel_for<Tile, T, true, true>()};
+  launch_kernel(kTable[(a_contig_m ? 2 : 0) + (b_contig_n ? 1 : 0)],
+                dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles)), dim3(Tile::kThreads), stream,
+                args);
+}
+
+// C = act(A @ B + bias) for A (M x K) given as its K x M transpose view `a`, B (K x N).
+template <typename T>
+void gemm(GemmArgs<T> args, cudaStream_t stream) {
+  if (args.M == 0 || args.N == 0) return;
+  const OperandLayout la = operand_layout(args.a, args.K, args.M);
+  const OperandLayout lb = operand_layout(args.b, args.K, args.N);
+  args.vec = la.vec && lb.vec;
+  auto sized = [&](auto large, auto small) {
+    using Large = decltype(large);
+    using Small = decltype(small);
+    if (tile_count<Large>(args.M, args.N) >= sm_count()) launch_tiles<Large>(args, la.contig_x, lb.contig_x, stream);
+    else launch_tiles<Small>(args, la.contig_x, lb.contig_x, stream);
+  };
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) sized(TcLarge{}, TcSmall{});
+  else if constexpr (std::is_same_v<T, float>) sized(SimtLarge{}, SimtSmall{});
+  else launch_tiles<SimtSmall>(args, la.contig_x, lb.contig_x, stream);  // float64: gradcheck sizes
+}
+
+}  // namespace customlayers::cuda

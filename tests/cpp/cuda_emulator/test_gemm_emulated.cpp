@@ -1,0 +1,149 @@
+// The CUDA GEMM kernels of csrc/cuda/gemm.cuh (both tile sizes, CUDA cores and tensor cores, every
+// operand layout the host side can pick, aligned and unaligned operands, edges, K = 0, bias and ReLU),
+// run on the CPU emulator (cuda_emulator.h) and compared with a float64 GEMM of the same values. C is
+// surrounded by sentinels to catch writes outside it, and the operands' padding holds NaN, which any
+// read of it would carry into the result.
+#include "cuda/gemm.cuh"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+namespace cl = customlayers::cuda;
+namespace emu = customlayers::cuda_emulator;
+
+// A rows x cols matrix inside a larger buffer: row- or column-major with a padded leading dimension,
+// optionally starting one element past an aligned address (no vector loads then).
+template <typename T>
+struct Strided {
+  std::vector<T> buffer;
+  T* p = nullptr;
+  int64_t rows = 0, cols = 0, s0 = 0, s1 = 0;
+
+  Strided(int64_t r, int64_t c, bool row_major, bool misalign, T fill) : rows(r), cols(c) {
+    const int64_t ld = (row_major ? c : r) + 8;  // padding a multiple of every Pack size
+    s0 = row_major ? ld : 1;
+    s1 = row_major ? 1 : ld;
+    const int64_t offset = (misalign ? 1 : 0) + 64;  // 64 elements: a 16-byte aligned start in any dtype
+    buffer.assign(offset + (row_major ? r : c) * ld + 64, fill);
+    // std::vector's storage is at least 16-byte aligned (operator new).
+    p = buffer.data() + offset;
+  }
+  T& at(int64_t i, int64_t j) { return p[i * s0 + j * s1]; }
+};
+
+template <typename T>
+double epsilon() {
+  if constexpr (std::is_same_v<T, c10::Half>) return std::ldexp(1.0, -11);
+  else if constexpr (std::is_same_v<T, c10::BFloat16>) return std::ldexp(1.0, -8);
+  else return std::numeric_limits<T>::epsilon() / 2;
+}
+
+struct Case {
+  int64_t M, N, K;
+  bool a_row_major, b_row_major, misalign, c_row_major, bias, relu;
+};
+
+std::string describe(const Case& c) {
+  return std::to_string(c.M) + "x" + std::to_string(c.K) + "->" + std::to_string(c.N) + " A " +
+         (c.a_row_major ? "row" : "col") + " B " + (c.b_row_major ? "row" : "col") + (c.misalign ? " misaligned" : "") +
+         " C " + (c.c_row_major ? "row" : "col") + (c.bias ? " bias" : "") + (c.relu ? " relu" : "");
+}
+
+template <typename T>
+void check_gemm(const Case& c, std::mt19937& rng) {
+  SCOPED_TRACE(describe(c));
+  using A = cl::acc_t<T>;
+  const T nan = T(std::numeric_limits<float>::quiet_NaN());
+  std::normal_distribution<float> normal;
+  Strided<T> a(c.M, c.K, c.a_row_major, c.misalign, nan), b(c.K, c.N, c.b_row_major, c.misalign, nan);
+  for (int64_t i = 0; i < c.M; ++i)
+    for (int64_t k = 0; k < c.K; ++k) a.at(i, k) = T(normal(rng));
+  for (int64_t k = 0; k < c.K; ++k)
+    for (int64_t j = 0; j < c.N; ++j) b.at(k, j) = T(normal(rng));
+  std::vector<T> bias(c.N);
+  for (auto& v : bias) v = T(normal(rng));
+  const T sentinel = T(12345.0f);
+  Strided<T> out(c.M, c.N, c.c_row_major, false, sentinel);
+
+  cl::GemmArgs<T> args{{a.p, a.s1, a.s0}, {b.p, b.s0, b.s1}, out.p, out.s0, out.s1,
+                       c.bias ? bias.data() : nullptr, c.M, c.N, c.K, c.relu};
+  cl::gemm(args, nullptr);
+
+  const double eps = epsilon<T>(), acc_eps = std::numeric_limits<A>::epsilon();
+  for (int64_t i = 0; i < c.M; ++i)
+    for (int64_t j = 0; j < c.N; ++j) {
+      double ref = c.bias ? static_cast<double>(bias[j]) : 0.0, mag = std::abs(ref);
+      for (int64_t k = 0; k < c.K; ++k) {
+        const double p = static_cast<double>(a.at(i, k)) * static_cast<double>(b.at(k, j));
+        ref += p;
+        mag += std::abs(p);
+      }
+      if (c.relu) ref = std::max(ref, 0.0);
+      const double got = static_cast<double>(out.at(i, j));
+      ASSERT_LE(std::abs(got - ref), eps * std::abs(ref) + acc_eps * (c.K + 2) * mag + 1e-30)
+          << "C(" << i << ", " << j << ") = " << got << ", expected " << ref;
+    }
+  // Nothing written outside C: the padding and the margins still hold the sentinel.
+  int64_t touched = 0;
+  const float unchanged = static_cast<float>(sentinel);
+  for (const T& v : out.buffer) touched += static_cast<float>(v) != unchanged;
+  EXPECT_LE(touched, c.M * c.N);
+  int64_t inside_changed = 0;
+  for (int64_t i = 0; i < c.M; ++i)
+    for (int64_t j = 0; j < c.N; ++j) inside_changed += static_cast<float>(out.at(i, j)) != unchanged;
+  EXPECT_EQ(touched, inside_changed) << "values written outside C";
+}
+
+// (M, N, K): 1-row and 1-column outputs, the book's 20 -> 256, tile edges in every dimension, K not a
+// multiple of the K tile, K = 0, and shapes that take several large tiles.
+// The ThreadSanitizer build (about 10x slower) takes two of them.
+const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes() {
+#ifdef CUSTOMLAYERS_EMULATOR_FEW_SHAPES
+  static const std::vector<std::tuple<int64_t, int64_t, int64_t>> s{{7, 13, 5}, {130, 70, 41}};
+#else
+  static const std::vector<std::tuple<int64_t, int64_t, int64_t>> s{
+      {1, 1, 1}, {1, 256, 20}, {7, 13, 5}, {3, 5, 0}, {65, 129, 33}, {130, 70, 41}, {257, 136, 24}};
+#endif
+  return s;
+}
+
+template <typename T>
+void run_all(int sm_count, bool expect_large_somewhere) {
+  std::mt19937 rng(1234);
+  emu::emulated_sm_count = sm_count;
+  bool saw_large = false;
+  int variant = 0;
+  for (const auto& [M, N, K] : shapes())
+    for (int layouts = 0; layouts < 4; ++layouts)
+      for (bool misalign : {false, true}) {
+        ++variant;
+        const Case c{M, N, K, (layouts & 2) != 0, (layouts & 1) != 0, misalign, variant % 3 != 0, variant % 4 != 1,
+                     variant % 2 == 0};
+        check_gemm<T>(c, rng);
+        if (::testing::Test::HasFatalFailure()) return;
+        const dim3 grid = emu::last_launch.grid;
+        saw_large |= (M > 64 || N > 64) && grid.x == unsigned((M + 127) / 128) && grid.y == unsigned((N + 127) / 128);
+      }
+  EXPECT_EQ(saw_large, expect_large_somewhere) << "the tile size chosen for the SM count";
+  emu::emulated_sm_count = 132;
+}
+
+// float64 always takes the small tiles; float32 / float16 / bfloat16 take the large ones when they alone
+// fill the (emulated) GPU: an SM count of 1 makes every shape take them, a huge one none.
+TEST(EmulatedCudaGemm, Float64) { run_all<double>(1, false); }
+TEST(EmulatedCudaGemm, Float32LargeTiles) { run_all<float>(1, true); }
+TEST(EmulatedCudaGemm, Float32SmallTiles) { run_all<float>(1 << 30, false); }
+TEST(EmulatedCudaGemm, Float16LargeTiles) { run_all<c10::Half>(1, true); }
+TEST(EmulatedCudaGemm, Float16SmallTiles) { run_all<c10::Half>(1 << 30, false); }
+TEST(EmulatedCudaGemm, BFloat16LargeTiles) { run_all<c10::BFloat16>(1, true); }
+TEST(EmulatedCudaGemm, BFloat16SmallTiles) { run_all<c10::BFloat16>(1 << 30, false); }
+
+}  // namespace
