@@ -2,7 +2,7 @@
 PyTorch, nn.Linear + nn.ReLU, torch._addmm_activation and torch.compile, forward and forward+backward, at
 MLP layer sizes. "GEMM floor" runs only the op's matrix products with torch.mm (forward: x @ W; backward
 adds g @ W^T and x^T @ g): the time left above it is what the bias, ReLU, masking and bias-gradient work
-and the framework overhead cost. Run: python -m benchmarks.bench_linear [run.py options]."""
+and the framework overhead cost. On a GPU, "GEMM" rows time the hand-written GEMM alone against cuBLAS. Run: python -m benchmarks.bench_linear [run.py options]."""
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
@@ -21,6 +21,10 @@ SHAPES = [(256, 20, 256), (8192, 256, 256), (64, 784, 256), (2048, 784, 256), (8
 QUICK_SHAPES = [(256, 20, 256), (8192, 256, 256), (2048, 784, 256)]
 BF16_SHAPES = {"cuda": [(1024, 1024, 4096), (8192, 4096, 4096)],   # full run (--quick: QUICK_SHAPES' last)
                "cpu": [(256, 20, 256), (2048, 784, 256)]}
+# GPU only: the hand-written GEMM alone (no bias, no activation) against cuBLAS (torch.mm; float32 without
+# TF32, torch's default) at 4096^3, so that `vs cuBLAS` is the fraction of cuBLAS's speed it reaches.
+GEMM_SHAPE = (4096, 4096, 4096)
+GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,6 +50,17 @@ def gemm_floor(x: torch.Tensor, w: torch.Tensor, g: Optional[torch.Tensor]) -> C
     return lambda: (torch.mm(x, w), torch.mm(g, w.t()), torch.mm(x.t(), g, out=dw))
 
 
+def gemm_cases(device: torch.device) -> List[Case]:
+    m, k, n = GEMM_SHAPE
+    out = []
+    for dtype in GEMM_DTYPES:
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(k, n, device=device, dtype=dtype) / k ** 0.5
+        impls = {OURS: lambda x=x, w=w: linear_act(x, w, None, "none"), "cuBLAS": lambda x=x, w=w: torch.mm(x, w)}
+        out.append(Case(OP, m * k * n, dtype, FWD, impls, label=f"{m}x{k}->{n} GEMM"))
+    return out
+
+
 def cases(device: Device, quick: bool = False) -> List[Case]:
     """fwd and fwd+bwd cases; the weight is nn.Linear's (out, in) parameter seen through .t(), as
     LinearReLU uses it, and every implementation of a case shares its inputs."""
@@ -69,7 +84,7 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
             impls = {"GEMM floor": gemm_floor(x, w, g if mode == FWD_BWD else None),
                      **bind(fns, inputs, mode, (g,))}
             out.append(Case(OP, m * k * n, dtype, mode, impls, label=f"{m}x{k}->{n}"))
-    return out
+    return out + (gemm_cases(device) if device.type == "cuda" else [])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
