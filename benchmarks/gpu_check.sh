@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # GPU check, run on a machine with an NVIDIA GPU from the repository root:
-#   build with the machine's torch, run the test suite (CUDA tests included), run compute-sanitizer
-#   (memcheck, racecheck) on every CUDA kernel, run the benchmarks. Everything goes to $OUT
-#   (default: ./gpu_check_out): summary.txt, logs.tar.gz and results.tar.gz (benchmarks/results/<gpu>/).
+#   benchmarks/gpu_check.sh [STEP ...]     (default: build tests sanitizer bench)
+# Steps: build (pip install -e with the machine's torch), tests (the pytest suite, CUDA tests included),
+# sanitizer (compute-sanitizer memcheck and racecheck over every CUDA kernel, benchmarks/cuda_exercise.py),
+# bench (every op) or bench:OP (one op: centered, masked_uniform_, linear_act). Every step after build
+# builds first if the extension is missing, so steps can be split over several calls. Everything goes to
+# $OUT (default ./gpu_check_out): summary.txt, logs.tar.gz and, after a bench step, results.tar.gz
+# (benchmarks/results/<gpu>/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -17,7 +21,12 @@ step() {  # step NAME COMMAND...: run, log, record status
   "$@" >"$OUT/logs/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc ($((SECONDS - start)) s)" | tee -a "$summary"
+  [ $rc -eq 0 ] || failed=1
   return $rc
+}
+built() { $PY -c 'import customlayers, sys; sys.exit(customlayers.backend_report()["ops"]["linear_act"]["cuda"] != "kernel")' 2>/dev/null; }
+build() {
+  step build $PY -m pip install --no-build-isolation --no-deps -v -e . || { tail -50 "$OUT/logs/build.log"; exit 1; }
 }
 
 {
@@ -27,14 +36,29 @@ step() {  # step NAME COMMAND...: run, log, record status
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
 } >>"$summary" 2>&1
 
-step build $PY -m pip install --no-build-isolation --no-deps -v -e . || { tail -50 "$OUT/logs/build.log"; exit 1; }
-step tests env CUSTOMLAYERS_EXPECT_EXTENSION=1 CUSTOMLAYERS_EXPECT_CUDA=1 $PY -m pytest tests -q -ra
-for tool in memcheck racecheck; do
-  step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 $PY benchmarks/cuda_exercise.py
+failed=0
+benched=0
+for s in "${@:-build tests sanitizer bench}"; do
+  for what in $s; do
+    [ "$what" = build ] || built || build
+    case "$what" in
+      build) build ;;
+      tests) step tests env CUSTOMLAYERS_EXPECT_EXTENSION=1 CUSTOMLAYERS_EXPECT_CUDA=1 $PY -m pytest tests -q -ra ;;
+      sanitizer)
+        for tool in memcheck racecheck; do
+          step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 $PY benchmarks/cuda_exercise.py
+        done ;;
+      bench) step bench $PY -m benchmarks.run --device cuda && benched=1 ;;
+      bench:*) step "bench-${what#bench:}" $PY -m benchmarks.run --device cuda --ops "${what#bench:}" && benched=1 ;;
+      *) echo "unknown step: $what" | tee -a "$summary"; exit 2 ;;
+    esac
+  done
 done
-step bench $PY -m benchmarks.run --device cuda
 
-gpu_dir=$($PY -c 'import torch; from benchmarks.harness import device_name; print(device_name(torch.device("cuda")))')
-tar -czf "$OUT/results.tar.gz" -C benchmarks/results "$gpu_dir"
+if [ $benched = 1 ]; then
+  gpu_dir=$($PY -c 'import torch; from benchmarks.harness import device_name; print(device_name(torch.device("cuda")))')
+  tar -czf "$OUT/results.tar.gz" -C benchmarks/results "$gpu_dir"
+fi
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 cat "$summary"
+exit $failed
