@@ -2,14 +2,14 @@
 //
 //  * The forward is one launch of the hand-written tiled GEMM of cuda/gemm.cuh, with bias + activation
 //    fused into its epilogue (CUDA cores for float32/float64, tensor cores for float16/bfloat16).
-//  * Backward: one kernel computes the masked gradient g' = g * (out > 0) and per-64-row-chunk column
-//    sums of g' (one thread per column and chunk, no atomics); a second adds the chunks in a fixed
-//    order in double for the bias gradient, so results are bit-reproducible. dX = g' W^T and
-//    dW = X^T g' are the same GEMM on strided views, dW written in the weight's own layout.
+//  * Backward: the masked gradient g' = g * (out > 0) and the bias gradient by the kernels of
+//    cuda/relu_grad.cuh (fixed-order chunk sums, bit-reproducible); dX = g' W^T and dW = X^T g' are the
+//    same GEMM on strided views, dW written in the weight's own layout.
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
 #include "common/linear.h"
 #include "cuda/gemm.cuh"
+#include "cuda/relu_grad.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -57,47 +57,7 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Backward: masked gradient and bias gradient.
-constexpr int kColThreads = 256;
-constexpr int64_t kChunkRows = 64;
-constexpr int64_t kMaxGridY = 65535;
-
-// For column n and each chunk of kChunkRows rows: gp = relu ? g * (out > 0) : g, written when gp is
-// set, and the chunk's sum of gp into partial[chunk * N + n] when partial is set.
-template <typename T, bool kRelu>
-__global__ void __launch_bounds__(kColThreads) mask_and_sum_kernel(const T* __restrict__ g, int64_t ldg,
-                                                                   const T* __restrict__ out, int64_t ldo,
-                                                                   T* __restrict__ gp, acc_t<T>* __restrict__ partial,
-                                                                   int64_t M, int64_t N) {
-  using A = acc_t<T>;
-  const int64_t n = int64_t(blockIdx.x) * kColThreads + threadIdx.x;
-  if (n >= N) return;
-  const int64_t chunks = (M + kChunkRows - 1) / kChunkRows;
-  for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
-    const int64_t r0 = chunk * kChunkRows, r1 = min(M, r0 + kChunkRows);
-    A sum = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      A v = static_cast<A>(g[r * ldg + n]);
-      if constexpr (kRelu) {
-        v = static_cast<A>(out[r * ldo + n]) > A(0) ? v : A(0);
-        if (gp != nullptr) gp[r * N + n] = static_cast<T>(v);
-      }
-      sum += v;
-    }
-    if (partial != nullptr) partial[chunk * N + n] = sum;
-  }
-}
-
-// db[n] = sum over chunks of partial[chunk * N + n], in chunk order, in double.
-template <typename T>
-__global__ void __launch_bounds__(kColThreads) bias_grad_kernel(const acc_t<T>* __restrict__ partial, T* __restrict__ db,
-                                                                int64_t chunks, int64_t N) {
-  const int64_t n = int64_t(blockIdx.x) * kColThreads + threadIdx.x;
-  if (n >= N) return;
-  double s = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) s += static_cast<double>(partial[c * N + n]);
-  db[n] = static_cast<T>(s);
-}
+// Backward.
 
 // gp (when defined) = g2 masked by o2 > 0 (relu) and db (when defined) = column sums of the masked g2.
 template <typename T>
@@ -105,29 +65,13 @@ void mask_and_sum(const at::Tensor& g2, const at::Tensor& o2, at::Tensor& gp, at
                   cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t M = g2.size(0), N = g2.size(1);
-  if (N == 0) return;
-  const int64_t chunks = (M + kChunkRows - 1) / kChunkRows;
   at::Tensor partial;
-  if (db.defined()) partial = at::empty({chunks, N}, g2.options().dtype(c10::CppTypeToScalarType<A>::value));
-  A* partial_ptr = db.defined() ? partial.mutable_data_ptr<A>() : nullptr;
-  T* gp_ptr = gp.defined() ? gp.mutable_data_ptr<T>() : nullptr;
-  if (chunks > 0 && (gp_ptr != nullptr || partial_ptr != nullptr)) {
-    const dim3 grid(static_cast<unsigned>((N + kColThreads - 1) / kColThreads),
-                    static_cast<unsigned>(std::min(chunks, kMaxGridY)));
-    if (relu)
-      mask_and_sum_kernel<T, true><<<grid, kColThreads, 0, stream>>>(g2.const_data_ptr<T>(), g2.stride(0),
-                                                                     o2.const_data_ptr<T>(), o2.stride(0),
-                                                                     gp_ptr, partial_ptr, M, N);
-    else
-      mask_and_sum_kernel<T, false><<<grid, kColThreads, 0, stream>>>(g2.const_data_ptr<T>(), g2.stride(0), nullptr,
-                                                                      0, nullptr, partial_ptr, M, N);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (db.defined()) {
-    bias_grad_kernel<T><<<static_cast<unsigned>((N + kColThreads - 1) / kColThreads), kColThreads, 0, stream>>>(
-        partial_ptr, db.mutable_data_ptr<T>(), chunks, N);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (db.defined()) partial = at::empty({relu_grad_chunks(M), N}, g2.options().dtype(c10::CppTypeToScalarType<A>::value));
+  relu_grad(ReluGradArgs<T>{g2.const_data_ptr<T>(), g2.stride(0), relu ? o2.const_data_ptr<T>() : nullptr,
+                            relu ? o2.stride(0) : 0, gp.defined() ? gp.mutable_data_ptr<T>() : nullptr,
+                            db.defined() ? partial.mutable_data_ptr<A>() : nullptr,
+                            db.defined() ? db.mutable_data_ptr<T>() : nullptr, M, N, relu},
+            stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Tensor& grad, const at::Tensor& x,

@@ -106,7 +106,7 @@ void check_gemm(const Case& c, std::mt19937& rng) {
 // multiple of the K tile, K = 0, and shapes that take several large tiles.
 // The ThreadSanitizer build (about 10x slower) takes two of them.
 const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes() {
-#ifdef CUSTOMLAYERS_EMULATOR_FEW_SHAPES
+#ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
   static const std::vector<std::tuple<int64_t, int64_t, int64_t>> s{{7, 13, 5}, {130, 70, 41}};
 #else
   static const std::vector<std::tuple<int64_t, int64_t, int64_t>> s{
