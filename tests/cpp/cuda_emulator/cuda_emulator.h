@@ -1,11 +1,12 @@
-// A CPU emulator for the part of CUDA that csrc/cuda/gemm.cuh uses, so that its kernels, compiled as
+// A CPU emulator for the part of CUDA that the kernels of csrc/cuda/*.cuh use, so that they, compiled as
 // host C++, can be tested without a GPU (see common/cuda_device.cuh).
 //
 //  * Every thread of a block is a std::thread; the blocks of a grid run one after another, so a
 //    __shared__ variable can be a function-local static, and every block starts from the previous
 //    block's shared memory (stale data, as on a GPU). __syncthreads() is a barrier over the block,
 //    __syncwarp() one over the thread's warp, so a missing barrier shows up as wrong results here and as
-//    a data race under ThreadSanitizer.
+//    a data race under ThreadSanitizer. __shfl_xor_sync() exchanges values through per-warp slots
+//    between two warp barriers.
 //  * WMMA fragments hold whole 16 x 16 tiles: every lane loads and multiplies the whole tile itself, in
 //    float (exact products of 16-bit values, float sums, as on tensor cores up to summation order);
 //    store_matrix_sync splits the stores between the warp's lanes, so reading them back needs a
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -35,6 +37,9 @@ using cudaStream_t = void*;
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
 using std::fma;
+using std::isfinite;
+using std::max;
+using std::min;
 
 #define __global__
 #define __device__
@@ -51,6 +56,7 @@ namespace customlayers::cuda_emulator {
 
 inline thread_local std::barrier<>* block_barrier = nullptr;
 inline thread_local std::barrier<>* warp_barrier = nullptr;
+inline thread_local uint64_t* warp_slots = nullptr;  // 32 values, one per lane: shuffles pass through them
 
 struct Launch {
   dim3 grid, block;
@@ -71,6 +77,7 @@ void run(dim3 grid, dim3 block, const Body& body) {
   std::barrier<> block_sync(n);
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
   for (unsigned w = 0; w * 32 < n; ++w) warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w * 32)));
+  std::vector<uint64_t> slots((n + 31) / 32 * 32);
   std::vector<std::thread> threads;
   threads.reserve(n);
   for (unsigned t = 0; t < n; ++t) {
@@ -78,6 +85,7 @@ void run(dim3 grid, dim3 block, const Body& body) {
       threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
       block_barrier = &block_sync;
       warp_barrier = warp_sync[t / 32].get();
+      warp_slots = slots.data() + t / 32 * 32;
       for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
           for (unsigned x = 0; x < grid.x; ++x) {
@@ -95,6 +103,20 @@ void run(dim3 grid, dim3 block, const Body& body) {
 inline void __syncthreads() { customlayers::cuda_emulator::block_barrier->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { customlayers::cuda_emulator::warp_barrier->arrive_and_wait(); }
 [[noreturn]] inline void __trap() { std::abort(); }
+
+// Every lane of the warp must call it (mask: all 32 lanes), as the kernels here do.
+template <typename V>
+V __shfl_xor_sync(unsigned, V v, int lane_mask) {
+  static_assert(sizeof(V) <= sizeof(uint64_t) && std::is_trivially_copyable_v<V>, "a register-sized value");
+  namespace emu = customlayers::cuda_emulator;
+  const unsigned lane = emu::linear_thread() % 32;
+  std::memcpy(&emu::warp_slots[lane], &v, sizeof(V));
+  emu::warp_barrier->arrive_and_wait();
+  V result;
+  std::memcpy(&result, &emu::warp_slots[lane ^ static_cast<unsigned>(lane_mask)], sizeof(V));
+  emu::warp_barrier->arrive_and_wait();  // the slots are rewritten by the next shuffle
+  return result;
+}
 
 namespace customlayers::cuda {
 

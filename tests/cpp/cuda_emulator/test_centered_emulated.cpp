@@ -1,0 +1,81 @@
+// The CUDA kernels of centered (csrc/cuda/centered.cuh) run on the CPU emulator and compared with a
+// float64 x - mean: both on-chip row paths (a warp per row, a block per row) and the partial-sums path
+// for rows (one and several chunks) and columns (several chunks, several 256-column tiles), with every
+// subtract indexing (one mean, a mean per row, general), and a GPU of 1 SM so that every grid-stride
+// loop takes several steps.
+#include "cuda/centered.cuh"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+namespace cl = customlayers::cuda;
+namespace emu = customlayers::cuda_emulator;
+
+template <typename T>
+double epsilon() {
+  if constexpr (std::is_same_v<T, c10::Half>) return std::ldexp(1.0, -11);
+  else if constexpr (std::is_same_v<T, c10::BFloat16>) return std::ldexp(1.0, -8);
+  else return std::numeric_limits<T>::epsilon() / 2;
+}
+
+template <typename T>
+void check(int64_t outer, int64_t reduce, int64_t inner, std::mt19937& rng) {
+  SCOPED_TRACE("[" + std::to_string(outer) + ", " + std::to_string(reduce) + ", " + std::to_string(inner) + "]");
+  const int64_t n = outer * reduce * inner;
+  std::normal_distribution<float> normal(3.0f, 2.0f);  // a mean far from 0
+  std::vector<T> x(n), y(n + 1, T(7.0f));
+  for (auto& v : x) v = T(normal(rng));
+  std::vector<unsigned char> workspace(cl::centered_workspace_bytes<T>(outer, reduce, inner) + 8);
+  cl::centered_block(x.data(), y.data(), outer, reduce, inner, workspace.data(), nullptr);
+  ASSERT_EQ(static_cast<float>(y[n]), 7.0f) << "wrote past the output";
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t i = 0; i < inner; ++i) {
+      double sum = 0;
+      for (int64_t r = 0; r < reduce; ++r) sum += static_cast<double>(x[(o * reduce + r) * inner + i]);
+      const double mean = sum / static_cast<double>(reduce);
+      for (int64_t r = 0; r < reduce; ++r) {
+        const int64_t e = (o * reduce + r) * inner + i;
+        const double xe = static_cast<double>(x[e]), expected = xe - mean;
+        // One rounding of the result, plus float arithmetic on |x| + |mean| for 16-bit types.
+        const double allowed = 2 * epsilon<T>() * std::abs(expected) +
+                               (sizeof(T) < 4 ? std::ldexp(1.0, -23) * (std::abs(xe) + std::abs(mean)) : 0.0) + 1e-300;
+        ASSERT_LE(std::abs(static_cast<double>(y[e]) - expected), allowed) << "y at " << e;
+      }
+    }
+}
+
+template <typename T>
+void run_all(int sm_count) {
+  std::mt19937 rng(7);
+  emu::emulated_sm_count = sm_count;
+#ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
+  // The ThreadSanitizer build: one case per kernel, with more rows (or tasks) than 8 blocks on 1 SM, so
+  // that a block reduces again through the same shared memory.
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> blocks{{70, 100, 1}, {20, 1000, 1}, {5, 9000, 1}, {2, 130, 5}};
+#else
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> blocks{
+      {1, 1, 1},     {3, 7, 1},      {70, 300, 1},  {1, 512, 1},   {5, 1000, 1}, {1, 4096, 1},  {1, 4097, 1},
+      {1, 20000, 1}, {3, 9000, 1},   {4, 130, 5},   {2, 70, 300},  {1, 5, 3},    {3, 1, 4}};
+#endif
+  for (const auto& [outer, reduce, inner] : blocks) {
+    check<T>(outer, reduce, inner, rng);
+    if (::testing::Test::HasFatalFailure()) break;
+  }
+  emu::emulated_sm_count = 132;
+}
+
+TEST(EmulatedCudaCentered, Float32) { run_all<float>(132); }
+TEST(EmulatedCudaCentered, Float32OneSM) { run_all<float>(1); }
+TEST(EmulatedCudaCentered, Float64) { run_all<double>(1); }
+TEST(EmulatedCudaCentered, Float16) { run_all<c10::Half>(1); }
+TEST(EmulatedCudaCentered, BFloat16) { run_all<c10::BFloat16>(132); }
+
+}  // namespace
