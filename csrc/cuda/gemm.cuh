@@ -11,11 +11,13 @@
 //  - float16 / bfloat16: tensor cores (WMMA 16x16x16 fragments, float32 accumulation). Large tiles
 //    128x128x32 (8 warps of 64x32), small 64x64x32 (4 warps of 32x32). Each warp's accumulators go
 //    through a small shared-memory scratch for the bias + activation epilogue.
-// Large tiles are used once they alone give every SM a block, small ones before that (more blocks).
-// Written against common/cuda_device.cuh only, so the CUDA emulator of the C++ tests can run it on CPU.
+// Large tiles are used once they alone give every SM a block, small ones before that (more blocks); when
+// even those leave SMs idle and K is long, K is split into slices whose sums are added in a fixed order.
+// Written against common/cuda_device.cuh and cuda_utils.cuh only, so the CUDA emulator of the C++ tests
+// can run it on CPU.
 #pragma once
 
-#include "common/cuda_device.cuh"
+#include "common/cuda_utils.cuh"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -58,7 +60,10 @@ struct GemmArgs {
   const T* bias;       // N values or nullptr
   int64_t M, N, K;
   bool relu;
-  bool vec = false;    // both operands can be read in whole Packs (set by gemm())
+  // Set by gemm():
+  bool vec = false;              // both operands can be read in whole Packs
+  int64_t k_slice = 0;           // the K range of grid slice z is [z * k_slice, (z + 1) * k_slice)
+  acc_t<T>* partial = nullptr;   // split K: slice z's raw sums at partial[(z * M + m) * N + n]; else C
 };
 
 // Moves a kRows x kCols tile (rows along K) of an Operand from global memory into shared memory, in two
@@ -144,16 +149,26 @@ __device__ __forceinline__ A bias_act(A v, const T* bias, int64_t n, bool relu) 
   return relu && v <= A(0) ? A(0) : v;
 }
 
-// The K loop of both GEMM kernels: BK-deep tiles of A and B, double-buffered through registers and the
-// shared arrays As/Bs ([2][ALoader::kSize] and [2][BLoader::kSize]); compute(as, bs) consumes one tile
-// pair while the next one is being fetched from global memory.
+// Element (m, n) of the block's result: act(v + bias) into C, or, with split K, the raw sum v of this
+// grid slice into the partial sums.
+template <typename T, typename A>
+__device__ __forceinline__ void store_result(const GemmArgs<T>& args, int64_t m, int64_t n, A v) {
+  if (args.partial != nullptr) args.partial[(int64_t(blockIdx.z) * args.M + m) * args.N + n] = v;
+  else args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(v, args.bias, n, args.relu));
+}
+
+// The K loop of both GEMM kernels over this grid slice's K range: BK-deep tiles of A and B, double-
+// buffered through registers and the shared arrays As/Bs ([2][ALoader::kSize] and [2][BLoader::kSize]);
+// compute(as, bs) consumes one tile pair while the next one is being fetched from global memory.
 template <int BK, typename T, typename ALoader, typename BLoader, typename Compute>
 __device__ __forceinline__ void gemm_k_loop(const GemmArgs<T>& args, int64_t m0, int64_t n0, ALoader& a_tile,
                                             BLoader& b_tile, T (*As)[ALoader::kSize], T (*Bs)[BLoader::kSize],
                                             Compute compute) {
-  const int64_t tiles = (args.K + BK - 1) / BK;
-  a_tile.fetch(args.a, args.vec, args.K, args.M, 0, m0);
-  b_tile.fetch(args.b, args.vec, args.K, args.N, 0, n0);
+  const int64_t k_lo = int64_t(blockIdx.z) * args.k_slice;
+  const int64_t k_hi = args.K - k_lo < args.k_slice ? args.K : k_lo + args.k_slice;  // elements past it read as 0
+  const int64_t tiles = (k_hi - k_lo + BK - 1) / BK;
+  a_tile.fetch(args.a, args.vec, k_hi, args.M, k_lo, m0);
+  b_tile.fetch(args.b, args.vec, k_hi, args.N, k_lo, n0);
   a_tile.store(As[0]);
   b_tile.store(Bs[0]);
   __syncthreads();
@@ -161,8 +176,8 @@ __device__ __forceinline__ void gemm_k_loop(const GemmArgs<T>& args, int64_t m0,
     const int cur = t & 1;
     const bool more = t + 1 < tiles;
     if (more) {
-      a_tile.fetch(args.a, args.vec, args.K, args.M, (t + 1) * BK, m0);
-      b_tile.fetch(args.b, args.vec, args.K, args.N, (t + 1) * BK, n0);
+      a_tile.fetch(args.a, args.vec, k_hi, args.M, k_lo + (t + 1) * BK, m0);
+      b_tile.fetch(args.b, args.vec, k_hi, args.N, k_lo + (t + 1) * BK, n0);
     }
     compute(As[cur], Bs[cur]);
     // The other buffer was last read before the previous barrier: safe to overwrite now.
@@ -236,7 +251,7 @@ __global__ void __launch_bounds__(Tile::kThreads) gemm_simt_kernel(const GemmArg
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t n = n0 + (j / 4) * Tile::kColGap + tx * 4 + j % 4;
-      if (n < args.N) args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(acc[i][j], args.bias, n, args.relu));
+      if (n < args.N) store_result(args, m, n, acc[i][j]);
     }
   }
 }
@@ -340,8 +355,7 @@ __global__ void __launch_bounds__(Tile::kThreads) gemm_wmma_kernel(const GemmArg
 #pragma unroll
         for (int e = 0; e < kFrag / 2; ++e) {
           const int64_t n = n_base + e;
-          if (n < args.N)
-            args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(mine[r * LDS + c0 + e], args.bias, n, args.relu));
+          if (n < args.N) store_result(args, m, n, mine[r * LDS + c0 + e]);
         }
       }
       __syncwarp();  // the scratch is rewritten by the next fragment
@@ -380,15 +394,45 @@ int64_t tile_count(int64_t M, int64_t N) {
   return ((M + Tile::BM - 1) / Tile::BM) * ((N + Tile::BN - 1) / Tile::BN);
 }
 
+// Split K: when the output tiles alone leave SMs idle (few rows or columns, long K, as in dX = g' W^T of
+// a small batch), the K range is cut into slices, one grid z-index each; every slice writes its raw sums
+// to a float workspace, and split_k_reduce_kernel adds them in slice order (bit-reproducible) and applies
+// bias + activation. A slice is at least kMinSliceDepth deep and a multiple of every K tile.
+constexpr int64_t kMinSliceDepth = 256;
+constexpr int64_t kMaxSlices = 16;
+constexpr int64_t kSliceAlign = 32;
+constexpr int kReduceThreads = 256;
+
+// The K depth of a slice for a grid of `tiles` output tiles (K itself: no split).
+inline int64_t k_slice_for(int64_t tiles, int64_t K) {
+  const int64_t sms = sm_count();
+  if (tiles >= sms || K < 2 * kMinSliceDepth) return K;
+  const int64_t slices = std::min(std::min((sms + tiles - 1) / tiles, K / kMinSliceDepth), kMaxSlices);
+  if (slices <= 1) return K;
+  return ((K + slices - 1) / slices + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) split_k_reduce_kernel(const GemmArgs<T> args, int64_t slices) {
+  using A = acc_t<T>;
+  const int64_t total = args.M * args.N, step = int64_t(gridDim.x) * kReduceThreads;
+  for (int64_t i = int64_t(blockIdx.x) * kReduceThreads + threadIdx.x; i < total; i += step) {
+    A s = 0;
+    for (int64_t z = 0; z < slices; ++z) s += args.partial[z * total + i];
+    const int64_t m = i / args.N, n = i % args.N;
+    args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(s, args.bias, n, args.relu));
+  }
+}
+
 template <typename Tile, typename T, bool kAContigM, bool kBContigN>
 constexpr auto kernel_for() {
   if constexpr (Tile::kTensorCores) return &gemm_wmma_kernel<Tile, T, kAContigM, kBContigN>;
   else return &gemm_simt_kernel<Tile, T, kAContigM, kBContigN>;
 }
 
-// The Tile's kernel for the operands' layouts (4 combinations, chosen at run time).
+// The Tile's kernel for the operands' layouts (4 combinations, chosen at run time), over `slices` K slices.
 template <typename Tile, typename T>
-void launch_tiles(const GemmArgs<T>& args, bool a_contig_m, bool b_contig_n, cudaStream_t stream) {
+void launch_tiles(const GemmArgs<T>& args, int64_t slices, bool a_contig_m, bool b_contig_n, cudaStream_t stream) {
   const int64_t m_tiles = (args.M + Tile::BM - 1) / Tile::BM, n_tiles = (args.N + Tile::BN - 1) / Tile::BN;
   TORCH_CHECK(n_tiles <= 65535, "linear_act: ", args.N, " output columns are too many for the CUDA GEMM");
   TORCH_CHECK(m_tiles <= 0x7fffffff, "linear_act: ", args.M, " output rows are too many for the CUDA GEMM");
@@ -396,26 +440,40 @@ void launch_tiles(const GemmArgs<T>& args, bool a_contig_m, bool b_contig_n, cud
   static constexpr Kernel kTable[4] = {kernel_for<Tile, T, false, false>(), kernel_for<Tile, T, false, true>(),
                                        kernel_for<Tile, T, true, false>(), kernel_for<Tile, T, true, true>()};
   launch_kernel(kTable[(a_contig_m ? 2 : 0) + (b_contig_n ? 1 : 0)],
-                dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles)), dim3(Tile::kThreads), stream,
-                args);
+                dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles), static_cast<unsigned>(slices)),
+                dim3(Tile::kThreads), stream, args);
 }
 
-// C = act(A @ B + bias) for A (M x K) given as its K x M transpose view `a`, B (K x N).
-template <typename T>
-void gemm(GemmArgs<T> args, cudaStream_t stream) {
+// C = act(A @ B + bias) for A (M x K) given as its K x M transpose view `a`, B (K x N). workspace(bytes)
+// returns device memory for split-K partial sums (8-byte aligned), valid for the kernels queued on
+// `stream` by this call.
+template <typename T, typename Workspace>
+void gemm(GemmArgs<T> args, cudaStream_t stream, Workspace&& workspace) {
+  using A = acc_t<T>;
   if (args.M == 0 || args.N == 0) return;
   const OperandLayout la = operand_layout(args.a, args.K, args.M);
   const OperandLayout lb = operand_layout(args.b, args.K, args.N);
   args.vec = la.vec && lb.vec;
-  auto sized = [&](auto large, auto small) {
-    using Large = decltype(large);
-    using Small = decltype(small);
-    if (tile_count<Large>(args.M, args.N) >= sm_count()) launch_tiles<Large>(args, la.contig_x, lb.contig_x, stream);
-    else launch_tiles<Small>(args, la.contig_x, lb.contig_x, stream);
+  auto run = [&](auto tile) {
+    using Tile = decltype(tile);
+    args.k_slice = k_slice_for(tile_count<Tile>(args.M, args.N), args.K);
+    const int64_t slices = args.K > args.k_slice ? (args.K + args.k_slice - 1) / args.k_slice : 1;
+    if (slices > 1) args.partial = static_cast<A*>(workspace(sizeof(A) * slices * args.M * args.N));
+    launch_tiles<Tile>(args, slices, la.contig_x, lb.contig_x, stream);
+    if (slices > 1)
+      launch_kernel(split_k_reduce_kernel<T>, dim3(grid_for(args.M * args.N, kReduceThreads)), dim3(kReduceThreads),
+                    stream, args, slices);
   };
-  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) sized(TcLarge{}, TcSmall{});
-  else if constexpr (std::is_same_v<T, float>) sized(SimtLarge{}, SimtSmall{});
-  else launch_tiles<SimtSmall>(args, la.contig_x, lb.contig_x, stream);  // float64: gradcheck sizes
+  // Large tiles once they alone give every SM a block; small ones (more blocks) before that.
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    if (tile_count<TcLarge>(args.M, args.N) >= sm_count()) run(TcLarge{});
+    else run(TcSmall{});
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (tile_count<SimtLarge>(args.M, args.N) >= sm_count()) run(SimtLarge{});
+    else run(SimtSmall{});
+  } else {
+    run(SimtSmall{});  // float64: gradcheck sizes
+  }
 }
 
 }  // namespace customlayers::cuda

@@ -26,6 +26,21 @@ namespace {
 
 constexpr const char* kOp = "linear_act";
 
+// Device memory for one GEMM's split-K partial sums. Freed when this goes out of scope, after the GEMM's
+// kernels are queued: the caching allocator reuses it only in the order of the stream.
+class Workspace {
+ public:
+  explicit Workspace(const at::Tensor& like) : options_(like.options().dtype(at::kByte)) {}
+  void* operator()(size_t bytes) {
+    buffer_ = at::empty({static_cast<int64_t>(bytes)}, options_);
+    return buffer_.mutable_data_ptr();
+  }
+
+ private:
+  at::TensorOptions options_;
+  at::Tensor buffer_;
+};
+
 // The K x M view of a row-major-indexed (M x K) tensor x2 (x2[m][k]).
 template <typename T>
 Operand<T> left(const at::Tensor& t) {
@@ -51,7 +66,7 @@ at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::
     GemmArgs<scalar_t> args{left<scalar_t>(x2), right<scalar_t>(weight), out.mutable_data_ptr<scalar_t>(), N, 1,
                             b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, M, N, K,
                             act == Activation::kRelu};
-    gemm(args, at::cuda::getCurrentCUDAStream());
+    gemm(args, at::cuda::getCurrentCUDAStream(), Workspace(x));
   });
   return as_leading_shape(out, x, weight);
 }
@@ -105,12 +120,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Ten
     if (mask[0]) {  // dX = g' @ W^T: [M, N] x [N, K]
       GemmArgs<T> args{left<T>(gp), {weight.const_data_ptr<T>(), weight.stride(1), weight.stride(0)},
                        dx.mutable_data_ptr<T>(), K, 1, nullptr, M, K, N, false};
-      gemm(args, stream);
+      gemm(args, stream, Workspace(x));
     }
     if (mask[1]) {  // dW = X^T @ g': [K, M] x [M, N]
       GemmArgs<T> args{{x2.const_data_ptr<T>(), x2.stride(0), x2.stride(1)}, right<T>(gp), dw.mutable_data_ptr<T>(),
                        dw.stride(0), dw.stride(1), nullptr, K, N, M, false};
-      gemm(args, stream);
+      gemm(args, stream, Workspace(x));
     }
   });
   if (dx.defined() && x.dim() != 2) dx = dx.view(x.sizes());

@@ -61,8 +61,8 @@ inline thread_local uint64_t* warp_slots = nullptr;  // 32 values, one per lane:
 struct Launch {
   dim3 grid, block;
 };
-// What the last launch_kernel() ran, for tests that check which kernel the host side chose.
-inline Launch last_launch;
+// What launch_kernel() ran, for tests that check which kernels the host side chose (tests clear it).
+inline std::vector<Launch> launches;
 inline int emulated_sm_count = 132;
 
 inline unsigned linear_thread() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
@@ -73,7 +73,7 @@ void run(dim3 grid, dim3 block, const Body& body) {
   const unsigned n = block.x * block.y * block.z;
   blockDim = block;
   gridDim = grid;
-  last_launch = {grid, block};
+  launches.push_back({grid, block});
   std::barrier<> block_sync(n);
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
   for (unsigned w = 0; w * 32 < n; ++w) warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w * 32)));
@@ -168,8 +168,10 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
   }
 }
 
+// Only registers (the thread's own fragments): left out of ThreadSanitizer's instrumentation, which would
+// make it the slowest part of the emulated tensor-core kernels.
 template <int M, int N, int K, typename T, typename LA, typename LB>
-void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+__attribute__((no_sanitize("thread"))) void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
               const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
   float out[M * N];
   for (int i = 0; i < M; ++i)

@@ -1,6 +1,6 @@
-// The CUDA GEMM kernels of csrc/cuda/gemm.cuh (both tile sizes, CUDA cores and tensor cores, every
-// operand layout the host side can pick, aligned and unaligned operands, edges, K = 0, bias and ReLU),
-// run on the CPU emulator (cuda_emulator.h) and compared with a float64 GEMM of the same values. C is
+// The CUDA GEMM kernels of csrc/cuda/gemm.cuh (both tile sizes, CUDA cores and tensor cores, split K,
+// every operand layout the host side can pick, aligned and unaligned operands, edges, K = 0, bias and
+// ReLU), run on the CPU emulator (cuda_emulator.h) and compared with a float64 GEMM of the same values. C is
 // surrounded by sentinels to catch writes outside it, and the operands' padding holds NaN, which any
 // read of it would carry into the result.
 #include "cuda/gemm.cuh"
@@ -75,9 +75,14 @@ void check_gemm(const Case& c, std::mt19937& rng) {
 
   cl::GemmArgs<T> args{{a.p, a.s1, a.s0}, {b.p, b.s0, b.s1}, out.p, out.s0, out.s1,
                        c.bias ? bias.data() : nullptr, c.M, c.N, c.K, c.relu};
-  cl::gemm(args, nullptr);
+  std::vector<double> workspace;  // split-K partial sums (8-byte aligned)
+  cl::gemm(args, nullptr, [&](size_t bytes) {
+    workspace.assign((bytes + sizeof(double) - 1) / sizeof(double), std::numeric_limits<double>::quiet_NaN());
+    return static_cast<void*>(workspace.data());
+  });
 
   const double eps = epsilon<T>(), acc_eps = std::numeric_limits<A>::epsilon();
+  // With split K, slice sums are rounded to A once more each (at most kMaxSlices) before they are added.
   for (int64_t i = 0; i < c.M; ++i)
     for (int64_t j = 0; j < c.N; ++j) {
       double ref = c.bias ? static_cast<double>(bias[j]) : 0.0, mag = std::abs(ref);
@@ -88,7 +93,7 @@ void check_gemm(const Case& c, std::mt19937& rng) {
       }
       if (c.relu) ref = std::max(ref, 0.0);
       const double got = static_cast<double>(out.at(i, j));
-      ASSERT_LE(std::abs(got - ref), eps * std::abs(ref) + acc_eps * (c.K + 2) * mag + 1e-30)
+      ASSERT_LE(std::abs(got - ref), eps * std::abs(ref) + acc_eps * (c.K + 2 + cl::kMaxSlices) * mag + 1e-30)
           << "C(" << i << ", " << j << ") = " << got << ", expected " << ref;
     }
   // Nothing written outside C: the padding and the margins still hold the sentinel.
@@ -104,7 +109,7 @@ void check_gemm(const Case& c, std::mt19937& rng) {
 
 // (M, N, K): 1-row and 1-column outputs, the book's 20 -> 256, tile edges in every dimension, K not a
 // multiple of the K tile, K = 0, and shapes that take several large tiles.
-// The ThreadSanitizer build (about 10x slower) takes two of them.
+// The ThreadSanitizer build (about 10x slower) takes two of them, aligned operands only.
 const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes() {
 #ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
   static const std::vector<std::tuple<int64_t, int64_t, int64_t>> s{{7, 13, 5}, {130, 70, 41}};
@@ -115,25 +120,66 @@ const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes() {
   return s;
 }
 
+// What the host side chose for the last GEMM: large tiles, split K.
+struct Chosen {
+  bool large = false, split = false;
+};
+
+Chosen chosen(int64_t M, int64_t N) {
+  const auto& log = emu::launches;
+  Chosen c;
+  if (log.empty()) return c;
+  const dim3 grid = log.front().grid;  // the GEMM kernel; with split K, the reduction follows
+  c.large = (M > 64 || N > 64) && grid.x == unsigned((M + 127) / 128) && grid.y == unsigned((N + 127) / 128);
+  c.split = grid.z > 1;
+  EXPECT_EQ(log.size(), c.split ? 2u : 1u) << "a split GEMM is one GEMM and one reduction";
+  return c;
+}
+
 template <typename T>
-void run_all(int sm_count, bool expect_large_somewhere) {
+Chosen run_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes, int sm_count) {
   std::mt19937 rng(1234);
   emu::emulated_sm_count = sm_count;
-  bool saw_large = false;
+  Chosen any;
   int variant = 0;
-  for (const auto& [M, N, K] : shapes())
+#ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
+  const std::vector<bool> alignments{false};  // barriers and races do not depend on it
+#else
+  const std::vector<bool> alignments{false, true};
+#endif
+  for (const auto& [M, N, K] : shapes)
     for (int layouts = 0; layouts < 4; ++layouts)
-      for (bool misalign : {false, true}) {
+      for (bool misalign : alignments) {
         ++variant;
         const Case c{M, N, K, (layouts & 2) != 0, (layouts & 1) != 0, misalign, variant % 3 != 0, variant % 4 != 1,
                      variant % 2 == 0};
+        emu::launches.clear();
         check_gemm<T>(c, rng);
-        if (::testing::Test::HasFatalFailure()) return;
-        const dim3 grid = emu::last_launch.grid;
-        saw_large |= (M > 64 || N > 64) && grid.x == unsigned((M + 127) / 128) && grid.y == unsigned((N + 127) / 128);
+        if (::testing::Test::HasFatalFailure()) return any;
+        const Chosen now = chosen(M, N);
+        any.large |= now.large;
+        any.split |= now.split;
       }
-  EXPECT_EQ(saw_large, expect_large_somewhere) << "the tile size chosen for the SM count";
   emu::emulated_sm_count = 132;
+  return any;
+}
+
+template <typename T>
+void run_all(int sm_count, bool expect_large_somewhere) {
+  const Chosen any = run_cases<T>(shapes(), sm_count);
+  EXPECT_EQ(any.large, expect_large_somewhere) << "the tile size chosen for the SM count";
+}
+
+// Long K with few output tiles: split K (an SM count of 64 against 2-6 small tiles), including a last slice
+// shorter than the others and K not a multiple of the K tile.
+template <typename T>
+void run_split() {
+#ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> split_shapes{{65, 70, 600}};
+#else
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> split_shapes{{65, 70, 1100}, {1, 256, 700}, {130, 33, 555}};
+#endif
+  EXPECT_TRUE(run_cases<T>(split_shapes, 64).split) << "split K was not chosen";
 }
 
 // float64 always takes the small tiles; float32 / float16 / bfloat16 take the large ones when they alone
@@ -145,5 +191,9 @@ TEST(EmulatedCudaGemm, Float16LargeTiles) { run_all<c10::Half>(1, true); }
 TEST(EmulatedCudaGemm, Float16SmallTiles) { run_all<c10::Half>(1 << 30, false); }
 TEST(EmulatedCudaGemm, BFloat16LargeTiles) { run_all<c10::BFloat16>(1, true); }
 TEST(EmulatedCudaGemm, BFloat16SmallTiles) { run_all<c10::BFloat16>(1 << 30, false); }
+TEST(EmulatedCudaGemm, Float64SplitK) { run_split<double>(); }
+TEST(EmulatedCudaGemm, Float32SplitK) { run_split<float>(); }
+TEST(EmulatedCudaGemm, Float16SplitK) { run_split<c10::Half>(); }
+TEST(EmulatedCudaGemm, BFloat16SplitK) { run_split<c10::BFloat16>(); }
 
 }  // namespace
