@@ -38,8 +38,11 @@ def exercise_masked_uniform(dev):
 
 
 def exercise_linear_act(dev):
-    # Edge tiles, K not a multiple of the tile, 1-row inputs, both weight layouts, both activations.
-    shapes = [(1, 1, 1), (1, 20, 256), (7, 13, 5), (65, 33, 129), (256, 20, 256), (130, 200, 70)]
+    # Edge tiles, K not a multiple of the tile, 1-row inputs, both weight layouts, both activations;
+    # large tiles (128 x 128 for every SM) and split K (few output tiles, long K).
+    side = 128 * int(torch.cuda.get_device_properties(dev).multi_processor_count ** 0.5 + 1) + 3
+    shapes = [(1, 1, 1), (1, 20, 256), (7, 13, 5), (65, 33, 129), (256, 20, 256), (130, 200, 70),
+              (side, 24, side), (64, 1100, 96)]
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
         for m, k, n in shapes:
             x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)

@@ -417,3 +417,33 @@ def test_cuda_deterministic_and_current_stream():
     s.synchronize()
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+def _gemm_path_shapes():
+    """(x shape, in, out) for the CUDA GEMM's large tiles (128 x 128 tiles for every SM, edges in both
+    dimensions) and split K (few output tiles, long K; dX splits too), given this GPU's SM count."""
+    if not torch.cuda.is_available():
+        return []
+    side = 128 * int(torch.cuda.get_device_properties(0).multi_processor_count ** 0.5 + 1) + 3
+    return [((side, 40), 40, side), ((64, 1100), 1100, 96), ((3, 2, 777), 777, 33)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_extension()
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("shape", _gemm_path_shapes(), ids=str)
+def test_cuda_gemm_paths(dtype, transposed, shape):
+    x, w, b = make(*shape, dtype=dtype, device="cuda", transposed=transposed, requires_grad=True)
+    y = F.linear_act(x, w, b)
+    ref = reference.linear_act(x.double(), w.double(), b.double())
+    check_close(y, ref, dtype, shape[1])
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    if dtype in (torch.float32, torch.float64):  # 16-bit ReLU masks of rounded outputs differ from float64's
+        expected = torch.autograd.grad(ref, (x, w, b), g.double())
+        for a, e in zip(got, expected):
+            check_close(a, e, dtype, max(shape[1], y.numel() // y.shape[-1]))
+    again = torch.autograd.grad(F.linear_act(x, w, b), (x, w, b), g)
+    for a, c in zip(got, again):  # split-K sums are added in a fixed order
+        assert torch.equal(a, c)
