@@ -2,7 +2,9 @@
 // host C++, can be tested without a GPU (see common/cuda_device.cuh).
 //
 //  * Every thread of a block is a std::thread; the blocks of a grid run one after another, so a
-//    __shared__ variable can be a function-local static, and every block starts from the previous
+//    __shared__ variable can be a function-local static (aligned as __align__ asks, no more, so that
+//    misaligned vector or WMMA accesses fail: WMMA operands are checked, UndefinedBehaviorSanitizer
+//    checks the rest in the tests' build), and every block starts from the previous
 //    block's shared memory (stale data, as on a GPU). __syncthreads() is a barrier over the block,
 //    __syncwarp() one over the thread's warp, so a missing barrier shows up as wrong results here and as
 //    a data race under ThreadSanitizer. __shfl_xor_sync() exchanges values through per-warp slots
@@ -22,6 +24,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -46,8 +49,8 @@ using std::min;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ alignas(128) static
-#define __align__(n)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
@@ -151,10 +154,19 @@ void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
   std::fill(std::begin(f.x), std::end(f.x), v);
 }
 
+// WMMA's requirements on memory operands: a 256-bit aligned pointer, ldm a multiple of 16 bytes.
+inline void check_operand(const void* p, unsigned ldm, unsigned element_bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * element_bytes) % 16 != 0) {
+    std::fprintf(stderr, "%s: pointer %p or ldm %u breaks WMMA's alignment rules\n", what, p, ldm);
+    std::abort();
+  }
+}
+
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
   using F = fragment<Use, M, N, K, T, Layout>;
   static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>, "a or b fragment");
+  check_operand(p, ldm, sizeof(T), "wmma::load_matrix_sync");
   for (int r = 0; r < F::kRows; ++r)
     for (int c = 0; c < F::kCols; ++c)
       f.x[r * F::kCols + c] = static_cast<float>(std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r]);
@@ -162,6 +174,7 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned
 
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+  check_operand(p, ldm, sizeof(float), "wmma::store_matrix_sync");
   for (unsigned i = customlayers::cuda_emulator::linear_thread() % 32; i < unsigned(M * N); i += 32) {
     const unsigned r = i / N, c = i % N;
     p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[i];
