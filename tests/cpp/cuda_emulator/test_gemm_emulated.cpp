@@ -182,6 +182,79 @@ void run_split() {
   EXPECT_TRUE(run_cases<T>(split_shapes, 64).split) << "split K was not chosen";
 }
 
+// Random operand strides, as strided tensor views give them: row- or column-major with padding that is
+// not a multiple of the vector width, broadcast (stride 0) in either dimension, other (overlapping)
+// strides; start offsets of 0-8 elements; random shapes (K up to 1100) and SM counts.
+template <typename T>
+void fuzz_strides(int cases, unsigned seed) {
+  using A = cl::acc_t<T>;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  auto pick = [&](std::initializer_list<int64_t> values) { return *(values.begin() + rng() % values.size()); };
+  for (int it = 0; it < cases; ++it) {
+    const int64_t M = pick({1, 2, 5, 17, 64, 70, 130}), N = pick({1, 3, 8, 33, 64, 100});
+    const int64_t K = pick({0, 1, 2, 7, 32, 40, 513, 777, 1100});
+    auto strides = [&](int64_t X, int64_t& sk, int64_t& sx) {
+      const int64_t pad = pick({0, 1, 2, 3, 4, 8});
+      switch (rng() % 5) {
+        case 0: sk = 1, sx = K + pad; break;   // X x K row-major
+        case 1: sx = 1, sk = X + pad; break;   // K-major
+        case 2: sk = 0, sx = 1; break;         // broadcast along K
+        case 3: sk = 1, sx = 0; break;         // broadcast along X
+        default: sk = pick({1, 2, 3, 8, 12}), sx = pick({1, 5, 8, 16});
+      }
+    };
+    int64_t ask, asx, bsk, bsx;
+    strides(M, ask, asx);
+    strides(N, bsk, bsx);
+    const int64_t aoff = pick({0, 0, 1, 2, 4, 8}), boff = pick({0, 0, 1, 3, 8});
+    emu::emulated_sm_count = static_cast<int>(pick({1, 4, 64, 132}));
+    SCOPED_TRACE(std::to_string(M) + "x" + std::to_string(K) + "->" + std::to_string(N) + " A strides (" +
+                 std::to_string(ask) + ", " + std::to_string(asx) + ") +" + std::to_string(aoff) + " B strides (" +
+                 std::to_string(bsk) + ", " + std::to_string(bsx) + ") +" + std::to_string(boff) + " SMs " +
+                 std::to_string(emu::emulated_sm_count));
+    auto extent = [](int64_t K, int64_t X, int64_t sk, int64_t sx) {
+      return (K ? (K - 1) * sk : 0) + (X ? (X - 1) * sx : 0) + 1;
+    };
+    std::vector<T> a(aoff + extent(K, M, ask, asx)), b(boff + extent(K, N, bsk, bsx)), c(M * N, T(0.0f));
+    for (auto& v : a) v = T(normal(rng));
+    for (auto& v : b) v = T(normal(rng));
+    const T* ap = a.data() + aoff;
+    const T* bp = b.data() + boff;
+    cl::GemmArgs<T> args{{ap, ask, asx}, {bp, bsk, bsx}, c.data(), N, 1, nullptr, M, N, K, false};
+    std::vector<double> workspace;
+    cl::gemm(args, nullptr, [&](size_t bytes) {
+      workspace.assign((bytes + sizeof(double) - 1) / sizeof(double), 0.0);
+      return static_cast<void*>(workspace.data());
+    });
+    const double eps = epsilon<T>(), acc_eps = std::numeric_limits<A>::epsilon();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double ref = 0, mag = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double p = static_cast<double>(ap[k * ask + m * asx]) * static_cast<double>(bp[k * bsk + n * bsx]);
+          ref += p;
+          mag += std::abs(p);
+        }
+        const double got = static_cast<double>(c[m * N + n]);
+        ASSERT_LE(std::abs(got - ref), eps * std::abs(ref) + acc_eps * (K + 2 + cl::kMaxSlices) * mag + 1e-30)
+            << "C(" << m << ", " << n << ")";
+      }
+  }
+  emu::emulated_sm_count = 132;
+}
+
+#ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
+constexpr int kFuzzCases = 4;
+#else
+constexpr int kFuzzCases = 40;
+#endif
+
+TEST(EmulatedCudaGemm, Float32Strides) { fuzz_strides<float>(kFuzzCases, 1); }
+TEST(EmulatedCudaGemm, Float64Strides) { fuzz_strides<double>(kFuzzCases / 2, 2); }
+TEST(EmulatedCudaGemm, Float16Strides) { fuzz_strides<c10::Half>(kFuzzCases, 3); }
+TEST(EmulatedCudaGemm, BFloat16Strides) { fuzz_strides<c10::BFloat16>(kFuzzCases / 2, 4); }
+
 // float64 always takes the small tiles; float32 / float16 / bfloat16 take the large ones when they alone
 // fill the (emulated) GPU: an SM count of 1 makes every shape take them, a huge one none.
 TEST(EmulatedCudaGemm, Float64) { run_all<double>(1, false); }
