@@ -1,5 +1,6 @@
-// The part of CUDA the GEMM kernels (csrc/cuda/gemm.cuh) are written against: half/bfloat16 types and
-// WMMA for tensor cores, the accumulation type, kernel launches and the SM count. Compiled with
+// The part of CUDA the kernels of csrc/cuda/*.cuh are written against (with the builtins: threadIdx,
+// __syncthreads, warp shuffles...): half/bfloat16 types and WMMA for tensor cores, the accumulation type,
+// kernel launches and the SM count. Compiled with
 // CUSTOMLAYERS_CUDA_EMULATOR defined and tests/cpp/cuda_emulator on the include path, the same kernels
 // build as host C++ against cuda_emulator.h and run on CPU threads: that is how the C++ tests check their
 // indexing, edges, layouts and barriers without a GPU.
