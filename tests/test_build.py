@@ -130,3 +130,17 @@ def test_compile_before_any_eager_call():
         print(f(torch.arange(5.0)).tolist())
     """)
     assert "[-2.0, -1.0, 0.0, 1.0, 2.0]" in out
+
+
+def test_sdist_has_every_source(tmp_path):
+    """A source distribution builds: it carries every file setup.py and CMake compile, headers included."""
+    import tarfile
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "CUSTOMLAYERS_CPU_ONLY": "1"})
+    assert out.returncode == 0, out.stderr
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "csrc"))
+              for f in files} | {"CMakeLists.txt", "setup.py", "pyproject.toml"}
+    assert not wanted - packed, f"missing from the sdist: {sorted(wanted - packed)}"
