@@ -12,6 +12,14 @@
 
 namespace customlayers::cuda {
 
+// N consecutive values of T, aligned to their whole size so that they load and store as one vector
+// instruction.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vector {
+  static constexpr int kSize = N;
+  T v[N];
+};
+
 template <typename A>
 __device__ __forceinline__ A warp_reduce_sum(A v) {
 #pragma unroll

@@ -31,18 +31,13 @@ namespace customlayers::cuda {
 
 constexpr int kBytesPerVector = 16;
 
-// kBytesPerVector bytes of T, loaded and stored as one vector instruction.
+// kBytesPerVector bytes of T: the unit of the operands' vector loads.
 template <typename T>
-struct alignas(kBytesPerVector) Pack {
-  static constexpr int kSize = kBytesPerVector / sizeof(T);
-  T v[kSize];
-};
+using Pack = Vector<T, kBytesPerVector / sizeof(T)>;
 
 // Four consecutive values, read from shared memory as one vector (16 bytes for float32).
 template <typename T>
-struct alignas(4 * sizeof(T)) Quad {
-  T v[4];
-};
+using Quad = Vector<T, 4>;
 
 // A matrix operand seen as K x X (K the reduction dimension): element (k, x) at p[k * sk + x * sx].
 template <typename T>
@@ -465,15 +460,13 @@ void gemm(GemmArgs<T> args, cudaStream_t stream, Workspace&& workspace) {
                     stream, args, slices);
   };
   // Large tiles once they alone give every SM a block; small ones (more blocks) before that.
-  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
-    if (tile_count<TcLarge>(args.M, args.N) >= sm_count()) run(TcLarge{});
-    else run(TcSmall{});
-  } else if constexpr (std::is_same_v<T, float>) {
-    if (tile_count<SimtLarge>(args.M, args.N) >= sm_count()) run(SimtLarge{});
-    else run(SimtSmall{});
-  } else {
-    run(SimtSmall{});  // float64: gradcheck sizes
-  }
+  auto sized = [&](auto large, auto small) {
+    if (tile_count<decltype(large)>(args.M, args.N) >= sm_count()) run(large);
+    else run(small);
+  };
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) sized(TcLarge{}, TcSmall{});
+  else if constexpr (std::is_same_v<T, float>) sized(SimtLarge{}, SimtSmall{});
+  else run(SimtSmall{});  // float64: gradcheck sizes
 }
 
 }  // namespace customlayers::cuda

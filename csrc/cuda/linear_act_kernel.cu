@@ -18,7 +18,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <array>
+#include <optional>
 #include <tuple>
 
 namespace customlayers::cuda {

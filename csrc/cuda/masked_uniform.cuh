@@ -20,12 +20,6 @@ struct SeedOffset {
   uint64_t seed, offset;
 };
 
-// kN values of T stored as one vector.
-template <typename T, int kN>
-struct alignas(sizeof(T) * kN) Values {
-  T v[kN];
-};
-
 template <typename T, bool kAligned, typename Seeds>
 __global__ void __launch_bounds__(kFillThreads) masked_uniform_kernel(T* __restrict__ out, int64_t numel, int64_t groups,
                                                                        masked_uniform::Params<acc_t<T>> p, Seeds seeds) {
@@ -43,10 +37,10 @@ __global__ void __launch_bounds__(kFillThreads) masked_uniform_kernel(T* __restr
     masked_uniform::masked_values(c0, c1, c2, c3, p, values);
     const int64_t first = g * kPer;
     if (kAligned && first + kPer <= numel) {
-      Values<T, kPer> pack;
+      Vector<T, kPer> pack;
 #pragma unroll
       for (int k = 0; k < kPer; ++k) pack.v[k] = static_cast<T>(values[k]);
-      *reinterpret_cast<Values<T, kPer>*>(out + first) = pack;
+      *reinterpret_cast<Vector<T, kPer>*>(out + first) = pack;
     } else {
 #pragma unroll
       for (int k = 0; k < kPer; ++k)
@@ -62,7 +56,7 @@ void masked_uniform_fill(T* out, int64_t numel, const masked_uniform::Params<acc
   constexpr int kPer = masked_uniform::kPerCall<acc_t<T>>;
   const int64_t groups = (numel + kPer - 1) / kPer;
   const dim3 grid(grid_for(groups, kFillThreads)), block(kFillThreads);
-  if (reinterpret_cast<uintptr_t>(out) % alignof(Values<T, kPer>) == 0)
+  if (reinterpret_cast<uintptr_t>(out) % alignof(Vector<T, kPer>) == 0)
     launch_kernel(masked_uniform_kernel<T, true, Seeds>, grid, block, stream, out, numel, groups, p, seeds);
   else
     launch_kernel(masked_uniform_kernel<T, false, Seeds>, grid, block, stream, out, numel, groups, p, seeds);
