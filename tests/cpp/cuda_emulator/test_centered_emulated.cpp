@@ -4,6 +4,7 @@
 // subtract indexing (one mean, a mean per row, general), and a GPU of 1 SM so that every grid-stride
 // loop takes several steps.
 #include "cuda/centered.cuh"
+#include "emulated_testing.h"
 
 #include <gtest/gtest.h>
 
@@ -18,13 +19,6 @@ namespace {
 
 namespace cl = customlayers::cuda;
 namespace emu = customlayers::cuda_emulator;
-
-template <typename T>
-double epsilon() {
-  if constexpr (std::is_same_v<T, c10::Half>) return std::ldexp(1.0, -11);
-  else if constexpr (std::is_same_v<T, c10::BFloat16>) return std::ldexp(1.0, -8);
-  else return std::numeric_limits<T>::epsilon() / 2;
-}
 
 template <typename T>
 void check(int64_t outer, int64_t reduce, int64_t inner, std::mt19937& rng) {
@@ -45,7 +39,7 @@ void check(int64_t outer, int64_t reduce, int64_t inner, std::mt19937& rng) {
         const int64_t e = (o * reduce + r) * inner + i;
         const double xe = static_cast<double>(x[e]), expected = xe - mean;
         // One rounding of the result, plus float arithmetic on |x| + |mean| for 16-bit types.
-        const double allowed = 2 * epsilon<T>() * std::abs(expected) +
+        const double allowed = 2 * customlayers::testing::unit_roundoff<T>() * std::abs(expected) +
                                (sizeof(T) < 4 ? std::ldexp(1.0, -23) * (std::abs(xe) + std::abs(mean)) : 0.0) + 1e-300;
         ASSERT_LE(std::abs(static_cast<double>(y[e]) - expected), allowed) << "y at " << e;
       }

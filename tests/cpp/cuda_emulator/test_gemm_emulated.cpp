@@ -4,6 +4,7 @@
 // surrounded by sentinels to catch writes outside it, and the operands' padding holds NaN, which any
 // read of it would carry into the result.
 #include "cuda/gemm.cuh"
+#include "emulated_testing.h"
 
 #include <gtest/gtest.h>
 
@@ -39,11 +40,34 @@ struct Strided {
   T& at(int64_t i, int64_t j) { return p[i * s0 + j * s1]; }
 };
 
+// C = act(A @ B + bias) through the host side of gemm.cuh, with a NaN-filled split-K workspace.
 template <typename T>
-double epsilon() {
-  if constexpr (std::is_same_v<T, c10::Half>) return std::ldexp(1.0, -11);
-  else if constexpr (std::is_same_v<T, c10::BFloat16>) return std::ldexp(1.0, -8);
-  else return std::numeric_limits<T>::epsilon() / 2;
+void run_gemm(const cl::GemmArgs<T>& args) {
+  std::vector<double> workspace;  // 8-byte aligned
+  cl::gemm(args, nullptr, [&](size_t bytes) {
+    workspace.assign((bytes + sizeof(double) - 1) / sizeof(double), std::numeric_limits<double>::quiet_NaN());
+    return static_cast<void*>(workspace.data());
+  });
+}
+
+// c(m, n) equals act(sum over k of a(m, k) b(k, n) + bias[n]) of float64 within one rounding to T plus A's
+// rounding over the K terms (and, with split K, the slice sums, at most kMaxSlices of them).
+template <typename T, typename GetA, typename GetB, typename GetC>
+void expect_gemm_result(GetA a, GetB b, GetC c, const T* bias, bool relu, int64_t M, int64_t N, int64_t K) {
+  const double eps = customlayers::testing::unit_roundoff<T>(), acc_eps = std::numeric_limits<cl::acc_t<T>>::epsilon();
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double ref = bias != nullptr ? static_cast<double>(bias[j]) : 0.0, mag = std::abs(ref);
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = static_cast<double>(a(i, k)) * static_cast<double>(b(k, j));
+        ref += p;
+        mag += std::abs(p);
+      }
+      if (relu) ref = std::max(ref, 0.0);
+      const double got = static_cast<double>(c(i, j));
+      ASSERT_LE(std::abs(got - ref), eps * std::abs(ref) + acc_eps * (K + 2 + cl::kMaxSlices) * mag + 1e-30)
+          << "C(" << i << ", " << j << ") = " << got << ", expected " << ref;
+    }
 }
 
 struct Case {
@@ -60,7 +84,6 @@ std::string describe(const Case& c) {
 template <typename T>
 void check_gemm(const Case& c, std::mt19937& rng) {
   SCOPED_TRACE(describe(c));
-  using A = cl::acc_t<T>;
   const T nan = T(std::numeric_limits<float>::quiet_NaN());
   std::normal_distribution<float> normal;
   Strided<T> a(c.M, c.K, c.a_row_major, c.misalign, nan), b(c.K, c.N, c.b_row_major, c.misalign, nan);
@@ -73,29 +96,12 @@ void check_gemm(const Case& c, std::mt19937& rng) {
   const T sentinel = T(12345.0f);
   Strided<T> out(c.M, c.N, c.c_row_major, false, sentinel);
 
-  cl::GemmArgs<T> args{{a.p, a.s1, a.s0}, {b.p, b.s0, b.s1}, out.p, out.s0, out.s1,
-                       c.bias ? bias.data() : nullptr, c.M, c.N, c.K, c.relu};
-  std::vector<double> workspace;  // split-K partial sums (8-byte aligned)
-  cl::gemm(args, nullptr, [&](size_t bytes) {
-    workspace.assign((bytes + sizeof(double) - 1) / sizeof(double), std::numeric_limits<double>::quiet_NaN());
-    return static_cast<void*>(workspace.data());
-  });
-
-  const double eps = epsilon<T>(), acc_eps = std::numeric_limits<A>::epsilon();
-  // With split K, slice sums are rounded to A once more each (at most kMaxSlices) before they are added.
-  for (int64_t i = 0; i < c.M; ++i)
-    for (int64_t j = 0; j < c.N; ++j) {
-      double ref = c.bias ? static_cast<double>(bias[j]) : 0.0, mag = std::abs(ref);
-      for (int64_t k = 0; k < c.K; ++k) {
-        const double p = static_cast<double>(a.at(i, k)) * static_cast<double>(b.at(k, j));
-        ref += p;
-        mag += std::abs(p);
-      }
-      if (c.relu) ref = std::max(ref, 0.0);
-      const double got = static_cast<double>(out.at(i, j));
-      ASSERT_LE(std::abs(got - ref), eps * std::abs(ref) + acc_eps * (c.K + 2 + cl::kMaxSlices) * mag + 1e-30)
-          << "C(" << i << ", " << j << ") = " << got << ", expected " << ref;
-    }
+  run_gemm<T>({{a.p, a.s1, a.s0}, {b.p, b.s0, b.s1}, out.p, out.s0, out.s1, c.bias ? bias.data() : nullptr, c.M,
+               c.N, c.K, c.relu});
+  expect_gemm_result([&](int64_t i, int64_t k) { return a.at(i, k); }, [&](int64_t k, int64_t j) { return b.at(k, j); },
+                     [&](int64_t i, int64_t j) { return out.at(i, j); }, c.bias ? bias.data() : nullptr, c.relu, c.M,
+                     c.N, c.K);
+  if (::testing::Test::HasFatalFailure()) return;
   // Nothing written outside C: the padding and the margins still hold the sentinel.
   int64_t touched = 0;
   const float unchanged = static_cast<float>(sentinel);
@@ -187,7 +193,6 @@ void run_split() {
 // strides; start offsets of 0-8 elements; random shapes (K up to 1100) and SM counts.
 template <typename T>
 void fuzz_strides(int cases, unsigned seed) {
-  using A = cl::acc_t<T>;
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
   auto pick = [&](std::initializer_list<int64_t> values) { return *(values.begin() + rng() % values.size()); };
@@ -221,25 +226,12 @@ void fuzz_strides(int cases, unsigned seed) {
     for (auto& v : b) v = T(normal(rng));
     const T* ap = a.data() + aoff;
     const T* bp = b.data() + boff;
-    cl::GemmArgs<T> args{{ap, ask, asx}, {bp, bsk, bsx}, c.data(), N, 1, nullptr, M, N, K, false};
-    std::vector<double> workspace;
-    cl::gemm(args, nullptr, [&](size_t bytes) {
-      workspace.assign((bytes + sizeof(double) - 1) / sizeof(double), 0.0);
-      return static_cast<void*>(workspace.data());
-    });
-    const double eps = epsilon<T>(), acc_eps = std::numeric_limits<A>::epsilon();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        double ref = 0, mag = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          const double p = static_cast<double>(ap[k * ask + m * asx]) * static_cast<double>(bp[k * bsk + n * bsx]);
-          ref += p;
-          mag += std::abs(p);
-        }
-        const double got = static_cast<double>(c[m * N + n]);
-        ASSERT_LE(std::abs(got - ref), eps * std::abs(ref) + acc_eps * (K + 2 + cl::kMaxSlices) * mag + 1e-30)
-            << "C(" << m << ", " << n << ")";
-      }
+    run_gemm<T>({{ap, ask, asx}, {bp, bsk, bsx}, c.data(), N, 1, nullptr, M, N, K, false});
+    expect_gemm_result([&](int64_t m, int64_t k) { return ap[k * ask + m * asx]; },
+                       [&](int64_t k, int64_t n) { return bp[k * bsk + n * bsx]; },
+                       [&](int64_t m, int64_t n) { return c[m * N + n]; }, static_cast<const T*>(nullptr), false, M, N,
+                       K);
+    if (::testing::Test::HasFatalFailure()) break;
   }
   emu::emulated_sm_count = 132;
 }

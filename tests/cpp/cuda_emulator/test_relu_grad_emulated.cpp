@@ -3,6 +3,7 @@
 // gradient), row counts around the 64-row chunks, columns around the 256-thread blocks, a strided
 // gradient, and each output asked for alone.
 #include "cuda/relu_grad.cuh"
+#include "emulated_testing.h"
 
 #include <gtest/gtest.h>
 
@@ -15,14 +16,6 @@
 namespace {
 
 namespace cl = customlayers::cuda;
-
-// Rounding of db to T, relative.
-template <typename T>
-double out_epsilon() {
-  if constexpr (std::is_same_v<T, c10::Half>) return std::ldexp(1.0, -11);
-  else if constexpr (std::is_same_v<T, c10::BFloat16>) return std::ldexp(1.0, -8);
-  else return std::numeric_limits<T>::epsilon();
-}
 
 template <typename T>
 void check(int64_t M, int64_t N, bool relu, bool want_gp, bool want_db, std::mt19937& rng) {
@@ -62,8 +55,8 @@ void check(int64_t M, int64_t N, bool relu, bool want_gp, bool want_db, std::mt1
       }
     }
     if (want_db) {
-      // Chunks are summed in A (kChunkRows terms each), then in double.
-      const double allowed = out_epsilon<T>() * std::abs(sum) + std::numeric_limits<A>::epsilon() * cl::kChunkRows * mag;
+      // Chunks are summed in A (kChunkRows terms each), then in double, and db rounded once to T.
+      const double allowed = customlayers::testing::unit_roundoff<T>() * std::abs(sum) + std::numeric_limits<A>::epsilon() * cl::kChunkRows * mag;
       ASSERT_LE(std::abs(static_cast<double>(db[n]) - sum), allowed) << "db(" << n << ")";
     }
   }

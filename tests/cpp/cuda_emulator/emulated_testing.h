@@ -1,0 +1,21 @@
+// What the emulated CUDA kernel tests share.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace customlayers::testing {
+
+// The unit roundoff of T: the largest relative error of one rounding to T.
+template <typename T>
+double unit_roundoff() {
+  if constexpr (std::is_same_v<T, c10::Half>) return std::ldexp(1.0, -11);
+  else if constexpr (std::is_same_v<T, c10::BFloat16>) return std::ldexp(1.0, -8);
+  else return std::numeric_limits<T>::epsilon() / 2;
+}
+
+}  // namespace customlayers::testing
