@@ -23,10 +23,12 @@ at::Tensor centered(const at::Tensor& x, at::OptionalIntArrayRef dim) {
   if (x.numel() == 0) return result;
   ReduceLayout plan = plan_reduce(x, mask, result);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "centered_cuda", [&] {
+    // Rows that fit on chip need none: no allocation on that path.
     const size_t bytes = centered_workspace_bytes<scalar_t>(plan.outer, plan.reduce, plan.inner);
-    at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+    const at::Tensor workspace =
+        bytes > 0 ? at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte)) : at::Tensor();
     centered_block(plan.input.const_data_ptr<scalar_t>(), plan.output.mutable_data_ptr<scalar_t>(), plan.outer,
-                   plan.reduce, plan.inner, bytes ? workspace.mutable_data_ptr() : nullptr,
+                   plan.reduce, plan.inner, bytes > 0 ? workspace.data_ptr() : nullptr,
                    at::cuda::getCurrentCUDAStream());
   });
   plan.finish();
