@@ -3,6 +3,8 @@
 # make cpp-test  configure + build the CMake library, C++ tests and example in build/cmake, run ctest
 # make bench  full benchmarks (results under benchmarks/results/<device>/)
 # make clean  remove build outputs (keeps .venv)
+# make device-build  the extension for the GPU machine's torch (DEVICE_TORCH, Python DEVICE_PYTHON) in
+#             build/device/customlayers/, which benchmarks/gpu_check.sh loads (carry build/device)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,7 +23,15 @@ CPP_ENV := PATH="$(abspath $(VENV))/bin:$$PATH"
 # The extension is built in place: run everything against this checkout.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: demo test bench build clean cpp-build cpp-test gtest
+# The GPU machine's torch and Python (benchmarks/gpu_check.sh runs there): the extension is compiled for
+# sm_90 against that torch, in its own venv, with portable CPU kernels, and checked to load under it here.
+DEVICE_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+DEVICE_TORCH ?= torch==2.11.0
+DEVICE_VENV ?= .venv-device
+DEVICE_ARCH ?= 9.0
+DEVICE_OUT := build/device
+
+.PHONY: demo test bench build clean cpp-build cpp-test gtest device-build
 
 $(DEPS_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +74,19 @@ cpp-test: cpp-build
 
 bench: build
 	$(PY) -m benchmarks.run
+
+device-build:
+	test -x $(DEVICE_VENV)/bin/python || $(DEVICE_PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install --quiet "$(DEVICE_TORCH)" ninja setuptools wheel numpy
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(DEVICE_ARCH)" CUSTOMLAYERS_CPU_ISA=default MAX_JOBS=$(MAX_JOBS) \
+	  $(DEVICE_VENV)/bin/python setup.py --quiet build_ext --build-lib $(DEVICE_OUT) --build-temp $(DEVICE_OUT)-temp
+	rm -rf $(DEVICE_OUT)-check && mkdir -p $(DEVICE_OUT)-check && cp -r customlayers $(DEVICE_OUT)-check/ \
+	  && rm -f $(DEVICE_OUT)-check/customlayers/_C*.so && cp $(DEVICE_OUT)/customlayers/* $(DEVICE_OUT)-check/customlayers/
+	cd $(DEVICE_OUT)-check && PYTHONPATH=. ../../$(DEVICE_VENV)/bin/python -W error::RuntimeWarning -c \
+	  'import customlayers as c; r = c.backend_report(); print(r); assert r["backend"] == "extension", r; \
+	   assert all(d == {"cpu": "kernel", "cuda": "kernel"} for d in r["ops"].values()), r'
+	rm -rf $(DEVICE_OUT)-check
+	@ls -l $(DEVICE_OUT)/customlayers/
 
 clean:
 	rm -rf build dist *.egg-info customlayers/_C*.so customlayers/_build_info.py

@@ -1,5 +1,16 @@
-"""Runs every CUDA kernel path once on small inputs: the workload for compute-sanitizer
-(memcheck, racecheck) in benchmarks/gpu_check.sh. Exits non-zero if a result is wrong."""
+"""Runs every CUDA kernel path once on small inputs against the float64/CPU reference: a GPU's first
+correctness check and the workload for compute-sanitizer (memcheck, racecheck) in benchmarks/gpu_check.sh.
+Exits non-zero if a result is wrong.
+
+    python benchmarks/cuda_exercise.py [--quick] [--device cuda|cpu]
+    python benchmarks/cuda_exercise.py --report    # only: does every op have a CUDA kernel?
+
+--quick runs one dtype per kernel family (racecheck's slow instrumentation); --device cpu runs the same
+checks on the CPU kernels, which tests this script where there is no GPU.
+"""
+import argparse
+import sys
+
 import torch
 
 import customlayers
@@ -11,10 +22,12 @@ def check(name, got, expected, tol):
     torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol, msg=name)
 
 
-def exercise_centered(dev):
+def exercise_centered(dev, dtypes):
     shapes = [((7,), None), ((5000,), None), ((70000,), None), ((33, 300), [1]), ((9, 5000), [1]),
               ((300, 33), [0]), ((4, 70, 50), [1]), ((2, 3, 5, 7), [0, 2]), ((0, 3), [0])]
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
+    tols = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+    for dtype in dtypes:
+        tol = tols[dtype]
         for shape, dim in shapes:
             x = torch.randn(shape, device=dev).to(dtype)
             check(f"centered {shape} {dim} {dtype}", F.centered(x, dim), reference.centered(x.double(), dim), tol)
@@ -22,9 +35,9 @@ def exercise_centered(dev):
     torch.autograd.gradcheck(lambda t: F.centered(t, [0]), (x,))
 
 
-def exercise_masked_uniform(dev):
+def exercise_masked_uniform(dev, dtypes):
     from customlayers.init import masked_uniform_
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    for dtype in dtypes:
         for shape in ((1,), (7,), (4099,), (33, 65), (1 << 20) + 5):
             cuda = masked_uniform_(torch.empty(shape, device=dev, dtype=dtype), seed=1234)
             cpu = masked_uniform_(torch.empty(shape, dtype=dtype), seed=1234)
@@ -37,13 +50,16 @@ def exercise_masked_uniform(dev):
         assert base[0].abs().sum() == 0 and base[:, 0].abs().sum() == 0, "wrote outside the view"
 
 
-def exercise_linear_act(dev):
+def exercise_linear_act(dev, dtypes):
     # Edge tiles, K not a multiple of the tile, 1-row inputs, both weight layouts, both activations;
     # large tiles (128 x 128 for every SM) and split K (few output tiles, long K).
-    side = 128 * int(torch.cuda.get_device_properties(dev).multi_processor_count ** 0.5 + 1) + 3
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    side = 128 * int(sms ** 0.5 + 1) + 3
     shapes = [(1, 1, 1), (1, 20, 256), (7, 13, 5), (65, 33, 129), (256, 20, 256), (130, 200, 70),
               (side, 24, side), (64, 1100, 96)]
-    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
+    tols = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+    for dtype in dtypes:
+        tol = tols[dtype]
         for m, k, n in shapes:
             x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
             for w in (torch.randn(k, n, device=dev, dtype=dtype), torch.randn(n, k, device=dev, dtype=dtype).t()):
@@ -65,18 +81,37 @@ def exercise_linear_act(dev):
 
 EXERCISES = {"centered": exercise_centered, "masked_uniform_": exercise_masked_uniform,
              "linear_act": exercise_linear_act}
+ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# --quick: float32 (SIMT GEMM, the float kernels) and bfloat16 (tensor-core GEMM, 16-bit loads/stores).
+QUICK_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def main():
-    assert torch.cuda.is_available(), "needs a GPU"
+def missing_kernels(device_type):
+    """The ops that have no compiled kernel for device_type, after printing the backend report."""
     report = customlayers.backend_report()
     print(report)
-    missing = [op for op, devs in report["ops"].items() if devs["cuda"] != "kernel"]
-    assert not missing, f"no CUDA kernel for {missing}"
+    return [op for op, devs in report["ops"].items() if devs[device_type] != "kernel"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="float32 and bfloat16 only")
+    parser.add_argument("--report", action="store_true", help="only check that every op has a kernel")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("cuda_exercise.py: no CUDA device")
+    missing = missing_kernels(args.device)
+    if missing:
+        sys.exit(f"cuda_exercise.py: no compiled {args.device} kernel for {missing}")
+    if args.report:
+        return
+    dev = torch.device(args.device)
     for name, fn in EXERCISES.items():
-        fn(torch.device("cuda"))
-        torch.cuda.synchronize()
-        print(f"{name}: ok")
+        fn(dev, QUICK_DTYPES if args.quick else ALL_DTYPES)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"{name}: ok", flush=True)
 
 
 if __name__ == "__main__":

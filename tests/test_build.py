@@ -133,11 +133,15 @@ def test_compile_before_any_eager_call():
 
 
 def test_sdist_has_every_source(tmp_path):
-    """A source distribution builds: it carries every file setup.py and CMake compile, headers included."""
+    """A source distribution builds: it carries every file setup.py and CMake compile, headers included.
+    Building it leaves the checkout's build record alone (it describes the library built beside it)."""
     import tarfile
+    record = os.path.join(ROOT, "customlayers", "_build_info.py")
+    before = open(record).read() if os.path.exists(record) else None
     out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, env={**os.environ, "CUSTOMLAYERS_CPU_ONLY": "1"})
     assert out.returncode == 0, out.stderr
+    assert (open(record).read() if os.path.exists(record) else None) == before, "sdist rewrote the build record"
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
