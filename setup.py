@@ -171,8 +171,7 @@ def _extension():
     return cpp_extension.CUDAExtension(
         "customlayers._C", _sources(True), include_dirs=include_dirs,
         library_dirs=_pip_nvidia_dirs("lib"), extra_link_args=link_args,
-        extra_compile_args={"cxx": cxx_flags + ["-DCUSTOMLAYERS_WITH_CUDA"],
-                            "nvcc": nvcc_flags + ["-DCUSTOMLAYERS_WITH_CUDA"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         define_macros=define_macros)
 
 

@@ -61,6 +61,22 @@ def gemm_cases(device: torch.device) -> List[Case]:
     return out
 
 
+# torch.vmap over a batch of inputs sharing the weight (the batching rule makes it one call on more rows),
+# against that one call: (batch, rows, in_features, out_features).
+VMAP_SHAPE = (256, 64, 20, 256)
+
+
+def vmap_case(device: torch.device) -> Case:
+    batch, rows, k, n = VMAP_SHAPE
+    xs = torch.randn(batch, rows, k, device=device)
+    w, b = torch.randn(k, n, device=device) / k ** 0.5, torch.randn(n, device=device)
+    vmapped = torch.vmap(linear_act, in_dims=(0, None, None))
+    flat = xs.reshape(batch * rows, k)
+    impls = {OURS: lambda: vmapped(xs, w, b), "one call": lambda: linear_act(flat, w, b).reshape(batch, rows, n),
+             "vmap of eager": lambda: torch.vmap(eager, in_dims=(0, None, None))(xs, w, b)}
+    return Case(OP, batch * rows * k * n, torch.float32, FWD, impls, label=f"vmap {batch}x({rows}x{k})->{n}")
+
+
 def cases(device: Device, quick: bool = False) -> List[Case]:
     """fwd and fwd+bwd cases; the weight is nn.Linear's (out, in) parameter seen through .t(), as
     LinearReLU uses it, and every implementation of a case shares its inputs."""
@@ -84,6 +100,7 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
             impls = {"GEMM floor": gemm_floor(x, w, g if mode == FWD_BWD else None),
                      **bind(fns, inputs, mode, (g,))}
             out.append(Case(OP, m * k * n, dtype, mode, impls, label=f"{m}x{k}->{n}"))
+    out.append(vmap_case(device))
     return out + (gemm_cases(device) if device.type == "cuda" else [])
 
 

@@ -24,11 +24,14 @@ def backend() -> str:
 
 def backend_report() -> Dict[str, object]:
     """Details behind backend(): the reason for a fallback, the build's torch/CUDA versions, and for
-    each op and device whether a compiled kernel ('kernel') or the reference ('fallback') runs."""
+    each op and device whether a compiled kernel ('kernel') or the reference ('fallback') runs, and why
+    the reference does ('why')."""
     return {
         "backend": backend(),
         "reason": _ops.reason(),
         "build": _ops.build_info(),
-        "ops": {op: {dev: ("kernel" if _ops.has_kernel(op, dev) else "fallback") for dev in ("cpu", "cuda")}
+        "ops": {op: {dev: ("kernel" if _ops.has_kernel(op, dev) else "fallback") for dev in _ops.DEVICES}
                 for op in _ops.OPS},
+        "why": {op: {dev: _ops.fallback_reason(op, dev) for dev in _ops.DEVICES if not _ops.has_kernel(op, dev)}
+                for op in _ops.OPS if not all(_ops.has_kernel(op, dev) for dev in _ops.DEVICES)},
     }

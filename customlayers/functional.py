@@ -1,10 +1,13 @@
 """Functional forms of the custom layers, differentiable (gradcheck and gradgradcheck clean).
 
-Each function runs the compiled kernel for its input's device when there is one, and the
-pure-PyTorch reference (customlayers.reference) otherwise; see customlayers.backend().
+Each function calls its op, ``torch.ops.customlayers.*``, which runs the compiled kernel for the input's
+device when there is one and the pure-PyTorch reference (customlayers.reference) otherwise; see
+customlayers.backend_report().
 Autograd is registered on the ops themselves, in C++ (csrc/autograd.cpp), so
 ``torch.ops.customlayers.*`` is differentiable too, under eager, torch.compile and torch.export, and
-each backward is built from differentiable ops (double backward works).
+each backward is built from differentiable ops (double backward works). Under torch.func transforms and
+forward AD, which refuse C++ autograd, these functions run the ops through Python autograd Functions
+with jvp and batching rules instead (customlayers/_functorch.py).
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _ops, reference
+from . import _ops
+from ._functorch import CenteredFunction, LinearActFunction, autocast_inputs, transforms_active
 
 __all__ = ["centered", "linear_act"]
 
@@ -26,11 +30,13 @@ def centered(x: torch.Tensor, dim: Dims = None) -> torch.Tensor:
         x: floating-point tensor (float32, float64, float16, bfloat16), any shape and layout.
         dim: None (global mean, the book's CenteredLayer), an int, or a sequence of ints.
     """
-    dims = _ops.normalize_dims(dim, x.dim(), "centered")
-    if _ops.use_kernel("centered", x.device):
-        return _ops.op("centered")(x, dims)
-    _ops.check_floating(x, "centered", "x")
-    return reference.centered(x, dims)
+    if isinstance(dim, int):
+        dim = (dim,)
+    elif dim is not None and not isinstance(dim, (tuple, list)):
+        raise TypeError(f"centered: dim must be an int or a sequence of ints, got {dim!r}")
+    if _FUNCTIONS and transforms_active():
+        return CenteredFunction.apply(x, dim)
+    return _CENTERED(x, dim)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -44,7 +50,12 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         bias: (out_features,) or None.
         act: 'relu' or 'none'.
     """
-    if _ops.use_kernel("linear_act", x.device):
-        return _ops.op("linear_act")(x, weight, bias, act)
-    _ops.check_linear(x, weight, bias, act)
-    return reference.linear_act(x, weight, bias, act)
+    if _FUNCTIONS and transforms_active():
+        return LinearActFunction.apply(*autocast_inputs(x, weight, bias), act)
+    return _LINEAR_ACT(x, weight, bias, act)
+
+
+_CENTERED, _LINEAR_ACT = _ops.op("centered"), _ops.op("linear_act")
+# The ops carry C++ autograd when the compiled library is loaded: then the transforms need the Python
+# Functions. Without it the ops are the references' PyTorch code, which the transforms take as it is.
+_FUNCTIONS = _ops.loaded()

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _ops, reference
+from . import _ops
 
 __all__ = ["linear_", "masked_uniform_", "my_init"]
 
@@ -46,7 +46,7 @@ def masked_uniform_(tensor: torch.Tensor, a: float = -10.0, b: float = 10.0, thr
             same on CPU and CUDA and for any thread count. Exclusive with ``generator``.
 
     Without ``seed``, ``torch.manual_seed`` makes the fill reproducible and each call draws fresh values.
-    The pure-PyTorch fallback (``customlayers.reference.masked_uniform_``) has the same distribution but
+    The pure-PyTorch fallback (``customlayers.reference.masked_uniform_op``) has the same distribution but
     other values.
     """
     if seed is not None and generator is not None:
@@ -55,19 +55,15 @@ def masked_uniform_(tensor: torch.Tensor, a: float = -10.0, b: float = 10.0, thr
         raise RuntimeError(f"masked_uniform_: expected a generator on {tensor.device.type}, like the tensor, but "
                            f"got one on {generator.device}")
     seed = None if seed is None else _seed_arg(seed)
-    a, b, threshold = float(a), float(b), float(threshold)
+    if generator is not None:
+        seed = int(torch.empty((), dtype=torch.int64, device=generator.device).random_(generator=generator))
     # no_grad only where autograd tracks the tensor: entering it costs more than filling 1K values.
     with torch.no_grad() if tensor.requires_grad and torch.is_grad_enabled() else contextlib.nullcontext():
-        if _ops.use_kernel("masked_uniform_", tensor.device):
-            if generator is not None:
-                seed = int(torch.empty((), dtype=torch.int64, device=generator.device).random_(generator=generator))
-            _ops.op("masked_uniform_")(tensor, a, b, threshold, seed, 0)
-            return tensor
-        _ops.check_masked_uniform(tensor, a, b, threshold)
-        if seed is not None:
-            generator = torch.Generator(tensor.device).manual_seed(seed)
-        reference.masked_uniform_(tensor, a, b, threshold, generator)
+        _MASKED_UNIFORM(tensor, float(a), float(b), float(threshold), seed, 0)
     return tensor
+
+
+_MASKED_UNIFORM = _ops.op("masked_uniform_")
 
 
 def my_init(module: nn.Module) -> None:

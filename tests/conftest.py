@@ -33,6 +33,17 @@ def requires_extension():
                               reason=f"compiled extension not in use: {customlayers._ops.reason()}")
 
 
+@pytest.fixture
+def cpu_fallback():
+    """The pure-PyTorch references registered as the ops' CPU kernels for one test, as where no compiled CPU
+    kernel exists (CUSTOMLAYERS_FORCE_FALLBACK=cpu does it for a process); quiet."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with customlayers._ops.reference_kernels(["cpu"], "the test's cpu_fallback fixture"):
+            yield
+
+
 def strict_extension() -> bool:
     """CI sets CUSTOMLAYERS_EXPECT_EXTENSION=1: then a missing extension is a failure, not a skip."""
     return os.environ.get("CUSTOMLAYERS_EXPECT_EXTENSION") == "1"

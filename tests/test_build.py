@@ -86,19 +86,63 @@ def test_cuda_version_mismatch_falls_back_with_message():
 
 @requires_extension()
 def test_missing_device_kernel_falls_back_with_one_warning(monkeypatch):
-    """A device without a compiled kernel runs the reference, warns once, and gives the same values."""
+    """A device without a compiled kernel runs the reference inside the dispatcher (the raw op too), warns
+    once, gives the same values and gradients, and the report says so; afterwards the kernel serves again."""
     x = torch.randn(33, 17, dtype=torch.float64, requires_grad=True)
     kernel_y = customlayers.functional.centered(x, 1)
-    monkeypatch.setattr(customlayers._ops, "_has_kernel", {("centered", "cpu"): False})
     monkeypatch.setattr(customlayers._ops, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="no compiled cpu kernel for centered"):
-        fallback_y = customlayers.functional.centered(x, 1)
+    with customlayers._ops.reference_kernels(["cpu"], "a test"):
+        with pytest.warns(RuntimeWarning, match=r"no compiled cpu kernel for centered \(a test\)"):
+            fallback_y = torch.ops.customlayers.centered(x, [1])
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            customlayers.functional.centered(x, 1)  # no second warning
+        report = customlayers.backend_report()
+        assert report["ops"]["centered"] == {"cpu": "fallback", "cuda": "kernel"}
+        assert report["why"]["centered"] == {"cpu": "a test"}
+        g = torch.randn_like(x)
+        fallback_grad, = torch.autograd.grad(fallback_y, x, g)
     torch.testing.assert_close(fallback_y, kernel_y, rtol=0, atol=1e-12)
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        customlayers.functional.centered(x, 1)  # no second warning
-    assert fallback_y.grad_fn is not None
+    torch.testing.assert_close(fallback_grad, torch.autograd.grad(kernel_y, x, g)[0], rtol=0, atol=1e-12)
+    assert customlayers.backend_report()["ops"]["centered"]["cpu"] == "kernel"
+
+
+@requires_extension()
+def test_python_schemas_match_the_library():
+    """Without the library, _ops defines the schemas itself: they must be csrc/ops.cpp's."""
+    for name, schema in customlayers._ops.SCHEMAS.items():
+        assert customlayers._ops.op(name)._schema == torch._C.parse_schema(f"customlayers::{schema}")
+
+
+def test_force_fallback_one_device_and_transforms():
+    """CUSTOMLAYERS_FORCE_FALLBACK=cpu keeps the library for other devices; =1 drops it: the ops are then
+    the references, and torch.func, vmap and compile take them as they are."""
+    out = run_python("""
+        import torch, customlayers
+        from torch.func import grad, vmap
+        r = customlayers.backend_report()
+        print(r["backend"], r["ops"]["linear_act"]["cpu"])
+        x, w = torch.randn(4, 3), torch.randn(3, 2)
+        g = grad(lambda x: customlayers.functional.linear_act(x, w).sum())(x)
+        torch.testing.assert_close(g, (x @ w > 0).float() @ w.t())
+        v = vmap(customlayers.functional.centered)(x)
+        torch.testing.assert_close(v, x - x.mean(1, keepdim=True))
+        c = torch.compile(customlayers.nn.CenteredLayer(), fullgraph=True)(x)
+        torch.testing.assert_close(c, x - x.mean())
+        print("ok")
+    """, CUSTOMLAYERS_FORCE_FALLBACK="1")
+    assert "fallback fallback" in out and "ok" in out
+    if customlayers._ops.loaded():
+        out = run_python("""
+            import torch, customlayers
+            r = customlayers.backend_report()
+            print(r["backend"], r["ops"]["linear_act"])
+            y = customlayers.nn.LinearReLU(3, 2)(torch.randn(4, 3, requires_grad=True))
+            y.sum().backward()
+        """, CUSTOMLAYERS_FORCE_FALLBACK="cpu")
+        assert "extension {'cpu': 'fallback', 'cuda': 'kernel'}" in out
+        assert "no compiled cpu kernel for linear_act_backward" in out
 
 
 def test_backend_report_lists_every_op():

@@ -22,13 +22,14 @@ def cmake_library():
 
 
 def test_load_cmake_library_from_python(cmake_library):
-    # CUSTOMLAYERS_FORCE_FALLBACK=1: the package must not load its own copy of the ops (one process can
-    # register the customlayers library once).
+    # Loaded before the package: the package then uses those ops instead of registering its own (one
+    # process can register the customlayers library once).
     code = textwrap.dedent(f"""
         import torch
-        import customlayers
-        assert customlayers.backend() == "fallback"
         torch.ops.load_library({cmake_library!r})
+        import customlayers
+        assert customlayers.backend() == "extension", customlayers.backend_report()
+        assert "loaded before the package" in customlayers.backend_report()["build"]["source"]
         op = torch.ops.customlayers.centered
         print(op(torch.tensor([1.0, 2, 3, 4, 5]), None).tolist())
         x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
@@ -44,7 +45,7 @@ def test_load_cmake_library_from_python(cmake_library):
             else:
                 raise AssertionError(f"no {{exc.__name__}}")
     """)
-    env = dict(os.environ, PYTHONPATH=ROOT, CUSTOMLAYERS_FORCE_FALLBACK="1")
+    env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

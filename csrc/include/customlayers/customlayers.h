@@ -1,6 +1,7 @@
 // Public C++ API of customlayers: call the ops through the PyTorch dispatcher, so the CPU or CUDA
 // kernel is chosen from the inputs' device exactly as from Python (torch.ops.customlayers.*), and
-// autograd records them (every op is differentiable, to any order).
+// autograd records them: centered and linear_act are differentiable to any order; masked_uniform_, an
+// initializer, is not.
 // Link against the customlayers library (CMake target customlayers::customlayers), which registers
 // the ops when it is loaded.
 #pragma once

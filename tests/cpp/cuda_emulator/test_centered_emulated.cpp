@@ -49,7 +49,7 @@ void check(int64_t outer, int64_t reduce, int64_t inner, std::mt19937& rng) {
 template <typename T>
 void run_all(int sm_count) {
   std::mt19937 rng(7);
-  emu::emulated_sm_count = sm_count;
+  const customlayers::testing::ScopedSmCount sms(sm_count);
 #ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
   // The ThreadSanitizer build: one case per kernel, with more rows (or tasks) than 8 blocks on 1 SM, so
   // that a block reduces again through the same shared memory.
@@ -63,7 +63,6 @@ void run_all(int sm_count) {
     check<T>(outer, reduce, inner, rng);
     if (::testing::Test::HasFatalFailure()) break;
   }
-  emu::emulated_sm_count = 132;
 }
 
 TEST(EmulatedCudaCentered, Float32) { run_all<float>(132); }

@@ -29,7 +29,7 @@ struct Strided {
   int64_t rows = 0, cols = 0, s0 = 0, s1 = 0;
 
   Strided(int64_t r, int64_t c, bool row_major, bool misalign, T fill) : rows(r), cols(c) {
-    const int64_t ld = (row_major ? c : r) + 8;  // padding a multiple of every Pack size
+    const int64_t ld = (row_major ? c : r) + 8;  // padding a multiple of every vector width
     s0 = row_major ? ld : 1;
     s1 = row_major ? 1 : ld;
     const int64_t offset = (misalign ? 1 : 0) + 64;  // 64 elements: a 16-byte aligned start in any dtype
@@ -145,7 +145,7 @@ Chosen chosen(int64_t M, int64_t N) {
 template <typename T>
 Chosen run_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes, int sm_count) {
   std::mt19937 rng(1234);
-  emu::emulated_sm_count = sm_count;
+  const customlayers::testing::ScopedSmCount sms(sm_count);
   Chosen any;
   int variant = 0;
 #ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
@@ -166,7 +166,6 @@ Chosen run_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shape
         any.large |= now.large;
         any.split |= now.split;
       }
-  emu::emulated_sm_count = 132;
   return any;
 }
 
@@ -194,6 +193,7 @@ void run_split() {
 template <typename T>
 void fuzz_strides(int cases, unsigned seed) {
   std::mt19937 rng(seed);
+  const customlayers::testing::ScopedSmCount sms(emu::emulated_sm_count);  // each case sets its own
   std::normal_distribution<float> normal;
   auto pick = [&](std::initializer_list<int64_t> values) { return *(values.begin() + rng() % values.size()); };
   for (int it = 0; it < cases; ++it) {
@@ -233,7 +233,6 @@ void fuzz_strides(int cases, unsigned seed) {
                        K);
     if (::testing::Test::HasFatalFailure()) break;
   }
-  emu::emulated_sm_count = 132;
 }
 
 #ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES

@@ -4,6 +4,7 @@
 // grid-stride loops on 1 SM, nothing written past the end. That the CPU and CUDA kernels agree bit for bit
 // on a GPU is checked by the Python tests and benchmarks/cuda_exercise.py.
 #include "cuda/masked_uniform.cuh"
+#include "emulated_testing.h"
 
 #include <gtest/gtest.h>
 
@@ -58,7 +59,7 @@ void check(int64_t numel, bool misalign, uint64_t seed, uint64_t offset) {
 
 template <typename T>
 void run_all() {
-  emu::emulated_sm_count = 1;  // 8 blocks of 256 threads at most: larger fills loop
+  const customlayers::testing::ScopedSmCount sms(1);  // 8 blocks of 256 threads at most: larger fills loop
 #ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
   const std::vector<int64_t> sizes{4099, 9001};
 #else
@@ -70,7 +71,6 @@ void run_all() {
       if (::testing::Test::HasFatalFailure()) break;
     }
   check<T>(1000, false, 0xfedcba9876543210ull, 0x100000004ull);  // both words of seed and offset
-  emu::emulated_sm_count = 132;
 }
 
 TEST(EmulatedCudaMaskedUniform, Float32) { run_all<float>(); }
