@@ -38,7 +38,7 @@ STREAM_SIZES = (1 << 26, 1 << 28)                  # 64M, 256M elements
 LINEAR_SHAPES = {"small": [(256, 20, 256), (256, 1024, 1024)], "large": [(8192, 4096, 4096)]}
 SMOKE = {"gemm": (64, 48, 80), "stream": (1 << 12, 1 << 14), "linear": {"small": [(8, 5, 6)], "large": [(32, 40, 24)]}}
 SPLIT_K_SHAPE = (64, 1100, 96)                     # few output tiles, long K: the GEMM splits K
-MAX_SPLIT_K_SLICES = 16                            # csrc/cuda/gemm.cuh kMaxSlices
+MAX_SPLIT_K_SLICES = 16                            # csrc/cuda/linear_act_gemm.cuh kMaxSlices
 
 
 class Recorder:
@@ -122,12 +122,17 @@ def bandwidth(rec: Recorder, bench: Bench, sizes: Sequence[int]) -> Dict[str, fl
     return best
 
 
-def gemm(rec: Recorder, bench: Bench, shape: Sequence[int]) -> None:
-    """linear_act(x, w, None, 'none') (the hand-written GEMM alone) against torch.mm (cuBLAS)."""
+def gemm(rec: Recorder, bench: Bench, shape: Sequence[int], once: bool = False) -> None:
+    """linear_act(x, w, None, 'none') (the hand-written GEMM alone) against torch.mm (cuBLAS); once: one
+    call per dtype and nothing else (the workload ncu profiles)."""
     m, k, n = shape
     for dtype in GEMM_DTYPES:
         x = torch.randn(m, k, device=bench.device, dtype=dtype)
         w = torch.randn(k, n, device=bench.device, dtype=dtype) / k ** 0.5
+        if once:
+            linear_act(x, w, None, "none")
+            rec.add("gemm", f"{m}x{k}x{n} {str(dtype)[6:]} once", dtype=str(dtype)[6:])
+            continue
         ours, ref = linear_act(x, w, None, "none"), torch.mm(x.double(), w.double())
         rel_err = ((ours.double() - ref).abs().max() / ref.abs().max()).item()
         times = bench.times({"customlayers": lambda: linear_act(x, w, None, "none"), "torch.mm": lambda: torch.mm(x, w)})
@@ -272,6 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (tests the script, measures nothing)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
+    parser.add_argument("--once", action="store_true", help="gemm: one call per dtype, no timing (for ncu)")
     parser.add_argument("--min-run-time", type=float, default=0.25, metavar="S")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -286,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ceilings: Dict[str, float] = {}
     steps = {
         "bandwidth": lambda: ceilings.update(bandwidth(rec, bench, stream)),
-        "gemm": lambda: gemm(rec, bench, SMOKE["gemm"] if args.smoke else GEMM_SHAPE),
+        "gemm": lambda: gemm(rec, bench, SMOKE["gemm"] if args.smoke else GEMM_SHAPE, args.once),
         "centered": lambda: centered_cases(rec, bench, stream, ceilings),
         "masked_uniform_": lambda: masked_uniform_cases(rec, bench, stream, ceilings),
         "linear_act": lambda: linear_cases(rec, bench, linear),

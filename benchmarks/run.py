@@ -10,14 +10,14 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import bench_centered, bench_init, bench_linear
+from . import bench_centered, bench_linear_act, bench_masked_uniform
 from .harness import ROUNDS, results_dir, run_cases, write_results
 
 # op name -> module with cases(device, quick) -> List[Case]
 BENCHES: Dict[str, ModuleType] = {
     "centered": bench_centered,
-    "masked_uniform_": bench_init,
-    "linear_act": bench_linear,
+    "masked_uniform_": bench_masked_uniform,
+    "linear_act": bench_linear_act,
 }
 QUICK_MIN_RUN_TIME = 0.05
 FULL_MIN_RUN_TIME = 1.0

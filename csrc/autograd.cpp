@@ -3,7 +3,7 @@
 // Each backward calls ops through the dispatcher, so it is itself differentiable (double backward).
 #include "customlayers/customlayers.h"
 
-#include "common/linear.h"
+#include "common/linear_act.h"
 
 #include <ATen/ops/gt.h>
 #include <ATen/ops/sum.h>

@@ -19,24 +19,14 @@ import torch
 from torch._prims_common import canonicalize_dim
 from torch.autograd import forward_ad
 
-from . import _ops
+from . import _ops, reference
+from ._ops import autocast_inputs  # noqa: F401  (functional.py casts before the Function runs)
 
 Dims = Optional[Union[int, Sequence[int]]]
 
 def transforms_active() -> bool:
     """Whether a torch.func transform or a forward-AD level is active (then the Python Functions run)."""
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-
-
-def autocast_inputs(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-    """Under autocast, the floating inputs other than float64 cast to the autocast dtype, as the ops' C++
-    autocast kernels (csrc/autocast.cpp) do; here the casts are recorded before the Function runs."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return [x, *tensors]
-    dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in (x, *tensors)]
 
 
 def _relu_mask(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -127,10 +117,12 @@ class LinearActFunction(torch.autograd.Function):
         size = info.batch_size
         x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(size, *x.shape)
         weight = weight.movedim(w_dim, 0) if w_dim is not None else weight.expand(size, *weight.shape)
-        rows = x.reshape(size, -1, x.shape[-1])
-        y = torch.bmm(rows, weight)
         if bias is not None:
             bias = bias.movedim(b_dim, 0) if b_dim is not None else bias.expand(size, *bias.shape)
+        if size:  # the op's checks, on one sample: the batched matmul would broadcast or promote instead
+            reference.check_linear(x[0], weight[0], None if bias is None else bias[0], act, "linear_act")
+        y = torch.bmm(x.reshape(size, -1, x.shape[-1]), weight)
+        if bias is not None:
             y = y + bias.unsqueeze(1)
         if act == "relu":
             y = torch.relu(y)

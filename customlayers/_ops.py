@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import os
 import warnings
 from typing import Callable, Dict, Iterator, Optional, Sequence
@@ -48,6 +49,9 @@ _warned: set = set()
 _has_kernel: Dict[tuple, bool] = {}        # (op, device type) -> a compiled kernel serves it
 _fallback_why: Dict[tuple, str] = {}       # (op, device type) -> why the reference serves it
 _libraries: list = []                      # the torch.library.Library objects that hold the registrations
+# A device's kernel may be overridden from Python twice (CUSTOMLAYERS_FORCE_FALLBACK=cpu, then a test's
+# reference_kernels): torch before 2.14 refuses that unless asked.
+_OVERRIDE = {"allow_override": True} if "allow_override" in inspect.signature(torch.library.Library.impl).parameters else {}
 
 
 def _forced_devices() -> Optional[set]:
@@ -123,6 +127,24 @@ def _define_with_references() -> None:
         for device in DEVICES:
             _has_kernel[(name, device)] = False
             _fallback_why[(name, device)] = _reason
+    # Autocast as csrc/autocast.cpp does it: linear_act in the autocast dtype, like nn.Linear.
+    for device, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        def linear_act_autocast(x, weight, bias=None, act="relu", device=device):
+            cast = autocast_inputs(x, weight, bias)
+            with torch.autocast(device, enabled=False):
+                return op("linear_act")(*cast, act)
+        lib.impl("linear_act", linear_act_autocast, key)
+
+
+def autocast_inputs(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> list:
+    """Under autocast, the floating inputs other than float64 cast to the autocast dtype, as the compiled
+    ops' autocast kernels (csrc/autocast.cpp) cast them."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return [x, *tensors]
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (x, *tensors)]
 
 
 @contextlib.contextmanager
@@ -139,7 +161,7 @@ def reference_kernels(devices: Sequence[str], why: str = "CUSTOMLAYERS_FORCE_FAL
             for device in devices:
                 message = f"customlayers: no compiled {device} kernel for {name} ({why}); " \
                           f"using the pure-PyTorch fallback on {device}"
-                lib.impl(name, _reference_kernel(name, lambda _, m=message: m), DEVICES[device])
+                lib.impl(name, _reference_kernel(name, lambda _, m=message: m), DEVICES[device], **_OVERRIDE)
                 _has_kernel[(name, device)] = False
                 _fallback_why[(name, device)] = why
     try:
@@ -180,8 +202,9 @@ def _load() -> None:
     if missing:  # a device without compiled kernels: CUDA in a CPU-only build
         why = "built without CUDA kernels" if missing == ["cuda"] and _build.get("cuda") is None else "not built"
         _enter(reference_kernels(missing, why))
-    if forced:
-        _enter(reference_kernels(sorted(forced), "CUSTOMLAYERS_FORCE_FALLBACK names this device"))
+    forced_devices = sorted((forced or set()) & set(DEVICES))
+    if forced_devices:
+        _enter(reference_kernels(forced_devices, "CUSTOMLAYERS_FORCE_FALLBACK names this device"))
 
 
 _process_contexts = contextlib.ExitStack()
@@ -244,15 +267,6 @@ def _linear_shapes(op_name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
                  lambda: f"{op_name}: x has shape {list(x.shape)} and weight has shape {list(weight.shape)}")
 
 
-def linear_grad_weight_like(weight: torch.Tensor) -> torch.Tensor:
-    """An uninitialized weight gradient in the layout the kernels give it: weight's own (a transposed
-    view such as nn.Linear.weight.t() gets a transposed gradient)."""
-    k, n = weight.shape
-    if weight.stride(0) == 1 and weight.stride(1) != 1:
-        return weight.new_empty((n, k)).t()
-    return weight.new_empty((k, n))
-
-
 @register_fake("linear_act")
 def _linear_act_fake(x, weight, bias=None, act="relu"):
     _linear_shapes("linear_act", x, weight)
@@ -263,7 +277,7 @@ def _linear_act_fake(x, weight, bias=None, act="relu"):
 def _linear_act_backward_fake(grad, x, weight, out, act, output_mask):
     _linear_shapes("linear_act_backward", x, weight)
     return (x.new_empty(x.shape) if output_mask[0] else None,
-            linear_grad_weight_like(weight) if output_mask[1] else None,
+            reference.linear_grad_weight_like(weight) if output_mask[1] else None,
             x.new_empty((weight.shape[1],)) if output_mask[2] else None)
 
 

@@ -70,17 +70,19 @@ def masked_uniform_op(self: torch.Tensor, low: float = -10.0, high: float = 10.0
     masked_uniform_(self, low, high, threshold, generator)
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str, op: str) -> None:
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str, op: str) -> None:
+    """linear_act's argument checks, in the compiled kernels' order (csrc/common/linear_act.cpp): dtypes
+    (TypeError), devices, shapes (RuntimeError), act (ValueError)."""
+    tensors = (("weight", weight), ("bias", bias))
     _check_floating(x, op, "x")
-    _check_floating(weight, op, "weight")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        _check_floating(t, op, name)
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: expected x and {name} to have the same dtype, but x is {x.dtype} and {name} "
-                            f"is {t.dtype}")
-        if t.device != x.device:
+    for name, t in tensors:
+        if t is not None:
+            _check_floating(t, op, name)
+            if t.dtype != x.dtype:
+                raise TypeError(f"{op}: expected x and {name} to have the same dtype, but x is {x.dtype} and "
+                                f"{name} is {t.dtype}")
+    for name, t in tensors:
+        if t is not None and t.device != x.device:
             raise RuntimeError(f"{op}: expected all tensors on one device, but x is on {x.device} and {name} is "
                                f"on {t.device}")
     if weight.dim() != 2:
@@ -97,11 +99,21 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"{op}: act must be 'relu' or 'none', but got '{act}'")
 
 
+def linear_grad_weight_like(weight: torch.Tensor) -> torch.Tensor:
+    """An uninitialized weight gradient in the layout the kernels give it (common/linear_act.cpp's
+    weight_grad_strides): weight's own, so a transposed view such as nn.Linear.weight.t() gets a
+    transposed gradient."""
+    k, n = weight.shape
+    if weight.stride(0) == 1 and weight.stride(1) != 1:
+        return weight.new_empty((n, k)).t()
+    return weight.new_empty((k, n))
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                act: str = "relu") -> torch.Tensor:
     """``torch.relu(x @ weight + bias)`` (the book's MyLinear), weight (in_features, out_features);
     act='none' leaves out the ReLU."""
-    _check_linear(x, weight, bias, act, "linear_act")
+    check_linear(x, weight, bias, act, "linear_act")
     y = x @ weight
     if bias is not None:
         y = y + bias
@@ -113,8 +125,11 @@ def linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     """(dx, dweight, dbias) of linear_act for the inputs output_mask selects (None for the others), with
     torch.relu's derivative (the gradient passes where out is not <= 0); dweight in weight's layout."""
     op = "linear_act_backward"
-    _check_linear(x, weight, None, act, op)
-    _check_floating(grad, op, "grad")
+    check_linear(x, weight, None, act, op)
+    for name, t in (("grad", grad), ("out", out)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: expected {name} and x to have the same dtype, but {name} is {t.dtype} and x "
+                            f"is {x.dtype}")
     if grad.shape != (*x.shape[:-1], weight.shape[1]):
         raise RuntimeError(f"{op}: expected grad of shape {[*x.shape[:-1], weight.shape[1]]}, but got shape "
                            f"{list(grad.shape)}")
@@ -125,6 +140,6 @@ def linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     k, n = weight.shape
     g2, x2 = grad.reshape(-1, n), x.reshape(-1, k)
     dx = (grad @ weight.t()) if output_mask[0] else None
-    dw = torch.empty_like(weight).copy_(x2.t() @ g2) if output_mask[1] else None
+    dw = linear_grad_weight_like(weight).copy_(x2.t() @ g2) if output_mask[1] else None
     db = g2.sum(0) if output_mask[2] else None
     return dx, dw, db

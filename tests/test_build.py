@@ -145,6 +145,17 @@ def test_force_fallback_one_device_and_transforms():
         assert "no compiled cpu kernel for linear_act_backward" in out
 
 
+def test_fallback_autocast_like_the_kernels():
+    """Without the library, linear_act under autocast still runs in the autocast dtype (bias included)."""
+    out = run_python("""
+        import torch, customlayers
+        lin = customlayers.nn.LinearReLU(4, 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            print(customlayers.backend(), lin(torch.randn(2, 4)).dtype, torch.nn.Linear(4, 3)(torch.randn(2, 4)).dtype)
+    """, CUSTOMLAYERS_FORCE_FALLBACK="1")
+    assert "fallback torch.bfloat16 torch.bfloat16" in out
+
+
 def test_backend_report_lists_every_op():
     report = customlayers.backend_report()
     assert set(report["ops"]) == set(customlayers._ops.OPS)

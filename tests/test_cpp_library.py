@@ -53,3 +53,12 @@ def test_load_cmake_library_from_python(cmake_library):
     assert lines[1].startswith("TypeError centered: expected x to be a floating-point tensor")
     assert lines[2].startswith("IndexError centered: dim 2 is out of range")
     assert lines[3].startswith("RuntimeError centered: dim 0 appears more than once")
+
+
+def test_cmake_library_then_package_with_force_fallback(cmake_library):
+    """CUSTOMLAYERS_FORCE_FALLBACK=1 cannot drop ops a loaded library registered: the package uses them."""
+    code = f"import torch; torch.ops.load_library({cmake_library!r}); import customlayers; print(customlayers.backend())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT, CUSTOMLAYERS_FORCE_FALLBACK="1"),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "extension"

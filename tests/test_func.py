@@ -164,6 +164,16 @@ def test_vmap_centered(device, dim):
                                torch.stack([R.centered(xs[..., i], dims) for i in range(5)]))
 
 
+@pytest.mark.parametrize("bad", ["act", "bias_shape", "dtype"])
+def test_vmap_batched_weight_keeps_the_ops_checks(bad):
+    """The batched-weight rule (a batched matmul) refuses what the op refuses, with its exception types."""
+    x, w, b = torch.randn(3, 6, 4), torch.randn(3, 4, 5), torch.randn(5)
+    args, exc = {"act": ((x, w, b, "gelu"), ValueError), "bias_shape": ((x, w, torch.randn(1)), RuntimeError),
+                 "dtype": ((x, w.double(), b), TypeError)}[bad]
+    with pytest.raises(exc):
+        vmap(F.linear_act, in_dims=(0, 0, None, None)[:len(args)])(*args)
+
+
 def test_vmap_centered_of_scalars_is_zero():
     torch.testing.assert_close(vmap(F.centered)(torch.tensor([1.0, -3.0, 7.0])), torch.zeros(3))
 

@@ -26,7 +26,7 @@
 #include "common/checks.h"
 #include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
-#include "common/linear.h"
+#include "common/linear_act.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

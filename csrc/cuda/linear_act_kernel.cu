@@ -1,15 +1,15 @@
 // CUDA kernels of customlayers::linear_act (y = act(x @ W + b)) and linear_act_backward. No cuBLAS:
 //
-//  * The forward is one launch of the hand-written tiled GEMM of cuda/gemm.cuh, with bias + activation
+//  * The forward is one launch of the hand-written tiled GEMM of cuda/linear_act_gemm.cuh, with bias + activation
 //    fused into its epilogue (CUDA cores for float32/float64, tensor cores for float16/bfloat16).
 //  * Backward: the masked gradient g' = g * (out > 0) and the bias gradient by the kernels of
-//    cuda/relu_grad.cuh (fixed-order chunk sums, bit-reproducible); dX = g' W^T and dW = X^T g' are the
+//    cuda/linear_act_backward.cuh (fixed-order chunk sums, bit-reproducible); dX = g' W^T and dW = X^T g' are the
 //    same GEMM on strided views, dW written in the weight's own layout.
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
-#include "common/linear.h"
-#include "cuda/gemm.cuh"
-#include "cuda/relu_grad.cuh"
+#include "common/linear_act.h"
+#include "cuda/linear_act_gemm.cuh"
+#include "cuda/linear_act_backward.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>

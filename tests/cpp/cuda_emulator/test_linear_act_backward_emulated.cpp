@@ -1,8 +1,8 @@
-// The CUDA kernels of linear_act's masked gradient and bias gradient (csrc/cuda/relu_grad.cuh), run on
+// The CUDA kernels of linear_act's masked gradient and bias gradient (csrc/cuda/linear_act_backward.cuh), run on
 // the CPU emulator and compared with a float64 computation: ReLU mask (including out == 0 and a NaN
 // gradient), row counts around the 64-row chunks, columns around the 256-thread blocks, a strided
 // gradient, and each output asked for alone.
-#include "cuda/relu_grad.cuh"
+#include "cuda/linear_act_backward.cuh"
 #include "emulated_testing.h"
 
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-#include "common/linear.h"
+#include "common/linear_act.h"
 
 #include "common/checks.h"
 

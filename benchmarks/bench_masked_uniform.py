@@ -1,6 +1,6 @@
 """Benchmark of customlayers.init.masked_uniform_ (the book's initializer in one pass) against the book's
 code (``uniform_`` then ``w *= w.abs() >= 5``) and against ``Tensor.uniform_`` alone.
-Run: python -m benchmarks.bench_init [run.py options]."""
+Run: python -m benchmarks.bench_masked_uniform [run.py options]."""
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence
@@ -31,7 +31,7 @@ def ours(w: torch.Tensor) -> None:
 
 
 def _filler(fn: Callable[[torch.Tensor], None], w: torch.Tensor) -> Callable[[], None]:
-    # Returns None: random fills cannot be compared value for value (tests/test_init.py checks them).
+    # Returns None: random fills cannot be compared value for value (tests/test_masked_uniform.py checks them).
     return lambda: fn(w) and None
 
 

@@ -1,9 +1,9 @@
-// The CUDA GEMM kernels of csrc/cuda/gemm.cuh (both tile sizes, CUDA cores and tensor cores, split K,
+// The CUDA GEMM kernels of csrc/cuda/linear_act_gemm.cuh (both tile sizes, CUDA cores and tensor cores, split K,
 // every operand layout the host side can pick, aligned and unaligned operands, edges, K = 0, bias and
 // ReLU), run on the CPU emulator (cuda_emulator.h) and compared with a float64 GEMM of the same values. C is
 // surrounded by sentinels to catch writes outside it, and the operands' padding holds NaN, which any
 // read of it would carry into the result.
-#include "cuda/gemm.cuh"
+#include "cuda/linear_act_gemm.cuh"
 #include "emulated_testing.h"
 
 #include <gtest/gtest.h>
@@ -40,7 +40,7 @@ struct Strided {
   T& at(int64_t i, int64_t j) { return p[i * s0 + j * s1]; }
 };
 
-// C = act(A @ B + bias) through the host side of gemm.cuh, with a NaN-filled split-K workspace.
+// C = act(A @ B + bias) through the host side of linear_act_gemm.cuh, with a NaN-filled split-K workspace.
 template <typename T>
 void run_gemm(const cl::GemmArgs<T>& args) {
   std::vector<double> workspace;  // 8-byte aligned

@@ -327,6 +327,18 @@ def test_bad_input_errors(device, bad):
             torch.ops.customlayers.linear_act(*args)
 
 
+@pytest.mark.parametrize("path", ["kernel", "fallback"])
+def test_backward_op_dtype_errors(path, request):
+    """linear_act_backward refuses a grad or out of another dtype than x, on both paths."""
+    if path == "fallback":
+        request.getfixturevalue("cpu_fallback")
+    x, w, _ = make((3, 4), 4, 5, dtype=torch.float32)
+    g = torch.randn(3, 5)
+    for grad, out in ((g.double(), g), (g, g.double())):
+        with pytest.raises(TypeError, match="same dtype"):
+            torch.ops.customlayers.linear_act_backward(grad, x, w, out, "relu", [True, True, True])
+
+
 def test_fallback_errors_match(cpu_fallback):
     """The pure-PyTorch path raises the same exception types and messages."""
     x, w, b = make((3, 4), 4, 5, dtype=torch.float32)

@@ -2,7 +2,7 @@
 PyTorch, nn.Linear + nn.ReLU, torch._addmm_activation and torch.compile, forward and forward+backward, at
 MLP layer sizes. "GEMM floor" runs only the op's matrix products with torch.mm (forward: x @ W; backward
 adds g @ W^T and x^T @ g): the time left above it is what the bias, ReLU, masking and bias-gradient work
-and the framework overhead cost. On a GPU, "GEMM" rows time the hand-written GEMM alone against cuBLAS. Run: python -m benchmarks.bench_linear [run.py options]."""
+and the framework overhead cost. On a GPU, "GEMM" rows time the hand-written GEMM alone against cuBLAS. Run: python -m benchmarks.bench_linear_act [run.py options]."""
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
