@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .harness import RESULTS_DIR, _slug
+from .harness import RESULTS_DIR, _slug, format_time
 
 
 @dataclasses.dataclass
@@ -49,13 +49,6 @@ def _fmt(value: object) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
     return str(value)
-
-
-def _time(seconds: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds * 1e9:.3g} ns"
 
 
 def goal_rows(results: Sequence[Dict[str, object]]) -> List[List[str]]:
@@ -111,7 +104,7 @@ def markdown(perf: Dict[str, object], summary: Optional[str], sanitizer: List[st
         impls = list(dict.fromkeys(i for r in rows for i in r.get("times", {})))
         lines += ["", f"## {section}", ""]
         lines += _table(["case", *impls, *keys],
-                        [[r["name"], *(_time(r["times"][i]) if i in r.get("times", {}) else "" for i in impls),
+                        [[r["name"], *(format_time(r["times"][i]) if i in r.get("times", {}) else "" for i in impls),
                           *(_fmt(r[k]) if k in r else "" for k in keys)] for r in rows])
     if summary:
         lines += ["", "## Steps", "", "```", *[line for line in summary.splitlines() if not line.startswith("    ")],
