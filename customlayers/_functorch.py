@@ -13,14 +13,13 @@ forward-AD level is active, customlayers.functional calls the ops through the Py
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch._prims_common import canonicalize_dim
 from torch.autograd import forward_ad
 
 from . import _ops, reference
-from ._ops import autocast_inputs  # noqa: F401  (functional.py casts before the Function runs)
 
 Dims = Optional[Union[int, Sequence[int]]]
 

@@ -48,7 +48,8 @@ _build: Dict[str, Optional[str]] = {}
 _warned: set = set()
 _has_kernel: Dict[tuple, bool] = {}        # (op, device type) -> a compiled kernel serves it
 _fallback_why: Dict[tuple, str] = {}       # (op, device type) -> why the reference serves it
-_libraries: list = []                      # the torch.library.Library objects that hold the registrations
+# The registrations made here for the whole process (torch.library.Library objects, reference_kernels).
+_process_contexts = contextlib.ExitStack()
 # A device's kernel may be overridden from Python twice (CUSTOMLAYERS_FORCE_FALLBACK=cpu, then a test's
 # reference_kernels): torch before 2.14 refuses that unless asked.
 _OVERRIDE = {"allow_override": True} if "allow_override" in inspect.signature(torch.library.Library.impl).parameters else {}
@@ -103,13 +104,12 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _reference_kernel(name: str, why: Callable[[str], str]) -> Callable:
-    """The reference of op `name` as a kernel that warns once per device, with the reason, when it first runs."""
+def _reference_kernel(name: str, message: str) -> Callable:
+    """The reference of op `name` as a kernel that warns once, with `message`, when it first runs."""
     fn = REFERENCES[name]
 
     def kernel(*args, **kwargs):
-        device = args[0].device.type if isinstance(args[0], torch.Tensor) else "cpu"
-        _warn_once(why(device))
+        _warn_once(message)
         return fn(*args, **kwargs)
 
     kernel.__name__ = f"{name}_reference"
@@ -119,11 +119,11 @@ def _reference_kernel(name: str, why: Callable[[str], str]) -> Callable:
 def _define_with_references() -> None:
     """No compiled library: the schemas and the references as CompositeImplicitAutograd kernels."""
     lib = torch.library.Library(NAMESPACE, "DEF")
-    _libraries.append(lib)
+    _process_contexts.callback(lib._destroy)  # holds the registrations for the process
     message = f"customlayers: using the pure-PyTorch fallback for every op: {_reason}"
     for name, schema in SCHEMAS.items():
         lib.define(schema)
-        lib.impl(name, _reference_kernel(name, lambda device, m=message: m), "CompositeImplicitAutograd")
+        lib.impl(name, _reference_kernel(name, message), "CompositeImplicitAutograd")
         for device in DEVICES:
             _has_kernel[(name, device)] = False
             _fallback_why[(name, device)] = _reason
@@ -155,13 +155,12 @@ def reference_kernels(devices: Sequence[str], why: str = "CUSTOMLAYERS_FORCE_FAL
     lib = torch.library.Library(NAMESPACE, "IMPL")
     saved = dict(_has_kernel), dict(_fallback_why)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Overriding a previously registered kernel")
         warnings.filterwarnings("ignore", ".*previously registered.*")
         for name in OPS:
             for device in devices:
                 message = f"customlayers: no compiled {device} kernel for {name} ({why}); " \
                           f"using the pure-PyTorch fallback on {device}"
-                lib.impl(name, _reference_kernel(name, lambda _, m=message: m), DEVICES[device], **_OVERRIDE)
+                lib.impl(name, _reference_kernel(name, message), DEVICES[device], **_OVERRIDE)
                 _has_kernel[(name, device)] = False
                 _fallback_why[(name, device)] = why
     try:
@@ -201,17 +200,10 @@ def _load() -> None:
     missing = sorted({device for (_, device), has in _has_kernel.items() if not has})
     if missing:  # a device without compiled kernels: CUDA in a CPU-only build
         why = "built without CUDA kernels" if missing == ["cuda"] and _build.get("cuda") is None else "not built"
-        _enter(reference_kernels(missing, why))
+        _process_contexts.enter_context(reference_kernels(missing, why))
     forced_devices = sorted((forced or set()) & set(DEVICES))
     if forced_devices:
-        _enter(reference_kernels(forced_devices, "CUSTOMLAYERS_FORCE_FALLBACK names this device"))
-
-
-_process_contexts = contextlib.ExitStack()
-
-
-def _enter(context) -> None:
-    _process_contexts.enter_context(context)
+        _process_contexts.enter_context(reference_kernels(forced_devices, "CUSTOMLAYERS_FORCE_FALLBACK names this device"))
 
 
 _load()

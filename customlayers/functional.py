@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _ops
-from ._functorch import CenteredFunction, LinearActFunction, autocast_inputs, transforms_active
+from ._functorch import CenteredFunction, LinearActFunction, transforms_active
 
 __all__ = ["centered", "linear_act"]
 
@@ -51,7 +51,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         act: 'relu' or 'none'.
     """
     if _FUNCTIONS and transforms_active():
-        return LinearActFunction.apply(*autocast_inputs(x, weight, bias), act)
+        return LinearActFunction.apply(*_ops.autocast_inputs(x, weight, bias), act)
     return _LINEAR_ACT(x, weight, bias, act)
 
 
