@@ -57,9 +57,9 @@ void masked_uniform_autograd(at::Tensor& self, double low, double high, double t
 
 // out = act(x @ W + b). First-order gradients come from the fused linear_act_backward kernel; when a
 // graph of the backward is wanted (create_graph=True, double backward) they are built from
-// differentiable ops instead: the masked gradient g' = where(out > 0, g, 0) (ReLU' is piecewise
-// constant, so the mask has no derivative of its own), dX = linear_act(g', W^T, act='none'),
-// dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
+// differentiable ops instead: the masked gradient g' = where(out <= 0, 0, g) (torch.relu's: a NaN output
+// passes g; ReLU' is piecewise constant, so the mask has no derivative of its own),
+// dX = linear_act(g', W^T, act='none'), dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
 struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, c10::string_view act) {
@@ -92,7 +92,7 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
       return {dx, dw, db, at::Tensor()};
     }
     const int64_t K = weight.size(0), N = weight.size(1), M = linear_rows(x);
-    const at::Tensor gp = act == "relu" ? at::where(out.gt(0), g, 0) : g;
+    const at::Tensor gp = act == "relu" ? at::where(out.le(0), 0, g) : g;
     const at::Tensor gp2 = gp.reshape({M, N});
     at::Tensor dx, dw, db;
     if (mask[0]) dx = linear_act(gp, weight.t(), std::nullopt, "none");

@@ -164,6 +164,32 @@ def test_relu_nan_and_mask(device):
     torch.testing.assert_close(y, ref, equal_nan=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [20, 300], ids=["small_weight", "blas"])
+@pytest.mark.parametrize("nan_in", ["x", "weight", "bias"])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_relu_backward_nan_like_torch(device, dtype, k, nan_in, create_graph):
+    """torch.relu's backward passes the gradient wherever the output is not <= 0, a NaN output included:
+    dx, dweight and dbias equal nn.Linear + ReLU's, NaNs in the same places, on both backward paths
+    (the fused kernel, and the differentiable ops of create_graph=True)."""
+    torch.manual_seed(0)
+    x, w, b = make((70, k), k, 30, dtype=dtype, device=device)
+    {"x": x, "weight": w, "bias": b}[nan_in].view(-1)[3] = float("nan")
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    native = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = F.linear_act(*ours)
+    expected_y = torch.relu(native[0] @ native[1] + native[2])
+    torch.testing.assert_close(y, expected_y, equal_nan=True)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, ours, g, create_graph=create_graph)
+    expected = torch.autograd.grad(expected_y, native, g)
+    tol = TOL[dtype] * k ** 0.5
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, expected):
+        assert torch.equal(a.isnan(), e.isnan()), name
+        torch.testing.assert_close(a, e, equal_nan=True, rtol=tol, atol=tol * 10, msg=name)
+
+
 def test_book_examples():
     linear = MyLinear(5, 3)
     assert linear.weight.shape == (5, 3) and linear.bias.shape == (3,)

@@ -285,6 +285,10 @@ ERRORS = {
     "all_masked_one_side": (None, dict(a=-4.0, b=5.0, threshold=5.0), ValueError, "masks every value"),
     "half_range": (lambda: torch.zeros(4, dtype=torch.float16), dict(a=-1e5, b=1e5), ValueError,
                    "exceed the Half range"),
+    # high - low overflows the dtype although both bounds are finite (torch's uniform_ refuses it too)
+    "float_span": (None, dict(a=-3e38, b=3e38, threshold=0.0), ValueError, "also for high - low"),
+    "double_span": (lambda: torch.zeros(4, dtype=torch.float64), dict(a=-1e308, b=1e308, threshold=0.0), ValueError,
+                    "also for high - low"),
     "no_value": (lambda: torch.zeros(4, dtype=torch.bfloat16), dict(a=1.001, b=1.002, threshold=0.0), ValueError,
                  "no BFloat16 value lies in"),
     "seed_and_generator": (None, dict(seed=1, generator=torch.Generator()), ValueError, "either seed or generator"),

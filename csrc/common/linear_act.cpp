@@ -5,28 +5,33 @@
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 
-namespace customlayers {
+#include <vector>
 
+namespace customlayers {
+namespace {
+
+// "relu" or "none"; anything else is a ValueError naming the op and the value.
 Activation parse_activation(c10::string_view act, const char* op) {
   if (act == "relu") return Activation::kRelu;
   if (act == "none") return Activation::kNone;
   TORCH_CHECK_VALUE(false, op, ": act must be 'relu' or 'none', but got '", std::string(act), "'");
 }
 
-void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias) {
-  const bool has_bias = bias.has_value() && bias->defined();
+// x (*, in), weight (in, out) of any strides, bias (out,) or none: floating point, one dtype, one
+// device, matching sizes. Errors name the shapes, dtypes or devices involved.
+void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  const bool has_bias = bias.defined();
   check_floating(x, op, "x");
   check_floating(weight, op, "weight");
-  if (has_bias) check_floating(*bias, op, "bias");
+  if (has_bias) check_floating(bias, op, "bias");
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op,
                    ": expected x and weight to have the same dtype, but x is ", x.scalar_type(), " and weight is ",
                    weight.scalar_type());
   if (has_bias)
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op,
+    TORCH_CHECK_TYPE(bias.scalar_type() == x.scalar_type(), op,
                      ": expected x and bias to have the same dtype, but x is ", x.scalar_type(), " and bias is ",
-                     bias->scalar_type());
-  check_same_device(op, {{"x", &x}, {"weight", &weight}, {"bias", has_bias ? &*bias : nullptr}});
+                     bias.scalar_type());
+  check_same_device(op, {{"x", &x}, {"weight", &weight}, {"bias", has_bias ? &bias : nullptr}});
   TORCH_CHECK(weight.dim() == 2, op, ": expected weight to be 2-D (in_features, out_features), but got shape ",
               weight.sizes());
   TORCH_CHECK(x.dim() >= 1, op, ": expected x to have at least 1 dimension (*, in_features), but got shape ",
@@ -35,52 +40,57 @@ void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
               ": x's last dimension must equal weight's in_features (weight.shape[0]), but x has shape ", x.sizes(),
               " and weight has shape ", weight.sizes());
   if (has_bias)
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(1), op, ": expected bias of shape [",
-                weight.size(1), "] (out_features,), but got shape ", bias->sizes());
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(1), op, ": expected bias of shape [",
+                weight.size(1), "] (out_features,), but got shape ", bias.sizes());
 }
 
+// (*, out): x's shape with its last dim replaced by weight's out_features.
 std::vector<int64_t> linear_output_shape(const at::Tensor& x, const at::Tensor& weight) {
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = weight.size(1);
   return shape;
 }
 
-int64_t linear_rows(const at::Tensor& x) {
-  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-}
-
+// t seen as a (rows, cols) matrix: t itself when it is 2-D (no dispatcher call), else t.reshape.
 at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
   return t.dim() == 2 ? t : t.reshape({rows, cols});
 }
 
-at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
-  return x.dim() == 2 ? out : out.view(linear_output_shape(x, weight));
-}
-
-std::array<int64_t, 2> weight_grad_strides(const at::Tensor& weight) {
-  const int64_t K = weight.size(0), N = weight.size(1);
-  if (weight.stride(0) == 1 && weight.stride(1) != 1) return {1, K};
-  return {N, 1};
-}
-
+// A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
+// row-wise backward kernels read.
 at::Tensor unit_column_stride(const at::Tensor& t) {
   return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
 }
 
-Activation check_linear_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                        const std::optional<at::Tensor>& out_arg, c10::string_view act_name) {
+const at::Tensor& defined_or_empty(const std::optional<at::Tensor>& t) {
+  static const at::Tensor kUndefined;
+  return t.has_value() ? *t : kUndefined;
+}
+
+LinearForward prepare_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              c10::string_view act) {
+  constexpr const char* op = "linear_act";
+  const at::Tensor& b = defined_or_empty(bias);
+  check_linear_inputs(op, x, weight, b);
+  const Activation activation = parse_activation(act, op);
+  const int64_t M = linear_rows(x), K = weight.size(0), N = weight.size(1);
+  return {as_matrix(x, M, K), weight, b.defined() ? b.contiguous() : at::Tensor(), activation, M, K, N};
+}
+
+LinearBackward prepare_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& out, c10::string_view act) {
   constexpr const char* op = "linear_act_backward";
-  check_linear_inputs(op, x, weight, std::nullopt);
-  const Activation act = parse_activation(act_name, op);
-  const at::Tensor out = out_arg.has_value() ? *out_arg : at::Tensor();
+  check_linear_inputs(op, x, weight, at::Tensor());
+  const Activation activation = parse_activation(act, op);
+  const bool relu = activation == Activation::kRelu;
   check_floating(grad, op, "grad");
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": expected grad and x to have the same dtype, but grad is ",
                    grad.scalar_type(), " and x is ", x.scalar_type());
-  check_same_device(op, {{"x", &x}, {"grad", &grad}, {"out", act == Activation::kRelu ? &out : nullptr}});
+  check_same_device(op, {{"x", &x}, {"grad", &grad}, {"out", relu ? &out : nullptr}});
   const std::vector<int64_t> shape = linear_output_shape(x, weight);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), op, ": expected grad of shape ", at::IntArrayRef(shape),
               " (x's shape with out_features last), but got shape ", grad.sizes());
-  if (act == Activation::kRelu) {
+  if (relu) {
     TORCH_CHECK(out.defined(), op, ": act='relu' needs the forward output `out`");
     TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), op,
                      ": expected out and x to have the same dtype, but out is ", out.scalar_type(), " and x is ",
@@ -88,7 +98,43 @@ Activation check_linear_backward_inputs(const at::Tensor& grad, const at::Tensor
     TORCH_CHECK(out.sizes() == grad.sizes(), op, ": expected out of shape ", grad.sizes(), ", but got shape ",
                 out.sizes());
   }
-  return act;
+  const int64_t M = linear_rows(x), K = weight.size(0), N = weight.size(1);
+  return {unit_column_stride(as_matrix(grad, M, N)), as_matrix(x, M, K), weight,
+          relu ? unit_column_stride(as_matrix(out, M, N)) : at::Tensor(), activation, M, K, N};
+}
+
+}  // namespace
+
+int64_t linear_rows(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+at::Tensor linear_act(const LinearActKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, c10::string_view act) {
+  const LinearForward args = prepare_forward(x, weight, bias, act);
+  at::Tensor out = kernels.empty({args.M, args.N}, {args.N, 1}, x);
+  if (out.numel() > 0) kernels.forward(args, out);
+  return x.dim() == 2 ? out : out.view(linear_output_shape(x, weight));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const LinearActKernels& kernels,
+                                                                   const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& weight,
+                                                                   const std::optional<at::Tensor>& out,
+                                                                   c10::string_view act, std::array<bool, 3> mask) {
+  const LinearBackward args = prepare_backward(grad, x, weight, defined_or_empty(out), act);
+  const int64_t M = args.M, K = args.K, N = args.N;
+  LinearGrads grads;
+  if (mask[0]) grads.dx = kernels.empty({M, K}, {K, 1}, x);
+  if (mask[1]) {
+    const bool transposed = weight.stride(0) == 1 && weight.stride(1) != 1;  // nn.Linear.weight.t()
+    const std::array<int64_t, 2> strides = transposed ? std::array<int64_t, 2>{1, K} : std::array<int64_t, 2>{N, 1};
+    grads.dw = kernels.empty({K, N}, strides, x);
+  }
+  if (mask[2]) grads.db = kernels.empty({N}, {1}, x);
+  if (mask[0] || mask[1] || mask[2]) kernels.backward(args, grads);
+  if (grads.dx.defined() && x.dim() != 2) grads.dx = grads.dx.view(x.sizes());
+  return {grads.dx, grads.dw, grads.db};
 }
 
 }  // namespace customlayers

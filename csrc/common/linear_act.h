@@ -1,5 +1,7 @@
-// Argument handling shared by the CPU and CUDA kernels of the fused linear ops (linear_act,
-// linear_act_backward): the activation, input validation and the output shape.
+// What the fused linear ops (linear_act, linear_act_backward) do the same way on every device: the
+// activation, argument checks, the matrix views the kernels take, output allocation and output shapes.
+// A device supplies its kernels as LinearActKernels; the ops' entry points below prepare the arguments,
+// call them, and shape the results.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,45 +9,60 @@
 
 #include <array>
 #include <optional>
-#include <vector>
+#include <tuple>
 
 namespace customlayers {
 
 enum class Activation { kNone, kRelu };
 
-// "relu" or "none"; anything else is a ValueError naming the op and the value.
-Activation parse_activation(c10::string_view act, const char* op);
-
-// x (*, in), weight (in, out) of any strides, bias (out,) or none: floating point, one dtype, one
-// device, matching sizes. Errors name the shapes, dtypes or devices involved.
-void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias);
-
-// (*, out): x's shape with its last dim replaced by weight's out_features.
-std::vector<int64_t> linear_output_shape(const at::Tensor& x, const at::Tensor& weight);
-
 // The number of rows of x seen as a (rows, in_features) matrix: the product of its leading dims.
 int64_t linear_rows(const at::Tensor& x);
 
-// t seen as a (rows, cols) matrix: t itself when it is 2-D (no dispatcher call), else t.reshape.
-at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols);
+// linear_act's arguments, checked, as a kernel takes them: out (M, N) = act(x2 (M, K) @ weight (K, N) + bias).
+struct LinearForward {
+  at::Tensor x2;      // x as a (M, K) matrix: a view where x's layout allows, any strides
+  at::Tensor weight;  // (K, N), any strides (nn.Linear.weight.t() is (1, K))
+  at::Tensor bias;    // (N,) contiguous, or undefined for none
+  Activation act;
+  int64_t M, K, N;
+};
 
-// out (rows, out_features) seen in linear_output_shape(x, weight): out itself when x is 2-D, else a view.
-at::Tensor as_leading_shape(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
+// linear_act_backward's arguments, checked: grad and out as (M, N) matrices with unit column stride (any
+// row stride), out defined for act='relu' only.
+struct LinearBackward {
+  at::Tensor g2;
+  at::Tensor x2;
+  at::Tensor weight;
+  at::Tensor o2;
+  Activation act;
+  int64_t M, K, N;
+};
 
-// The strides of dW (in_features, out_features) in the weight's layout: nn.Linear.weight.t() (strides
-// (1, in)) gets a gradient whose .t() is contiguous, so accumulating it into .grad needs no copy; any
-// other weight gets a contiguous one.
-std::array<int64_t, 2> weight_grad_strides(const at::Tensor& weight);
+// The requested gradients (the others undefined), uninitialized when a kernel receives them: dx (M, K)
+// contiguous, dw (K, N) in the weight's layout (nn.Linear.weight.t() gets a gradient whose .t() is
+// contiguous, so accumulating it into .grad needs no copy), db (N,).
+struct LinearGrads {
+  at::Tensor dx, dw, db;
+};
 
-// A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
-// row-wise backward kernels read.
-at::Tensor unit_column_stride(const at::Tensor& t);
+struct LinearActKernels {
+  // Uninitialized memory of `sizes` and (dense) `strides` with like's dtype, on like's device.
+  at::Tensor (*empty)(at::IntArrayRef sizes, at::IntArrayRef strides, const at::Tensor& like);
+  // Fills `out` ((M, N) contiguous, M * N > 0).
+  void (*forward)(const LinearForward& args, at::Tensor& out);
+  // Fills the defined gradients of `grads` (at least one is).
+  void (*backward)(const LinearBackward& args, LinearGrads& grads);
+};
 
-// Validates all of linear_act_backward's arguments: x and weight as check_linear_inputs does, the
-// activation, and grad and out (the forward's output, needed for act='relu') against them.
-// Returns the parsed activation.
-Activation check_linear_backward_inputs(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                        const std::optional<at::Tensor>& out, c10::string_view act);
+// customlayers::linear_act on a device's kernels: checks, then `out` in x's leading shape (*, N).
+at::Tensor linear_act(const LinearActKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, c10::string_view act);
+
+// customlayers::linear_act_backward on a device's kernels: checks, then (dx in x's shape, dw, db).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const LinearActKernels& kernels,
+                                                                   const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& weight,
+                                                                   const std::optional<at::Tensor>& out,
+                                                                   c10::string_view act, std::array<bool, 3> mask);
 
 }  // namespace customlayers

@@ -50,8 +50,11 @@ Bounds check_args(const at::Tensor& self, double low, double high, double thresh
   TORCH_CHECK_VALUE(threshold >= 0, kOp, ": expected threshold >= 0, but got ", threshold);
   TORCH_CHECK_VALUE(offset >= 0, kOp, ": expected offset >= 0, but got ", offset);
   const Format out = format_of(self.scalar_type());
-  TORCH_CHECK_VALUE(std::max(-low, high) <= out.max, kOp, ": the bounds [", low, ", ", high, "] exceed the ",
-                    self.scalar_type(), " range (largest finite value ", out.max, ")");
+  // high - low is the scale of every draw: it must be finite in the tensor's dtype (as torch's uniform_
+  // requires), else every value would come out as a bound.
+  TORCH_CHECK_VALUE(std::max(-low, high) <= out.max && high - low <= out.max, kOp, ": the bounds [", low, ", ",
+                    high, "] exceed the ", self.scalar_type(), " range (largest finite value ", out.max,
+                    ", also for high - low)");
   const bool pos = high > threshold, neg = low < -threshold;
   TORCH_CHECK_VALUE(pos || neg, kOp, ": threshold=", threshold, " masks every value of [", low, ", ", high,
                     "): expected low < -threshold or high > threshold");

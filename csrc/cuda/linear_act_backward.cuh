@@ -1,7 +1,7 @@
-// The element-wise half of linear_act's CUDA backward: the ReLU-masked gradient g' = g * (out > 0) and the
-// bias gradient db = column sums of g', reproducibly: one kernel writes g' and per-64-row-chunk column
-// sums (one thread per column and chunk, no atomics), a second adds the chunks in a fixed order in
-// double. Written against common/cuda_device.cuh only, so the CUDA emulator of the C++ tests runs it too.
+// The element-wise half of linear_act's CUDA backward: the ReLU-masked gradient g' = (out <= 0 ? 0 : g)
+// (torch.relu's: a NaN output passes g) and the bias gradient db = column sums of g', reproducibly: one
+// kernel writes g' and per-64-row-chunk column sums (one thread per column and chunk, no atomics), a
+// second adds the chunks in a fixed order in double. Written against common/cuda_device.cuh only, so the CUDA emulator of the C++ tests runs it too.
 #pragma once
 
 #include "common/cuda_device.cuh"
@@ -30,8 +30,8 @@ struct ReluGradArgs {
   bool relu;
 };
 
-// For column n and each chunk of kChunkRows rows: v = relu ? g * (out > 0) : g, written to gp when gp is
-// set, and the chunk's sum of v into partial[chunk * N + n] when partial is set.
+// For column n and each chunk of kChunkRows rows: v = relu ? (out <= 0 ? 0 : g) : g, written to gp when
+// gp is set, and the chunk's sum of v into partial[chunk * N + n] when partial is set.
 template <typename T, bool kRelu>
 __global__ void __launch_bounds__(kColThreads) mask_and_sum_kernel(const ReluGradArgs<T> a) {
   using A = acc_t<T>;
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kColThreads) mask_and_sum_kernel(const ReluGra
     for (int64_t r = r0; r < r1; ++r) {
       A v = static_cast<A>(a.g[r * a.ldg + n]);
       if constexpr (kRelu) {
-        v = static_cast<A>(a.out[r * a.ldo + n]) > A(0) ? v : A(0);
+        v = static_cast<A>(a.out[r * a.ldo + n]) <= A(0) ? A(0) : v;  // NaN out passes g, as torch.relu's
         if (a.gp != nullptr) a.gp[r * a.N + n] = static_cast<T>(v);
       }
       sum += v;
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kColThreads) bias_grad_kernel(const ReluGradAr
   a.db[n] = static_cast<T>(s);
 }
 
-// gp (when set; relu only) = g masked by out > 0, and db (when set, with partial) = column sums of it.
+// gp (when set; relu only) = g masked where out <= 0, and db (when set, with partial) = column sums of it.
 template <typename T>
 void relu_grad(const ReluGradArgs<T>& a, cudaStream_t stream) {
   if (a.N == 0) return;

@@ -2,10 +2,9 @@
 //
 //  * The forward is one launch of the hand-written tiled GEMM of cuda/linear_act_gemm.cuh, with bias + activation
 //    fused into its epilogue (CUDA cores for float32/float64, tensor cores for float16/bfloat16).
-//  * Backward: the masked gradient g' = g * (out > 0) and the bias gradient by the kernels of
+//  * Backward: the masked gradient g' = (out <= 0 ? 0 : g) and the bias gradient by the kernels of
 //    cuda/linear_act_backward.cuh (fixed-order chunk sums, bit-reproducible); dX = g' W^T and dW = X^T g' are the
 //    same GEMM on strided views, dW written in the weight's own layout.
-#include "common/checks.h"
 #include "common/cuda_utils.cuh"
 #include "common/linear_act.h"
 #include "cuda/linear_act_gemm.cuh"
@@ -24,8 +23,6 @@
 
 namespace customlayers::cuda {
 namespace {
-
-constexpr const char* kOp = "linear_act";
 
 // Device memory for one GEMM's split-K partial sums. Freed when this goes out of scope, after the GEMM's
 // kernels are queued: the caching allocator reuses it only in the order of the stream.
@@ -54,22 +51,18 @@ Operand<T> right(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1)};
 }
 
-at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      c10::string_view act_name) {
-  check_linear_inputs(kOp, x, weight, bias);
-  const Activation act = parse_activation(act_name, kOp);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = linear_rows(x), K = weight.size(0), N = weight.size(1);
-  const at::Tensor x2 = as_matrix(x, M, K);
-  at::Tensor out = at::empty({M, N}, x.options());
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_cuda", [&] {
-    GemmArgs<scalar_t> args{left<scalar_t>(x2), right<scalar_t>(weight), out.mutable_data_ptr<scalar_t>(), N, 1,
-                            b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, M, N, K,
-                            act == Activation::kRelu};
-    gemm(args, at::cuda::getCurrentCUDAStream(), Workspace(x));
+at::Tensor empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::Tensor& like) {
+  return at::empty_strided(sizes, strides, like.options());
+}
+
+void forward(const LinearForward& a, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_act_cuda", [&] {
+    GemmArgs<scalar_t> args{left<scalar_t>(a.x2), right<scalar_t>(a.weight), out.mutable_data_ptr<scalar_t>(), a.N, 1,
+                            a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr, a.M, a.N, a.K,
+                            a.act == Activation::kRelu};
+    gemm(args, at::cuda::getCurrentCUDAStream(), Workspace(out));
   });
-  return as_leading_shape(out, x, weight);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -90,54 +83,52 @@ void mask_and_sum(const at::Tensor& g2, const at::Tensor& o2, at::Tensor& gp, at
             stream);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                                   const at::Tensor& weight,
-                                                                   const std::optional<at::Tensor>& out,
-                                                                   c10::string_view act_name,
-                                                                   std::array<bool, 3> mask) {
-  const Activation act = check_linear_backward_inputs(grad, x, weight, out, act_name);
-  const at::Tensor o = out.has_value() ? *out : at::Tensor();
-  const c10::cuda::CUDAGuard guard(x.device());
+void backward(const LinearBackward& a, LinearGrads& grads) {
+  const c10::cuda::CUDAGuard guard(a.x2.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool relu = act == Activation::kRelu;
-  const int64_t M = linear_rows(x), K = weight.size(0), N = weight.size(1);
-  const at::Tensor x2 = as_matrix(x, M, K);
-  const at::Tensor g2 = unit_column_stride(as_matrix(grad, M, N));
-  const at::Tensor o2 = relu ? unit_column_stride(as_matrix(o, M, N)) : at::Tensor();
-  const auto opts = x.options();
-  at::Tensor dx = mask[0] ? at::empty({M, K}, opts) : at::Tensor();
-  at::Tensor dw = mask[1] ? at::empty_strided({K, N}, weight_grad_strides(weight), opts) : at::Tensor();
-  at::Tensor db = mask[2] ? at::empty({N}, opts) : at::Tensor();
-  if (!mask[0] && !mask[1] && !mask[2]) return {dx, dw, db};
-
-  // g' = g * (out > 0): its own buffer for relu when a GEMM needs it, g itself otherwise.
-  const bool gemms = mask[0] || mask[1];
-  at::Tensor gp = relu && gemms ? at::empty({M, N}, opts) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_backward_cuda", [&] {
+  const bool relu = a.act == Activation::kRelu;
+  const int64_t M = a.M, K = a.K, N = a.N;
+  // g' = (out <= 0 ? 0 : g): its own buffer for relu when a GEMM needs it, g itself otherwise.
+  const bool gemms = grads.dx.defined() || grads.dw.defined();
+  at::Tensor gp = relu && gemms ? at::empty({M, N}, a.g2.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x2.scalar_type(), "linear_act_backward_cuda", [&] {
     using T = scalar_t;
-    mask_and_sum<T>(g2, o2, gp, db, relu, stream);
+    mask_and_sum<T>(a.g2, a.o2, gp, grads.db, relu, stream);
     if (!gemms) return;
-    if (!gp.defined()) gp = g2;
-    if (mask[0]) {  // dX = g' @ W^T: [M, N] x [N, K]
-      GemmArgs<T> args{left<T>(gp), {weight.const_data_ptr<T>(), weight.stride(1), weight.stride(0)},
-                       dx.mutable_data_ptr<T>(), K, 1, nullptr, M, K, N, false};
-      gemm(args, stream, Workspace(x));
+    if (!gp.defined()) gp = a.g2;
+    if (grads.dx.defined()) {  // dX = g' @ W^T: [M, N] x [N, K]
+      GemmArgs<T> args{left<T>(gp), {a.weight.const_data_ptr<T>(), a.weight.stride(1), a.weight.stride(0)},
+                       grads.dx.mutable_data_ptr<T>(), K, 1, nullptr, M, K, N, false};
+      gemm(args, stream, Workspace(gp));
     }
-    if (mask[1]) {  // dW = X^T @ g': [K, M] x [M, N]
-      GemmArgs<T> args{{x2.const_data_ptr<T>(), x2.stride(0), x2.stride(1)}, right<T>(gp), dw.mutable_data_ptr<T>(),
-                       dw.stride(0), dw.stride(1), nullptr, K, N, M, false};
-      gemm(args, stream, Workspace(x));
+    if (grads.dw.defined()) {  // dW = X^T @ g': [K, M] x [M, N]
+      at::Tensor& dw = grads.dw;
+      GemmArgs<T> args{{a.x2.const_data_ptr<T>(), a.x2.stride(0), a.x2.stride(1)}, right<T>(gp),
+                       dw.mutable_data_ptr<T>(), dw.stride(0), dw.stride(1), nullptr, K, N, M, false};
+      gemm(args, stream, Workspace(gp));
     }
   });
-  if (dx.defined() && x.dim() != 2) dx = dx.view(x.sizes());
-  return {dx, dw, db};
+}
+
+constexpr LinearActKernels kKernels{&empty, &forward, &backward};
+
+at::Tensor linear_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           c10::string_view act) {
+  return linear_act(kKernels, x, weight, bias, act);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                        const at::Tensor& weight,
+                                                                        const std::optional<at::Tensor>& out,
+                                                                        c10::string_view act, std::array<bool, 3> mask) {
+  return linear_act_backward(kKernels, grad, x, weight, out, act, mask);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(customlayers, CUDA, m) {
-  m.impl("linear_act", &linear_act);
-  m.impl("linear_act_backward", &linear_act_backward);
+  m.impl("linear_act", &linear_act_cuda);
+  m.impl("linear_act_backward", &linear_act_backward_cuda);
 }
 
 }  // namespace customlayers::cuda

@@ -1,6 +1,6 @@
 // The CUDA kernels of linear_act's masked gradient and bias gradient (csrc/cuda/linear_act_backward.cuh), run on
-// the CPU emulator and compared with a float64 computation: ReLU mask (including out == 0 and a NaN
-// gradient), row counts around the 64-row chunks, columns around the 256-thread blocks, a strided
+// the CPU emulator and compared with a float64 computation: ReLU mask (including out == 0, a NaN
+// output and a NaN gradient), row counts around the 64-row chunks, columns around the 256-thread blocks, a strided
 // gradient, and each output asked for alone.
 #include "cuda/linear_act_backward.cuh"
 #include "emulated_testing.h"
@@ -35,6 +35,7 @@ void check(int64_t M, int64_t N, bool relu, bool want_gp, bool want_db, std::mt1
     g[1 * ldg + 1] = T(std::numeric_limits<float>::quiet_NaN());
     out[1 * ldo + 1] = T(-1.0f);
   }
+  if (relu && N > 2) out[2] = T(std::numeric_limits<float>::quiet_NaN());  // a NaN output passes g, as in torch.relu
   const T sentinel = T(7.0f);
   std::vector<T> gp(want_gp ? M * N : 0, sentinel), db(want_db ? N : 0, sentinel);
   std::vector<A> partial(want_db ? cl::relu_grad_chunks(M) * N : 0);
@@ -46,7 +47,7 @@ void check(int64_t M, int64_t N, bool relu, bool want_gp, bool want_db, std::mt1
   for (int64_t n = 0; n < N; ++n) {
     double sum = 0, mag = 0;
     for (int64_t r = 0; r < M; ++r) {
-      const bool on = !relu || static_cast<double>(out[r * ldo + n]) > 0;
+      const bool on = !relu || !(static_cast<double>(out[r * ldo + n]) <= 0);
       const double v = on ? static_cast<double>(g[r * ldg + n]) : 0.0;
       sum += v;
       mag += std::abs(v);

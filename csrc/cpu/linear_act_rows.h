@@ -1,0 +1,182 @@
+// The row-wise passes of the CPU linear_act kernels, shared by the small-weight and BLAS paths: matrix
+// views, the forward's bias + activation epilogue, and the backward's masked gradient with its
+// bias-gradient column sums.
+#pragma once
+
+#include "common/cpu_vec.h"
+#include "common/linear_act.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+
+namespace customlayers::cpu {
+
+constexpr int64_t kChunkRows = 64;       // rows per bias-gradient partial sum
+constexpr int64_t kTaskFlops = 1 << 18;  // at least this much GEMM work per parallel task
+constexpr int64_t kTaskElems = 1 << 16;  // at least this many elements per task of the elementwise-only passes
+
+// A matrix stored by rows: row r starts at data + r * ld, its elements contiguous. A null data: absent.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  int64_t ld = 0;
+  T* row(int64_t r) const { return data + r * ld; }
+  // The matrix from row r on (absent stays absent).
+  Rows from(int64_t r) const { return {data != nullptr ? row(r) : nullptr, ld}; }
+  explicit operator bool() const { return data != nullptr; }
+};
+
+// A matrix of any strides: element (r, c) at data[r * rs + c * cs].
+template <typename T>
+struct Strided {
+  T* data;
+  int64_t rs, cs;
+};
+
+template <typename T>
+Rows<const T> rows_of(const at::Tensor& t) {  // t: 2-D with unit column stride, or undefined
+  return t.defined() ? Rows<const T>{t.const_data_ptr<T>(), t.stride(0)} : Rows<const T>{};
+}
+
+template <typename T>
+Strided<const T> strided_of(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+template <typename T>
+Strided<T> mutable_strided_of(at::Tensor& t) {
+  return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+// act(v + bias[0..width)) for one vector of outputs (bias null: no bias). NaN stays NaN, like torch.relu.
+template <typename A>
+inline Vectorized<A> bias_act(Vectorized<A> v, const A* bias, Activation act) {
+  if (bias != nullptr) v = v + Vectorized<A>::loadu(bias);
+  return act == Activation::kRelu ? at::vec::maximum(v, Vectorized<A>(0)) : v;
+}
+
+// y[r, :] = act(y[r, :] + bias) for rows [r0, r1) of a contiguous [M, N] block.
+template <typename T>
+void epilogue_rows(T* y, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* bias, Activation act) {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  constexpr int64_t kW = Vec::size();
+  for (int64_t r = r0; r < r1; ++r) {
+    T* row = y + r * N;
+    Vec v[L::kVecs];
+    int64_t c = 0;
+    for (; c + L::kStep <= N; c += L::kStep) {
+      L::load(row + c, v);
+      for (int j = 0; j < L::kVecs; ++j) v[j] = bias_act(v[j], bias != nullptr ? bias + c + j * kW : nullptr, act);
+      L::store(row + c, v);
+    }
+    for (; c < N; ++c) {
+      acc_t<T> s = static_cast<acc_t<T>>(row[c]) + (bias != nullptr ? bias[c] : acc_t<T>(0));
+      if (act == Activation::kRelu) s = s > 0 || s != s ? s : acc_t<T>(0);
+      row[c] = static_cast<T>(s);
+    }
+  }
+}
+
+// The gradient g (M, N) and, for act='relu', the forward output o (absent for 'none').
+template <typename T>
+struct MaskedGrad {
+  Rows<const T> g;
+  Rows<const T> o;
+  int64_t N;
+};
+
+// Where mask_rows puts the masked gradient of its rows (each optional): T rows, acc_t rows, and the
+// bias-gradient column sums (acc_t, added to).
+template <typename T>
+struct MaskSinks {
+  Rows<T> gp;
+  Rows<acc_t<T>> buf;
+  acc_t<T>* sums = nullptr;
+};
+
+// The masked gradient s = g, or for relu g where !(o <= 0) and +0 elsewhere (torch.relu's backward: a NaN
+// output passes the gradient), of rows [r0, r0 + rows) of src, stored to dst's rows 0.. and added to
+// dst.sums. Rows are taken four at a time, summed in registers and then added to the sums: one
+// read-modify-write of the sums per four rows, in an order fixed by the row index alone.
+template <typename T>
+inline void mask_rows(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const MaskSinks<T>& dst) {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  using A = acc_t<T>;
+  constexpr int64_t kW = Vec::size();
+  constexpr int64_t kGroup = 4;
+  const int64_t N = src.N;
+  const Vec zero(0);
+  for (int64_t q0 = 0; q0 < rows; q0 += kGroup) {
+    const int64_t nq = std::min(kGroup, rows - q0);
+    int64_t c = 0;
+    for (; c + L::kStep <= N; c += L::kStep) {
+      Vec s[L::kVecs];
+      for (auto& v : s) v = zero;
+      for (int64_t q = q0; q < q0 + nq; ++q) {
+        Vec v[L::kVecs], m[L::kVecs];
+        L::load(src.g.row(r0 + q) + c, v);
+        if (src.o) {
+          L::load(src.o.row(r0 + q) + c, m);
+          for (int j = 0; j < L::kVecs; ++j) v[j] = Vec::blendv(v[j], zero, m[j] <= zero);  // exact g or +0
+        }
+        if (dst.gp) L::store(dst.gp.row(q) + c, v);
+        if (dst.buf)
+          for (int j = 0; j < L::kVecs; ++j) v[j].store(dst.buf.row(q) + c + j * kW);
+        for (int j = 0; j < L::kVecs; ++j) s[j] = s[j] + v[j];
+      }
+      if (dst.sums != nullptr)
+        for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(dst.sums + c + j * kW) + s[j]).store(dst.sums + c + j * kW);
+    }
+    for (; c < N; ++c) {
+      A sum = 0;
+      for (int64_t q = q0; q < q0 + nq; ++q) {
+        A v = static_cast<A>(src.g.row(r0 + q)[c]);
+        if (src.o && static_cast<A>(src.o.row(r0 + q)[c]) <= 0) v = A(0);
+        if (dst.gp) dst.gp.row(q)[c] = static_cast<T>(v);
+        if (dst.buf) dst.buf.row(q)[c] = v;
+        sum += v;
+      }
+      if (dst.sums != nullptr) dst.sums[c] += sum;
+    }
+  }
+}
+
+// The bias gradient's partial sums: chunk k's column sums (in double) at partial[k * N ...], each
+// accumulated in acc_t in `scratch` (N values) while its rows are masked. A null partial: no bias gradient.
+template <typename A>
+struct ChunkSums {
+  double* partial;
+  A* scratch;
+  int64_t N;
+  // The sums to add the chunk's rows to (zeroed), or null.
+  A* begin() const {
+    if (partial == nullptr) return nullptr;
+    std::fill(scratch, scratch + N, A(0));
+    return scratch;
+  }
+  void end(int64_t chunk) const {
+    if (partial == nullptr) return;
+    double* dst = partial + chunk * N;
+    for (int64_t c = 0; c < N; ++c) dst[c] = static_cast<double>(scratch[c]);
+  }
+};
+
+// For rows [r0, r1) (r0 a multiple of kChunkRows): the masked gradient into gp's same rows (when
+// present) and each chunk's column sums into `sums`.
+template <typename T>
+void mask_and_sum_rows(const MaskedGrad<T>& src, Rows<T> gp, const ChunkSums<acc_t<T>>& sums, int64_t r0, int64_t r1) {
+  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+    const int64_t rows = std::min(r1, c0 + kChunkRows) - c0;
+    mask_rows(src, c0, rows, MaskSinks<T>{gp.from(c0), {}, sums.begin()});
+    sums.end(c0 / kChunkRows);
+  }
+}
+
+// Instantiates `macro(T)` for every dtype the CPU kernels take.
+#define CUSTOMLAYERS_FOR_FLOATING_TYPES(macro) \
+  macro(float) macro(double) macro(at::Half) macro(at::BFloat16)
+
+}  // namespace customlayers::cpu

@@ -1,0 +1,330 @@
+// The small-weight CPU kernels of linear_act (see linear_act_small.h). One register-blocked kernel,
+// tile_product, computes a kTileRows x (kTileVecs vectors) tile of C = A @ B in registers, B being an
+// acc_t panel with its columns zero-padded to whole tiles:
+//  * forward: one parallel pass over rows; A = rows of x (acc_t copies), B = W packed as [K, Np]; bias +
+//    activation applied to the tile before it is stored;
+//  * backward: one parallel pass over fixed blocks of rows; per 64-row chunk it makes the masked gradient
+//    g', its bias-gradient column sums, dX = g' W^T (A = rows of the chunk of g', B = W^T packed as
+//    [N, Kp]) and the block's share of dW = X^T g' (A = X^T of the chunk, B = the chunk of g'), all while
+//    the chunk is in cache. The blocks' dW partials are then added in block order; blocks depend on M
+//    alone, so dW does not depend on the thread count, like the bias gradient.
+#include "cpu/linear_act_small.h"
+
+#include "common/cpu_alloc.h"
+#include "cpu/linear_act_rows.h"
+
+#include <ATen/Parallel.h>
+
+namespace customlayers::cpu {
+namespace {
+
+constexpr int64_t kSmallK = 64;
+constexpr int64_t kSmallWeight = 1 << 16;
+constexpr int64_t kTileRows = 4;
+constexpr int kTileVecs = 3;
+
+template <typename T>
+constexpr int64_t tile_cols() {
+  return kTileVecs * Vectorized<acc_t<T>>::size();
+}
+
+// An uninitialized acc_t buffer of n values (the extension's CPU allocator: no zero fill, recycled).
+template <typename T>
+at::Tensor acc_buffer(int64_t n) {
+  return cpu::empty({n}, c10::CppTypeToScalarType<acc_t<T>>::value);
+}
+
+// dst(r, c) = src(r, c) for r < rows, c < cols: a row-major block stored in any layout (a transposing
+// copy when the destination's columns are its contiguous dimension).
+template <typename S, typename D>
+void copy_block(Rows<const S> src, int64_t rows, int64_t cols, Strided<D> dst) {
+  if (dst.cs == 1 || cols == 1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst.data[r * dst.rs + c] = static_cast<D>(src.row(r)[c]);
+  } else if (dst.rs == 1 || rows == 1) {
+    transpose_copy(src.data, src.ld, rows, cols, dst.data, dst.cs);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst.data[r * dst.rs + c * dst.cs] = static_cast<D>(src.row(r)[c]);
+  }
+}
+
+// dst.row(i)[c] = src(i, c) for i < inner, c < cols, as acc_t, each row zero padded to dst.ld. Each
+// parallel task packs its own copy of a panel: packed once and read by every thread, it would move
+// from core to core on every call, which costs more than packing it again.
+template <typename T>
+void pack_panel(Strided<const T> src, int64_t inner, int64_t cols, Rows<acc_t<T>> dst) {
+  // src read as the row-major [cols, inner] block with rows of src.cs values when its inner dimension
+  // is contiguous (the panel is then its transpose); else element by element.
+  if (src.rs == 1 && src.cs != 1)
+    copy_block(Rows<const T>{src.data, src.cs}, cols, inner, Strided<acc_t<T>>{dst.data, 1, dst.ld});
+  else
+    for (int64_t i = 0; i < inner; ++i)
+      for (int64_t c = 0; c < cols; ++c) dst.row(i)[c] = static_cast<acc_t<T>>(src.data[i * src.rs + c * src.cs]);
+  for (int64_t i = 0; i < inner; ++i) std::fill(dst.row(i) + cols, dst.row(i + 1), acc_t<T>(0));
+}
+
+template <typename A>
+struct Tile {
+  Vectorized<A> v[kTileRows][kTileVecs];
+};
+
+// t.v[r][j] = sum over i in [i0, i1) of a(r, i) * b.row(i)[c0 + j * width] for r < nrows; rows r >= nrows
+// repeat row nrows - 1 (read, never stored). Small arguments by value: the loop keeps them in registers.
+template <typename A>
+inline Tile<A> tile_product(Strided<const A> a, int64_t nrows, Rows<const A> b, int64_t c0, int64_t i0, int64_t i1) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  const A* row[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) row[r] = a.data + std::min(r, nrows - 1) * a.rs;
+  const int64_t si = a.cs;
+  // Accumulated in locals and copied out once: kept in registers (accumulating into the returned
+  // object directly makes GCC store it to memory on every iteration).
+  Vec acc[kTileRows][kTileVecs];
+  for (auto& rr : acc)
+    for (auto& v : rr) v = Vec(0);
+  for (int64_t i = i0; i < i1; ++i) {
+    Vec w[kTileVecs];
+    for (int j = 0; j < kTileVecs; ++j) w[j] = Vec::loadu(b.row(i) + c0 + j * kW);
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const Vec av(row[r][i * si]);
+      for (int j = 0; j < kTileVecs; ++j) acc[r][j] = at::vec::fmadd(av, w[j], acc[r][j]);
+    }
+  }
+  Tile<A> t;
+  for (int64_t r = 0; r < kTileRows; ++r)
+    for (int j = 0; j < kTileVecs; ++j) t.v[r][j] = acc[r][j];
+  return t;
+}
+
+// dst[c] = v[c] for the first n values of a tile row.
+template <typename T, typename A>
+inline void store_tile_row(const Vectorized<A>* v, int64_t n, T* dst) {
+  constexpr int64_t kW = Vectorized<A>::size();
+  if constexpr (std::is_same_v<T, A>) {
+    if (n == kTileVecs * kW) {
+      for (int j = 0; j < kTileVecs; ++j) v[j].store(dst + j * kW);
+      return;
+    }
+  }
+  A tmp[kTileVecs * kW];
+  for (int j = 0; j < kTileVecs; ++j) v[j].store(tmp + j * kW);
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(tmp[c]);
+}
+
+// The forward's operands: y (M, N) contiguous = act(x @ W + bias), W packed as [K, Np], the bias padded
+// to Np (or null).
+template <typename T>
+struct SmallForward {
+  Strided<const T> x;
+  const acc_t<T>* wp;
+  const acc_t<T>* bias;
+  T* y;
+  int64_t K, N;
+  Activation act;
+};
+
+// Forward rows [r0, r1).
+template <typename T>
+void forward_rows(const SmallForward<T>& f, int64_t r0, int64_t r1) {
+  using A = acc_t<T>;
+  constexpr int64_t kW = Vectorized<A>::size();
+  const int64_t K = f.K, N = f.N;
+  const Rows<const A> w{f.wp, small_padded_cols<T>(N)};
+  A xs[kTileRows * kSmallK];
+  for (int64_t q0 = r0; q0 < r1; q0 += kTileRows) {
+    const int64_t nq = std::min(kTileRows, r1 - q0);
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t k = 0; k < K; ++k) xs[i * K + k] = static_cast<A>(f.x.data[(q0 + i) * f.x.rs + k * f.x.cs]);
+    for (int64_t c0 = 0; c0 < N; c0 += tile_cols<T>()) {
+      Tile<A> t = tile_product(Strided<const A>{xs, K, 1}, nq, w, c0, 0, K);
+      for (int64_t i = 0; i < nq; ++i) {
+        for (int j = 0; j < kTileVecs; ++j)
+          t.v[i][j] = bias_act(t.v[i][j], f.bias != nullptr ? f.bias + c0 + j * kW : nullptr, f.act);
+        store_tile_row(t.v[i], std::min(tile_cols<T>(), N - c0), f.y + (q0 + i) * N + c0);
+      }
+    }
+  }
+}
+
+// The backward's operands, shared by every block: the masked-gradient source, x (read as acc_t directly
+// when x_direct, else converted per chunk), W^T packed as [N, Kp] (null: no dX), dx (M, K) contiguous
+// (null: none), the bias-gradient partial sums (null: none).
+template <typename T>
+struct SmallBackward {
+  MaskedGrad<T> src;
+  Strided<const T> x;
+  bool x_direct;
+  const acc_t<T>* wt;
+  T* dx;
+  double* partial;
+  int64_t K, N;
+};
+
+// One task's chunk buffers: the chunk's masked gradient (kChunkRows rows of Np), x's chunk in acc_t
+// (kChunkRows rows of K), the chunk's column sums (N).
+template <typename A>
+struct ChunkBuffers {
+  A* gp;
+  A* xbuf;
+  A* sums;
+};
+
+// Rows [r0, r1) of the backward (r0 a multiple of kChunkRows), a 64-row chunk at a time, adding X^T g' to
+// the block's dW partial dwp ([K, Np] acc_t; null: no dW).
+template <typename T>
+void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf, acc_t<T>* dwp, int64_t r0,
+                    int64_t r1) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  const int64_t K = p.K, N = p.N;
+  const int64_t ldp = small_padded_cols<T>(N), ldk = small_padded_cols<T>(K);
+  const Rows<A> gp{buf.gp, ldp};
+  const ChunkSums<A> sums{p.partial, buf.sums, N};
+  if (dwp != nullptr) std::fill(dwp, dwp + K * ldp, A(0));
+  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+    const int64_t rows = std::min(r1, c0 + kChunkRows) - c0;
+    mask_rows(p.src, c0, rows, MaskSinks<T>{{}, gp, sums.begin()});
+    sums.end(c0 / kChunkRows);
+    if (dwp != nullptr)  // g' is dW's B panel: its padding columns are read
+      for (int64_t i = 0; i < rows; ++i) std::fill(gp.row(i) + N, gp.row(i + 1), A(0));
+    if (p.dx != nullptr) {
+      for (int64_t q = 0; q < rows; q += kTileRows) {
+        const int64_t nq = std::min(kTileRows, rows - q);
+        for (int64_t kb = 0; kb < K; kb += tile_cols<T>()) {
+          const Tile<A> t = tile_product(Strided<const A>{gp.row(q), ldp, 1}, nq, Rows<const A>{p.wt, ldk}, kb, 0, N);
+          for (int64_t i = 0; i < nq; ++i)
+            store_tile_row(t.v[i], std::min(tile_cols<T>(), K - kb), p.dx + (c0 + q + i) * K + kb);
+        }
+      }
+    }
+    if (dwp == nullptr) continue;
+    Rows<const A> xa;  // the chunk of x as acc_t rows
+    if (p.x_direct) {
+      xa = {reinterpret_cast<const A*>(p.x.data) + c0 * p.x.rs, p.x.rs};
+    } else {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t k = 0; k < K; ++k) buf.xbuf[i * K + k] = static_cast<A>(p.x.data[(c0 + i) * p.x.rs + k * p.x.cs]);
+      xa = {buf.xbuf, K};
+    }
+    // The block's dW += X_chunk^T g'_chunk: rows of the tile are x's columns k0..k0+3.
+    for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
+      const int64_t nk = std::min(kTileRows, K - k0);
+      for (int64_t n0 = 0; n0 < ldp; n0 += tile_cols<T>()) {
+        const Tile<A> t = tile_product(Strided<const A>{xa.data + k0, 1, xa.ld}, nk, Rows<const A>{gp.data, ldp}, n0, 0, rows);
+        for (int64_t r = 0; r < nk; ++r) {
+          A* dst = dwp + (k0 + r) * ldp + n0;
+          for (int j = 0; j < kTileVecs; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
+        }
+      }
+    }
+  }
+}
+
+// The blocks' dW partials: block b's row k at data[b * stride + k * ld], rows padded to ld (whole vectors).
+template <typename A>
+struct DwPartials {
+  A* data;
+  int64_t stride, blocks, ld;
+};
+
+// Rows [k0, k1) of dW: the partials added in block order in acc_t into block 0's, then stored to dst.
+template <typename T>
+void finish_dw_rows(const DwPartials<acc_t<T>>& parts, int64_t k0, int64_t k1, int64_t N, Strided<T> dst) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  for (int64_t k = k0; k < k1 && parts.blocks > 1; ++k) {
+    A* row = parts.data + k * parts.ld;
+    for (int64_t n0 = 0; n0 < parts.ld; n0 += kW) {
+      Vec acc = Vec::loadu(row + n0);
+      for (int64_t b = 1; b < parts.blocks; ++b) acc = acc + Vec::loadu(row + b * parts.stride + n0);
+      acc.store(row + n0);
+    }
+  }
+  copy_block(Rows<const A>{parts.data + k0 * parts.ld, parts.ld}, k1 - k0, N,
+             Strided<T>{dst.data + k0 * dst.rs, dst.rs, dst.cs});
+}
+
+// Rows per dW block: a whole number of chunks (at least kMinDwBlockRows), at most kDwBlocks blocks. It
+// depends on M alone, so the order of dW's additions (rows within a block, then blocks in order) does too.
+constexpr int64_t kDwBlocks = 16;
+constexpr int64_t kMinDwBlockRows = 2 * kChunkRows;
+int64_t dw_block_rows(int64_t M) {
+  const int64_t per_block = (M + kDwBlocks - 1) / kDwBlocks;
+  return std::max<int64_t>(kMinDwBlockRows, (per_block + kChunkRows - 1) / kChunkRows * kChunkRows);
+}
+
+}  // namespace
+
+bool small_weight(int64_t K, int64_t N) { return K > 0 && N > 0 && K <= kSmallK && K * N <= kSmallWeight; }
+
+template <typename T>
+int64_t small_padded_cols(int64_t cols) {
+  return (cols + tile_cols<T>() - 1) / tile_cols<T>() * tile_cols<T>();
+}
+
+template <typename T>
+void small_forward(const LinearForward& args, const acc_t<T>* bias, at::Tensor& out) {
+  const int64_t K = args.K, N = args.N;
+  const SmallForward<T> f{strided_of<T>(args.x2), nullptr, bias, out.mutable_data_ptr<T>(), K, N, args.act};
+  const Strided<const T> w = strided_of<T>(args.weight);
+  const int64_t grain = std::max<int64_t>(kTileRows, kTaskFlops / (2 * K * N));
+  at::parallel_for(0, args.M, grain, [&](int64_t begin, int64_t end) {
+    const at::Tensor wp = acc_buffer<T>(K * small_padded_cols<T>(N));  // W as [K, Np]
+    SmallForward<T> task = f;
+    task.wp = wp.template mutable_data_ptr<acc_t<T>>();
+    pack_panel(w, K, N, Rows<acc_t<T>>{wp.template mutable_data_ptr<acc_t<T>>(), small_padded_cols<T>(N)});
+    forward_rows(task, begin, end);
+  });
+}
+
+template <typename T>
+void small_backward(const LinearBackward& args, LinearGrads& grads, double* partial) {
+  using A = acc_t<T>;
+  const int64_t M = args.M, N = args.N, K = args.K;
+  const int64_t ldp = small_padded_cols<T>(N), ldk = small_padded_cols<T>(K);
+  const at::Tensor& x2 = args.x2;
+  const bool want_dx = grads.dx.defined(), want_dw = grads.dw.defined();
+  const int64_t block_rows = dw_block_rows(M);
+  const int64_t blocks = (M + block_rows - 1) / block_rows;
+  const at::Tensor dw_parts = want_dw ? acc_buffer<T>(blocks * K * ldp) : at::Tensor();
+  const DwPartials<A> parts{want_dw ? dw_parts.template mutable_data_ptr<A>() : nullptr, K * ldp, blocks, ldp};
+  const SmallBackward<T> p{{rows_of<T>(args.g2), rows_of<T>(args.o2), N}, strided_of<T>(x2),
+                           std::is_same_v<T, A> && x2.stride(1) == 1, nullptr,
+                           want_dx ? grads.dx.mutable_data_ptr<T>() : nullptr, partial, K, N};
+  const Strided<const T> w = strided_of<T>(args.weight);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // The chunk buffers, then W^T packed as [N, Kp] when dX is wanted.
+    const at::Tensor buf = acc_buffer<T>(kChunkRows * (ldp + K) + N + (want_dx ? N * ldk : 0));
+    A* base = buf.template mutable_data_ptr<A>();
+    const ChunkBuffers<A> chunk{base, base + kChunkRows * ldp, base + kChunkRows * (ldp + K)};
+    SmallBackward<T> task = p;
+    if (want_dx) {
+      A* wt = chunk.sums + N;
+      pack_panel(Strided<const T>{w.data, w.cs, w.rs}, N, K, Rows<A>{wt, ldk});  // W^T
+      task.wt = wt;
+    }
+    for (int64_t blk = begin; blk < end; ++blk)
+      backward_block(task, chunk, want_dw ? parts.data + blk * parts.stride : nullptr, blk * block_rows,
+                     std::min(M, (blk + 1) * block_rows));
+  });
+  if (!want_dw) return;
+  if (blocks == 0) {  // no rows: an empty sum
+    grads.dw.zero_();
+    return;
+  }
+  // dW = the blocks' partials added in block order (in acc_t: at most kDwBlocks terms).
+  const Strided<T> dst = mutable_strided_of<T>(grads.dw);
+  at::parallel_for(0, K, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, blocks * ldp)),
+                   [&](int64_t k0, int64_t k1) { finish_dw_rows(parts, k0, k1, N, dst); });
+}
+
+#define CUSTOMLAYERS_INSTANTIATE_SMALL(T)                                                        \
+  template int64_t small_padded_cols<T>(int64_t);                                              \
+  template void small_forward<T>(const LinearForward&, const acc_t<T>*, at::Tensor&);          \
+  template void small_backward<T>(const LinearBackward&, LinearGrads&, double*);
+CUSTOMLAYERS_FOR_FLOATING_TYPES(CUSTOMLAYERS_INSTANTIATE_SMALL)
+
+}  // namespace customlayers::cpu
