@@ -16,9 +16,11 @@ from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requi
 # Tolerances relative to the float64 reference; reduced precision scales with sqrt(in_features).
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
-# (x shape, in, out): 1x1x1, odd sizes, 1-row inputs, 3-D inputs, sizes past a row block, zero sizes.
+# (x shape, in, out): 1x1x1, odd sizes, 1-row inputs, 3-D inputs, sizes past a row block, a narrow BLAS
+# output layer (out < 16: GEMMs reoriented), zero sizes.
 SHAPES = [((1, 1), 1, 1), ((7, 5), 5, 3), ((1, 33), 33, 17), ((2, 3, 20), 20, 9), ((5,), 5, 4),
-          ((130, 65), 65, 70), ((600, 20), 20, 31), ((0, 4), 4, 3), ((3, 0), 0, 5), ((3, 4), 4, 0)]
+          ((130, 65), 65, 70), ((600, 20), 20, 31), ((70, 100), 100, 10), ((0, 4), 4, 3), ((3, 0), 0, 5),
+          ((3, 4), 4, 0)]
 
 
 def make(shape, k, n, dtype=torch.float64, device="cpu", transposed=False, bias=True, requires_grad=False):
