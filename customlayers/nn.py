@@ -42,9 +42,9 @@ _INITS = ("default", "randn")
 class MyLinear(nn.Module):
     """The book's ``MyLinear``: ``relu(X @ weight + bias)`` with weight (in_units, units) and bias (units,),
     as one fused op (customlayers.functional.linear_act), differentiable unlike the book's ``.data``.
-    With ``activation='none'`` there is nothing to fuse: it runs ``torch.nn.functional.linear`` on
-    ``weight.t()`` (a view), exactly what nn.Linear runs. The weight is stored in nn.Linear's memory order
-    (``weight.t()`` is contiguous), which BLAS handles fastest.
+    With ``activation='none'`` there is nothing to fuse: it runs the native ops nn.Linear runs
+    (``torch.addmm`` for a 2-D input, else ``torch.nn.functional.linear`` on ``weight.t()``, a view). The
+    weight is stored in nn.Linear's memory order (``weight.t()`` is contiguous), which BLAS handles fastest.
 
     Args:
         in_units, units: input and output features.
@@ -87,7 +87,9 @@ class MyLinear(nn.Module):
         _init.linear_(self.weight, self.bias, transposed=True)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        if self.activation == "none":  # nothing to fuse: nn.Linear's own path (addmm on weight.t(), a view)
+        if self.activation == "none":  # nothing to fuse: BLAS through native ops, as nn.Linear
+            if X.dim() == 2 and self.bias is not None:
+                return torch.addmm(self.bias, X, self.weight)  # F.linear's own call, without its transposes
             return torch.nn.functional.linear(X, self.weight.t(), self.bias)
         return F.linear_act(X, self.weight, self.bias, self.activation)
 
