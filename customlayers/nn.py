@@ -200,6 +200,10 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False):
     inside: its children are tried, and in an ``nn.Sequential`` every ``nn.Linear`` directly followed by
     ``nn.ReLU`` is fused.
 
+    Initializers that test ``type(m) == nn.Linear`` (the book's) skip a LinearReLU: apply them before
+    convert() (``isinstance(m, nn.Linear)`` reaches it). Lazy layers are fused once a first input has
+    given them their shapes.
+
     Parameter names are unchanged (LinearReLU has nn.Linear's), so checkpoints load both ways. A Linear
     used in several places (tied) is fused only where every use is followed by a ReLU, and becomes one
     LinearReLU object wherever it appears. Forward hooks of replaced modules are not carried over. With

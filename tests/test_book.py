@@ -8,7 +8,6 @@ import subprocess
 import sys
 from unittest import mock
 
-import pytest
 import torch
 from torch import nn
 
