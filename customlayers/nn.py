@@ -196,7 +196,8 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False):
     nested blocks). An ``nn.ReLU`` module left without a use becomes ``nn.Identity``; when a functional
     ReLU is fused, the traced module's forward becomes the traced code without it (the module keeps its
     class as a base class, its attributes and methods; save its ``state_dict``, not the pickled module).
-    A module fx cannot trace (Python control flow on tensors, as the book's ``FixedHiddenMLP``) is searched
+    A module fx cannot trace (Python control flow on tensors, as the book's ``FixedHiddenMLP``), or whose
+    forward would have to be replaced but reads ``self.training`` (the trace fixes that branch), is searched
     inside: its children are tried, and in an ``nn.Sequential`` every ``nn.Linear`` directly followed by
     ``nn.ReLU`` is fused.
 
@@ -229,14 +230,15 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False):
 
 
 def _convert(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
+    tracer = _Tracer()
     try:
-        graph = _Tracer().trace(module)
+        graph = tracer.trace(module)
     except Exception:  # noqa: BLE001 (fx raises many kinds: TraceError, TypeError, NotImplementedError, ...)
+        graph = None
+    if graph is None or not _fuse_graph(module, graph, tracer, fused):
         _fuse_sequential(module, fused)
         for child in module.children():
             _convert(child, fused)
-        return
-    _fuse_graph(module, graph, fused)
 
 
 def _fuse_sequential(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
@@ -260,40 +262,49 @@ def _relu_of(node: torch.fx.Node, module: nn.Module) -> bool:
     return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs
 
 
-def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, LinearReLU]) -> None:
-    """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one ReLU only."""
+def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, tracer: _Tracer, fused: Dict[int, LinearReLU]) -> bool:
+    """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one ReLU only.
+    False (nothing changed) when that needs the traced code as forward but the forward reads
+    ``self.training``, a branch the trace has fixed to the current mode."""
     calls: Dict[str, list] = {}
     for node in graph.nodes:
         if node.op == "call_module" and type(module.get_submodule(node.target)) is nn.Linear:
             calls.setdefault(node.target, []).append(node)
-    relus, linears = [], set()
+    relus, linears = [], {}
     for target, nodes in calls.items():
         users = [next(iter(node.users)) if len(node.users) == 1 else None for node in nodes]
         if all(user is not None and _relu_of(user, module) and user.args[0] is node
                for node, user in zip(nodes, users)):
             linear = module.get_submodule(target)
-            fused.setdefault(id(linear), LinearReLU.from_linear(linear))
-            linears.add(id(linear))
+            linears[id(linear)] = linear
             relus += list(zip(nodes, users))
     if not relus:
-        return
+        return True
+    # nn.ReLU modules the graph will no longer call become nn.Identity: the forward needs no change for those.
+    erased = {relu for _, relu in relus}
+    called = {node.target for node in graph.nodes if node.op == "call_module" and node not in erased}
+    removed = {relu.target for relu in erased if relu.op == "call_module"} - called
+    new_forward = any(relu.op != "call_module" or relu.target not in removed for relu in erased)
+    if new_forward and any("training" in getattr(getattr(type(m).forward, "__code__", None), "co_names", ())
+                           for m in module.modules() if not tracer.is_leaf_module(m, "")):
+        return False
+    for linear in linears.values():
+        fused.setdefault(id(linear), LinearReLU.from_linear(linear))
     # Every reference to a fused Linear inside module (the forward may call it by any of them) -> LinearReLU.
     for sub in module.modules():
         for name, child in sub._modules.items():
             if id(child) in linears:
                 sub._modules[name] = fused[id(child)]
-    for node, relu in relus:
-        relu.replace_all_uses_with(node)
-        graph.erase_node(relu)
-    # nn.ReLU modules the graph no longer calls become nn.Identity: the forward needs no change for them.
-    called = {node.target for node in graph.nodes if node.op == "call_module"}
-    removed = {relu.target for _, relu in relus if relu.op == "call_module"} - called
     for target in removed:
         parent, _, name = target.rpartition(".")
         setattr(module.get_submodule(parent), name, nn.Identity())
-    if any(relu.op != "call_module" or relu.target not in removed for _, relu in relus):
+    if new_forward:
+        for node, relu in relus:
+            relu.replace_all_uses_with(node)
+            graph.erase_node(relu)
         code = graph.python_code(root_module="self")
         namespace = dict(code.globals)
         exec(compile(code.src, f"<customlayers.convert: {type(module).__qualname__}.forward>", "exec"), namespace)
         cls = type(module)
         module.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+    return True

@@ -191,6 +191,29 @@ def test_only_a_linear_feeding_only_a_relu_is_fused():
         assert customlayers.convert(tied, report=True)[1] == []
 
 
+class _ModeDependent(nn.Module):
+    def __init__(self, relu=F.relu):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.hidden, self.out, self.relu = nn.Linear(8, 8), nn.Linear(8, 2), relu
+
+    def forward(self, x):
+        x = self.relu(self.hidden(self.block(x)))
+        return self.out(x * 2 if self.training else x)
+
+
+@pytest.mark.parametrize("relu", ["F.relu", "nn.ReLU"])
+def test_forward_reading_training_is_kept(relu):
+    """The traced code fixes `self.training`: the forward is never replaced by it, only modules are."""
+    model = _ModeDependent(RELUS[relu])
+    converted, fused = customlayers.convert(model, report=True)
+    assert type(converted) is _ModeDependent  # the forward is the original one
+    assert fused == (["block.0"] if relu == "F.relu" else ["block.0", "hidden"])
+    for mode in (True, False):
+        model.train(mode), converted.train(mode)
+        _check_same(model, converted, torch.randn(3, 8))
+
+
 class _Tied(nn.Module):
     def __init__(self):
         super().__init__()
