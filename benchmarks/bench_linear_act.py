@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from customlayers.functional import linear_act
+from customlayers.nn import MyLinear
 
 from .harness import FWD, FWD_BWD, OURS, Case, Device, bind, compile_fresh
 
@@ -77,6 +78,27 @@ def vmap_case(device: torch.device) -> Case:
     return Case(OP, batch * rows * k * n, torch.float32, FWD, impls, label=f"vmap {batch}x({rows}x{k})->{n}")
 
 
+# The book's output layer, forward+backward: MyLinear(activation="none") against nn.Linear with the same
+# parameters (nothing to fuse there: MyLinear runs native ops on its weight).
+OUTPUT_LAYER = (256, 256, 10)
+
+
+def output_layer_case(device: torch.device) -> Case:
+    m, k, n = OUTPUT_LAYER
+    ours = MyLinear(k, n, activation="none", device=device)
+    ref = torch.nn.Linear(k, n, device=device)
+    with torch.no_grad():
+        ref.weight.copy_(ours.weight.t())
+        ref.bias.copy_(ours.bias)
+    x, g = torch.randn(m, k, device=device), torch.randn(m, n, device=device)
+
+    def nn_linear():
+        dw, db = torch.autograd.grad(ref(x), (ref.weight, ref.bias), g)
+        return dw.t(), db  # in MyLinear's (in, out) layout, to be compared
+    impls = {OURS: lambda: torch.autograd.grad(ours(x), (ours.weight, ours.bias), g), "nn.Linear": nn_linear}
+    return Case(OP, m * k * n, torch.float32, FWD_BWD, impls, label=f"MyLinear none {m}x{k}->{n}")
+
+
 def cases(device: Device, quick: bool = False) -> List[Case]:
     """fwd and fwd+bwd cases; the weight is nn.Linear's (out, in) parameter seen through .t(), as
     LinearReLU uses it, and every implementation of a case shares its inputs."""
@@ -100,7 +122,7 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
             impls = {"GEMM floor": gemm_floor(x, w, g if mode == FWD_BWD else None),
                      **bind(fns, inputs, mode, (g,))}
             out.append(Case(OP, m * k * n, dtype, mode, impls, label=f"{m}x{k}->{n}"))
-    out.append(vmap_case(device))
+    out += [vmap_case(device), output_layer_case(device)]
     return out + (gemm_cases(device) if device.type == "cuda" else [])
 
 
