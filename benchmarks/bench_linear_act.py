@@ -78,8 +78,8 @@ def vmap_case(device: torch.device) -> Case:
     return Case(OP, batch * rows * k * n, torch.float32, FWD, impls, label=f"vmap {batch}x({rows}x{k})->{n}")
 
 
-# The book's output layer, forward+backward: MyLinear(activation="none") against nn.Linear with the same
-# parameters (nothing to fuse there: MyLinear runs native ops on its weight).
+# The book's output layer, forward+backward: MyLinear(activation="none") (linear_act without the ReLU on
+# the book's row-major (in, out) weight) against nn.Linear with the same parameters.
 OUTPUT_LAYER = (256, 256, 10)
 
 

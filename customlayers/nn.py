@@ -42,9 +42,7 @@ _INITS = ("default", "randn")
 class MyLinear(nn.Module):
     """The book's ``MyLinear``: ``relu(X @ weight + bias)`` with weight (in_units, units) and bias (units,),
     as one fused op (customlayers.functional.linear_act), differentiable unlike the book's ``.data``.
-    With ``activation='none'`` there is nothing to fuse: it runs the native ops nn.Linear runs
-    (``torch.addmm`` for a 2-D input, else ``torch.nn.functional.linear`` on ``weight.t()``, a view). The
-    weight is stored in nn.Linear's memory order (``weight.t()`` is contiguous), which BLAS handles fastest.
+    The weight is a contiguous (in_units, units) Parameter, as the book's.
 
     Args:
         in_units, units: input and output features.
@@ -66,10 +64,7 @@ class MyLinear(nn.Module):
             raise ValueError(f"MyLinear: init must be 'default' or 'randn', but got {init!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_units, self.units, self.activation, self.init = in_units, units, activation, init
-        # Shape (in_units, units) as in the book, stored in nn.Linear's memory order (the transpose of a
-        # contiguous (units, in_units) tensor): BLAS runs the GEMMs of a narrow output layer (e.g. 256 -> 10)
-        # much faster on this layout than on a row-major (in_units, units) one.
-        self.weight = nn.Parameter(torch.empty((units, in_units), **factory).t())
+        self.weight = nn.Parameter(torch.empty((in_units, units), **factory))
         self.bias = nn.Parameter(torch.empty(units, **factory)) if bias else None
         self.reset_parameters()
 
@@ -79,18 +74,14 @@ class MyLinear(nn.Module):
         under the same seed, the weight equals ``nn.Linear(in_units, units).weight.t()`` and the bias
         ``nn.Linear(in_units, units).bias``. init='randn': the book's ``torch.randn`` for both."""
         if self.init == "randn":
-            with torch.no_grad():  # drawn in the (in_units, units) order, as the book's torch.randn
-                self.weight.copy_(torch.randn_like(self.weight, memory_format=torch.contiguous_format))
+            with torch.no_grad():
+                self.weight.normal_()
                 if self.bias is not None:
                     self.bias.normal_()
             return
         _init.linear_(self.weight, self.bias, transposed=True)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        if self.activation == "none":  # nothing to fuse: BLAS through native ops, as nn.Linear
-            if X.dim() == 2 and self.bias is not None:
-                return torch.addmm(self.bias, X, self.weight)  # F.linear's own call, without its transposes
-            return torch.nn.functional.linear(X, self.weight.t(), self.bias)
         return F.linear_act(X, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
@@ -125,19 +116,17 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
         if self.has_uninitialized_params():
             with torch.no_grad():
                 self.in_units = input.shape[-1]
-                self.weight.materialize((self.units, self.in_units))
-                self.weight.data = self.weight.data.t()  # MyLinear's layout: (in_units, units), nn.Linear's order
+                self.weight.materialize((self.in_units, self.units))
                 if self.bias is not None:
                     self.bias.materialize((self.units,))
                 self.reset_parameters()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # LazyModuleMixin's load hook has materialized the weight with the checkpoint's shape: take in_units
-        # from it, as the first input would, and give the weight MyLinear's memory order.
+        # from it, as the first input would.
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if not nn.parameter.is_lazy(self.weight):
             self.in_units = self.weight.shape[0]
-            self.weight.data = self.weight.data.t().contiguous().t()
 
 
 class LinearReLU(nn.Linear):

@@ -96,21 +96,24 @@ def test_lazy_mylinear_with_no_input_features_initializes_its_bias():
 # ------------------------------------------------------------------------------------------ MyLinear, no activation
 
 def test_mylinear_without_activation_is_nn_linears_computation():
+    """MyLinear(activation='none') as an output layer computes nn.Linear's outputs and gradients (the
+    weight transposed), through linear_act, on the book's contiguous (in_units, units) weight."""
     torch.manual_seed(5)
     ours = MyLinear(256, 10, activation="none")
     torch.manual_seed(5)
     ref = nn.Linear(256, 10)
-    assert ours.weight.shape == (256, 10) and ours.weight.t().is_contiguous()  # nn.Linear's memory order
+    assert ours.weight.shape == (256, 10) and ours.weight.is_contiguous()  # the book's layout
     assert torch.equal(ours.weight, ref.weight.t()) and torch.equal(ours.bias, ref.bias)
     x = torch.randn(32, 256, requires_grad=True)
     y = ours(x)
-    assert torch.equal(y, ref(x))
+    torch.testing.assert_close(y, ref(x))
     y.square().sum().backward()
     gx = x.grad.clone()
     x.grad = None
     ref(x).square().sum().backward()
-    assert torch.equal(x.grad, gx) and torch.equal(ours.weight.grad, ref.weight.grad.t())
-    assert torch.equal(ours.bias.grad, ref.bias.grad)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad.t())
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
     ep = torch.export.export(ours, (x.detach(),))
     torch.testing.assert_close(ep.module()(x), y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
