@@ -9,6 +9,8 @@ only by the order of floating-point sums."""
 import copy
 import datetime
 import os
+import subprocess
+import sys
 import time
 import traceback
 
@@ -22,6 +24,7 @@ import customlayers
 from customlayers import functional as F
 from customlayers.nn import CenteredLayer, LinearReLU, MyLinear, convert
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 STEPS = 3
 DTYPE = torch.float64
@@ -139,13 +142,13 @@ def _mesh(device):
 
 def _linear_act_sharding_rules(rank, device, workdir):
     """linear_act on DTensors: column-sharded weight, batch-sharded x and replicated inputs run without
-    redistributing the inputs, and give the single-process values and gradients."""
+    redistributing the inputs, and give the single-process values and gradients (of x too or not)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     mesh = _mesh(device)
     torch.manual_seed(2)
     x, w, b = (torch.randn(*shape, device=device, dtype=DTYPE) for shape in ((6, 3, 8), (16, 8), (16,)))
     grad = torch.randn(6, 3, 16, device=device, dtype=DTYPE)
-    for act in ("relu", "none"):
+    for act, x_grad in (("relu", True), ("none", True), ("relu", False)):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         expected = customlayers.reference.linear_act(leaves[0], leaves[1].t(), leaves[2], act)
         expected.backward(grad)
@@ -154,12 +157,34 @@ def _linear_act_sharding_rules(rank, device, workdir):
                                   ((Shard(1), Replicate(), Replicate()), Shard(1)),
                                   ((Replicate(), Replicate(), Replicate()), Replicate())):
             dx, dw, db = (distribute_tensor(t, mesh, [p]).requires_grad_() for t, p in ((x, px), (w, pw), (b, pb)))
+            dx.requires_grad_(x_grad)
             y = F.linear_act(dx, dw.t(), db, act)
             assert y.placements == (out,), (act, px, pw, y.placements)
             torch.testing.assert_close(y.full_tensor(), expected.detach())
             y.backward(distribute_tensor(grad, mesh, [out]))
             for d, leaf in zip((dx, dw, db), leaves):
-                torch.testing.assert_close(d.grad.full_tensor(), leaf.grad)
+                if d.requires_grad:
+                    torch.testing.assert_close(d.grad.full_tensor(), leaf.grad)
+
+
+def _centered_sharding_rules(rank, device, workdir):
+    """centered on DTensors: sharded on a dim it does not average over, it stays sharded; averaging over
+    the sharded dim, DTensor gathers it first. Values and gradients are the single process's."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = _mesh(device)
+    torch.manual_seed(4)
+    x, grad = torch.randn(6, 4, 5, device=device, dtype=DTYPE), torch.randn(6, 4, 5, device=device, dtype=DTYPE)
+    for dim, placement, out in (((1, 2), Shard(0), Shard(0)), ((-1,), Shard(1), Shard(1)), (None, Shard(0), Replicate()),
+                                ((0,), Shard(0), Replicate())):
+        leaf = x.clone().requires_grad_()
+        expected = customlayers.reference.centered(leaf, dim)
+        expected.backward(grad)
+        dx = distribute_tensor(x, mesh, [placement]).requires_grad_()
+        y = F.centered(dx, dim)
+        assert y.placements == (out,), (dim, placement, y.placements)
+        torch.testing.assert_close(y.full_tensor(), expected.detach())
+        y.backward(distribute_tensor(grad, mesh, [out]))
+        torch.testing.assert_close(dx.grad.full_tensor(), leaf.grad)
 
 
 def _colwise_linear_relu_then_rowwise_linear(rank, device, workdir):
@@ -184,6 +209,7 @@ CHECKS = {
     "fsdp2_activation_checkpointing": lambda *a: _fsdp2(*a, checkpointed=True),
     "sharded_state_dict_loads_unsharded": _sharded_state_dict_loads_unsharded,
     "linear_act_sharding_rules": _linear_act_sharding_rules,
+    "centered_sharding_rules": _centered_sharding_rules,
     "colwise_linear_relu_then_rowwise_linear": _colwise_linear_relu_then_rowwise_linear,
 }
 
@@ -249,9 +275,18 @@ def test_two_processes_equal_one(results, check):
 
 
 def test_sharding_rules_registered_with_dtensor():
-    """With the compiled library, importing DTensor (after customlayers here) registers linear_act's rules;
+    """With the compiled library, importing DTensor (after customlayers here) registers the ops' rules;
     without it the ops are the references' aten ops, which DTensor shards itself."""
     from torch.distributed.tensor import DTensor
     strategies = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs
-    for name in ("linear_act", "linear_act_backward"):
+    for name in ("linear_act", "linear_act_backward", "centered"):
         assert (customlayers._ops.op(name) in strategies) == customlayers._ops.loaded(), name
+
+
+def test_torchrun_example_trains():
+    """docs/scale.md's command: torchrun (torch.distributed.run) with two processes on this machine."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+                          "examples/train_distributed.py", "--steps", "2"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    assert f"ddp on {WORLD} " in out.stdout and "step 2/2" in out.stdout, out.stdout
