@@ -28,6 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 STEPS = 3
 DTYPE = torch.float64
+# Our sharding rules serve with the compiled library; the fallback's ops are aten ops, which DTensor shards
+# its own way (other output placements, the same values).
+RULES = customlayers._ops.loaded()
 
 
 def _model(device) -> nn.Module:
@@ -159,7 +162,7 @@ def _linear_act_sharding_rules(rank, device, workdir):
             dx, dw, db = (distribute_tensor(t, mesh, [p]).requires_grad_() for t, p in ((x, px), (w, pw), (b, pb)))
             dx.requires_grad_(x_grad)
             y = F.linear_act(dx, dw.t(), db, act)
-            assert y.placements == (out,), (act, px, pw, y.placements)
+            assert y.placements == (out,) or not RULES, (act, px, pw, y.placements)
             torch.testing.assert_close(y.full_tensor(), expected.detach())
             y.backward(distribute_tensor(grad, mesh, [out]))
             for d, leaf in zip((dx, dw, db), leaves):
@@ -181,7 +184,7 @@ def _centered_sharding_rules(rank, device, workdir):
         expected.backward(grad)
         dx = distribute_tensor(x, mesh, [placement]).requires_grad_()
         y = F.centered(dx, dim)
-        assert y.placements == (out,), (dim, placement, y.placements)
+        assert y.placements == (out,) or not RULES, (dim, placement, y.placements)
         torch.testing.assert_close(y.full_tensor(), expected.detach())
         y.backward(distribute_tensor(grad, mesh, [out]))
         torch.testing.assert_close(dx.grad.full_tensor(), leaf.grad)
