@@ -1,7 +1,7 @@
 """The wheel, tested as installed: `pip wheel --no-build-isolation` builds it, `pip install --target` puts it
 in a prefix of its own, and a smoke test runs from outside the source tree with only that prefix on the
 path, so the installed package (not the checkout) is what runs: the compiled kernels, one op per layer
-against the reference.
+against the reference, and the environment report with the wheel's build record.
 
 The wheel is built CPU-only from a copy of the sources kept in build/wheel-test/ (git-ignored), whose build
 directory persists: a checkout compiles the kernels once, later runs recompile only what changed."""
@@ -34,6 +34,9 @@ SMOKE = """
     customlayers.init.masked_uniform_(weight, seed=3)
     assert ((weight == 0) | ((weight.abs() >= 5) & (weight.abs() <= 10))).all() and weight.count_nonzero() > 0
     torch.testing.assert_close(customlayers.init.masked_uniform_(torch.empty(64, 64), seed=3), weight, rtol=0, atol=0)
+    from customlayers import info  # the environment report, with the wheel's build record
+    report = info.report()
+    assert "built with CUDA: none (CPU-only build)" in report and f"built for torch: {torch.__version__}" in report, report
     print("installed", customlayers.__version__, customlayers.__file__)
 """
 
