@@ -1,10 +1,11 @@
 """Multi-process training over models built from our layers gives the single-process result: DDP, FSDP2
 (fully_shard), activation checkpointing, a sharded checkpoint loaded into an unsharded model, and tensor
-parallelism (linear_act's DTensor sharding rules, ColwiseParallel on LinearReLU).
+parallelism (the ops' DTensor sharding rules, ColwiseParallel on LinearReLU); and docs/scale.md's torchrun
+command trains.
 
-Two processes, started once per device for every check: gloo on CPU,
-and NCCL on two GPUs where there are two. Each rank runs every check, records "ok" or the traceback, and
-each test asserts one check's record on both ranks. Training runs in float64, so the comparisons differ
+Two processes, started once per device for every check: gloo on CPU, and NCCL on two GPUs where there
+are two. Each rank runs every check, records "ok" or the traceback, and each test asserts one check's
+record on both ranks. Training runs in float64, so the comparisons differ
 only by the order of floating-point sums."""
 import copy
 import datetime
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import customlayers
 from customlayers import functional as F
@@ -48,7 +50,7 @@ class Checkpointed(nn.Module):
         self.inner = inner
 
     def forward(self, x):
-        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+        return checkpoint(self.inner, x, use_reentrant=False)
 
 
 def _checkpointed(model: nn.Module) -> nn.Module:
@@ -144,8 +146,8 @@ def _mesh(device):
 
 
 def _linear_act_sharding_rules(rank, device, workdir):
-    """linear_act on DTensors: column-sharded weight, batch-sharded x and replicated inputs run without
-    redistributing the inputs, and give the single-process values and gradients (of x too or not)."""
+    """linear_act on DTensors: column-sharded weight, batch-sharded x and replicated inputs give the rules'
+    output placements and the single-process values and gradients (of x too or not)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     mesh = _mesh(device)
     torch.manual_seed(2)
