@@ -1,7 +1,7 @@
 """Weight initializers in the style of ``torch.nn.init``: in place, under ``torch.no_grad()``, returning
 the tensor.
 
-    net.apply(customlayers.init.my_init)    # the book's initializer, on every layer with a weight
+    net.apply(customlayers.init.my_init)    # the book's initializer, on every linear layer
 """
 from __future__ import annotations
 
@@ -66,12 +66,22 @@ def masked_uniform_(tensor: torch.Tensor, a: float = -10.0, b: float = 10.0, thr
 _MASKED_UNIFORM = _ops.op("masked_uniform_")
 
 
-def my_init(module: nn.Module) -> None:
-    """The book's ``my_init`` for ``net.apply``: ``masked_uniform_(module.weight)`` on every module with a
-    ``weight`` Parameter (uninitialized lazy parameters are left alone), silently."""
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, nn.Parameter) and not nn.parameter.is_lazy(weight):
-        masked_uniform_(weight)
+def my_init(module: nn.Module, *, verbose: bool = False) -> None:
+    """The book's ``my_init`` for ``net.apply``: ``masked_uniform_(module.weight)`` on linear layers only,
+    like the book's (which tests ``type(m) == nn.Linear``): ``nn.Linear`` and its subclasses (LinearReLU
+    included) and MyLinear. Other modules (a LayerNorm's weight, a convolution) and uninitialized lazy
+    layers are left alone; biases too.
+
+    Quiet by default. ``verbose=True`` prints the book's line per layer, e.g. ``Init weight torch.Size([8, 4])``;
+    ``net.apply`` passes one argument, so use ``net.apply(functools.partial(my_init, verbose=True))``.
+    """
+    from .nn import MyLinear  # (customlayers.nn imports this module)
+    weight = module.weight if isinstance(module, (nn.Linear, MyLinear)) else None
+    if weight is None or nn.parameter.is_lazy(weight):
+        return
+    if verbose:
+        print("Init", "weight", weight.shape)
+    masked_uniform_(weight)
 
 
 @torch.no_grad()
@@ -83,12 +93,13 @@ def linear_(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, transp
     out_features) like the book's MyLinear. Both draw the same random numbers in the same order, so under
     the same seed a transposed weight equals ``nn.Linear(in, out).weight.t()``.
     """
-    if transposed:
-        drawn = torch.empty(weight.shape[::-1], dtype=weight.dtype, device=weight.device)
-        nn.init.kaiming_uniform_(drawn, a=math.sqrt(5))
-        weight.copy_(drawn.t())
-    else:
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if weight.numel():  # (kaiming_uniform_ warns that filling a zero-element tensor is a no-op)
+        if transposed:
+            drawn = torch.empty(weight.shape[::-1], dtype=weight.dtype, device=weight.device)
+            nn.init.kaiming_uniform_(drawn, a=math.sqrt(5))
+            weight.copy_(drawn.t())
+        else:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     if bias is not None:
         fan_in = weight.shape[0] if transposed else weight.shape[1]
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -40,6 +42,9 @@ _INITS = ("default", "randn")
 class MyLinear(nn.Module):
     """The book's ``MyLinear``: ``relu(X @ weight + bias)`` with weight (in_units, units) and bias (units,),
     as one fused op (customlayers.functional.linear_act), differentiable unlike the book's ``.data``.
+    With ``activation='none'`` there is nothing to fuse: it runs ``torch.nn.functional.linear`` on
+    ``weight.t()`` (a view), exactly what nn.Linear runs. The weight is stored in nn.Linear's memory order
+    (``weight.t()`` is contiguous), which BLAS handles fastest.
 
     Args:
         in_units, units: input and output features.
@@ -61,7 +66,10 @@ class MyLinear(nn.Module):
             raise ValueError(f"MyLinear: init must be 'default' or 'randn', but got {init!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_units, self.units, self.activation, self.init = in_units, units, activation, init
-        self.weight = nn.Parameter(torch.empty((in_units, units), **factory))
+        # Shape (in_units, units) as in the book, stored in nn.Linear's memory order (the transpose of a
+        # contiguous (units, in_units) tensor): BLAS runs the GEMMs of a narrow output layer (e.g. 256 -> 10)
+        # much faster on this layout than on a row-major (in_units, units) one.
+        self.weight = nn.Parameter(torch.empty((units, in_units), **factory).t())
         self.bias = nn.Parameter(torch.empty(units, **factory)) if bias else None
         self.reset_parameters()
 
@@ -71,14 +79,16 @@ class MyLinear(nn.Module):
         under the same seed, the weight equals ``nn.Linear(in_units, units).weight.t()`` and the bias
         ``nn.Linear(in_units, units).bias``. init='randn': the book's ``torch.randn`` for both."""
         if self.init == "randn":
-            with torch.no_grad():
-                self.weight.normal_()
+            with torch.no_grad():  # drawn in the (in_units, units) order, as the book's torch.randn
+                self.weight.copy_(torch.randn_like(self.weight, memory_format=torch.contiguous_format))
                 if self.bias is not None:
                     self.bias.normal_()
             return
         _init.linear_(self.weight, self.bias, transposed=True)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
+        if self.activation == "none":  # nothing to fuse: nn.Linear's own path (addmm on weight.t(), a view)
+            return torch.nn.functional.linear(X, self.weight.t(), self.bias)
         return F.linear_act(X, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
@@ -104,38 +114,38 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
             self.bias = UninitializedParameter(**factory)
 
     def reset_parameters(self) -> None:
-        if not self.has_uninitialized_params() and self.in_units != 0:
+        # units == 0 only while MyLinear.__init__ runs on placeholders. in_units == 0 (an input of shape
+        # (*, 0)) still initializes: the bias gets zeros as in MyLinear(0, units), not materialize()'s memory.
+        if not self.has_uninitialized_params() and self.units != 0:
             super().reset_parameters()
 
     def initialize_parameters(self, input: torch.Tensor) -> None:  # noqa: A002 (LazyModuleMixin's name)
         if self.has_uninitialized_params():
             with torch.no_grad():
                 self.in_units = input.shape[-1]
-                self.weight.materialize((self.in_units, self.units))
+                self.weight.materialize((self.units, self.in_units))
+                self.weight.data = self.weight.data.t()  # MyLinear's layout: (in_units, units), nn.Linear's order
                 if self.bias is not None:
                     self.bias.materialize((self.units,))
                 self.reset_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # LazyModuleMixin's load hook has materialized the weight with the checkpoint's shape: take in_units
+        # from it, as the first input would, and give the weight MyLinear's memory order.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not nn.parameter.is_lazy(self.weight):
+            self.in_units = self.weight.shape[0]
+            self.weight.data = self.weight.data.t().contiguous().t()
 
-class LinearReLU(nn.Module):
-    """Drop-in replacement for ``nn.Sequential(nn.Linear(in, out), nn.ReLU())`` running one fused op.
 
-    Parameters are nn.Linear's: same names, shapes (weight (out_features, in_features), bias
-    (out_features,)) and initialization, so state_dicts load both ways. The kernel reads ``weight.t()``,
-    a view, without copying it.
+class LinearReLU(nn.Linear):
+    """``relu(nn.Linear(x))`` as one fused op: a drop-in for ``nn.Sequential(nn.Linear(in, out), nn.ReLU())``.
+
+    It is an ``nn.Linear`` (a subclass: ``isinstance(m, nn.Linear)`` holds, so initializers written for
+    nn.Linear reach it) with nn.Linear's attributes, parameter names, shapes (weight (out_features,
+    in_features), bias (out_features,)), repr fields and initialization, so state_dicts load both ways; only
+    ``forward`` differs. The kernel reads ``weight.t()``, a view, without copying it.
     """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialization (the same random draws under the same seed)."""
-        _init.linear_(self.weight, self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
         return F.linear_act(input, self.weight.t(), self.bias, "relu")
@@ -146,9 +156,7 @@ class LinearReLU(nn.Module):
         training one trains the other."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearReLU.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         module.weight = linear.weight
         module.bias = linear.bias
         return module
@@ -160,33 +168,126 @@ class LinearReLU(nn.Module):
         linear.bias = self.bias
         return linear
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+# ------------------------------------------------------------------------------------------ convert
+
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu_)
+_RELU_METHODS = ("relu", "relu_")
+_log = logging.getLogger("customlayers")
 
 
-def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every ``nn.Linear`` directly followed by ``nn.ReLU`` inside an ``nn.Sequential`` (at any
-    depth) by a LinearReLU (sharing the Linear's Parameters) and the ReLU by ``nn.Identity``.
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, with the customlayers modules as leaves too (their ops are not traceable
+    by fx)."""
 
-    state_dict keys are unchanged (LinearReLU has nn.Linear's parameter names; ReLU has none), so
-    existing checkpoints load into the converted model and it computes the same outputs. A Linear used
-    in several places (tied) becomes one LinearReLU object wherever it is followed by a ReLU; its
-    Parameters stay shared everywhere, so gradients still accumulate into them. Forward hooks of the
-    replaced modules are not carried over. With ``inplace=False`` the model is deep-copied first
-    (ties within the model are kept in the copy).
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (CenteredLayer, MyLinear, LinearReLU)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def convert(model: nn.Module, inplace: bool = False, report: bool = False):
+    """Fuse every ``nn.Linear`` whose output goes only to a ReLU into a LinearReLU (sharing the Linear's
+    Parameters): the model computes the same outputs and gradients with one op per pair.
+
+    Where ``torch.fx.symbolic_trace`` can trace a module's forward, any ReLU counts: ``nn.ReLU`` (in place
+    or not), ``F.relu`` (``inplace=True`` too), ``torch.relu``, ``torch.relu_``, ``x.relu()``, ``x.relu_()``
+    (e.g. the book's ``MLP``, whose forward is ``self.out(F.relu(self.hidden(X)))``, ``MySequential``,
+    nested blocks). An ``nn.ReLU`` module left without a use becomes ``nn.Identity``; when a functional
+    ReLU is fused, the traced module's forward becomes the traced code without it (the module keeps its
+    class as a base class, its attributes and methods; save its ``state_dict``, not the pickled module).
+    A module fx cannot trace (Python control flow on tensors, as the book's ``FixedHiddenMLP``) is searched
+    inside: its children are tried, and in an ``nn.Sequential`` every ``nn.Linear`` directly followed by
+    ``nn.ReLU`` is fused.
+
+    Parameter names are unchanged (LinearReLU has nn.Linear's), so checkpoints load both ways. A Linear
+    used in several places (tied) is fused only where every use is followed by a ReLU, and becomes one
+    LinearReLU object wherever it appears. Forward hooks of replaced modules are not carried over. With
+    ``inplace=False`` the model is deep-copied first (ties within the model are kept in the copy).
+
+    Returns the model, or with ``report=True`` ``(model, fused)``, ``fused`` the qualified names of the
+    fused Linears. The names are also logged (logger ``customlayers``, level INFO); a ``UserWarning``
+    says when nothing was fused.
     """
     if not inplace:
         model = copy.deepcopy(model)
     fused: Dict[int, LinearReLU] = {}
-    for module in list(model.modules()):
-        if not isinstance(module, nn.Sequential):
-            continue
-        names = list(module._modules)
-        for first, second in zip(names, names[1:]):
-            linear, relu = module._modules[first], module._modules[second]
-            if type(linear) is nn.Linear and type(relu) is nn.ReLU:
-                if id(linear) not in fused:
-                    fused[id(linear)] = LinearReLU.from_linear(linear)
-                module._modules[first] = fused[id(linear)]
-                module._modules[second] = nn.Identity()
-    return model
+    _convert(model, fused)
+    made = {id(m) for m in fused.values()}
+    names = [name for name, module in model.named_modules(remove_duplicate=False) if id(module) in made]
+    if names:
+        _log.info("customlayers.convert: fused %d nn.Linear + ReLU into LinearReLU: %s", len(names), ", ".join(names))
+    else:
+        warnings.warn("customlayers.convert: found no nn.Linear whose output goes only to a ReLU; the model is "
+                      "unchanged (lazy layers are fused once a first input has given them their shapes)",
+                      UserWarning, stacklevel=2)
+    return (model, names) if report else model
+
+
+def _convert(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
+    try:
+        graph = _Tracer().trace(module)
+    except Exception:  # noqa: BLE001 (fx raises many kinds: TraceError, TypeError, NotImplementedError, ...)
+        _fuse_sequential(module, fused)
+        for child in module.children():
+            _convert(child, fused)
+        return
+    _fuse_graph(module, graph, fused)
+
+
+def _fuse_sequential(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
+    """In an nn.Sequential: each nn.Linear directly followed by an nn.ReLU."""
+    if not isinstance(module, nn.Sequential):
+        return
+    names = list(module._modules)
+    for first, second in zip(names, names[1:]):
+        linear, relu = module._modules[first], module._modules[second]
+        if type(linear) is nn.Linear and type(relu) is nn.ReLU:
+            module._modules[first] = fused.setdefault(id(linear), LinearReLU.from_linear(linear))
+            module._modules[second] = nn.Identity()
+
+
+def _relu_of(node: torch.fx.Node, module: nn.Module) -> bool:
+    """node computes relu(its first argument) and nothing else."""
+    if node.op == "call_module":
+        return type(module.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs
+
+
+def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, LinearReLU]) -> None:
+    """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one ReLU only."""
+    calls: Dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and type(module.get_submodule(node.target)) is nn.Linear:
+            calls.setdefault(node.target, []).append(node)
+    relus, linears = [], set()
+    for target, nodes in calls.items():
+        users = [next(iter(node.users)) if len(node.users) == 1 else None for node in nodes]
+        if all(user is not None and _relu_of(user, module) and user.args[0] is node
+               for node, user in zip(nodes, users)):
+            linear = module.get_submodule(target)
+            fused.setdefault(id(linear), LinearReLU.from_linear(linear))
+            linears.add(id(linear))
+            relus += list(zip(nodes, users))
+    if not relus:
+        return
+    # Every reference to a fused Linear inside module (the forward may call it by any of them) -> LinearReLU.
+    for sub in module.modules():
+        for name, child in sub._modules.items():
+            if id(child) in linears:
+                sub._modules[name] = fused[id(child)]
+    for node, relu in relus:
+        relu.replace_all_uses_with(node)
+        graph.erase_node(relu)
+    # nn.ReLU modules the graph no longer calls become nn.Identity: the forward needs no change for them.
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    removed = {relu.target for _, relu in relus if relu.op == "call_module"} - called
+    for target in removed:
+        parent, _, name = target.rpartition(".")
+        setattr(module.get_submodule(parent), name, nn.Identity())
+    if any(relu.op != "call_module" or relu.target not in removed for _, relu in relus):
+        code = graph.python_code(root_module="self")
+        namespace = dict(code.globals)
+        exec(compile(code.src, f"<customlayers.convert: {type(module).__qualname__}.forward>", "exec"), namespace)
+        cls = type(module)
+        module.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})

@@ -21,7 +21,7 @@ LAYERS = [
     ("centered_all", lambda f: CenteredLayer(), "centered"),
     ("centered_dim1", lambda f: CenteredLayer(dim=(1,)), "centered"),
     ("mylinear", lambda f: MyLinear(f, f), "linear_act"),
-    ("mylinear_nobias_none", lambda f: MyLinear(f, f, bias=False, activation="none"), "linear_act"),
+    ("mylinear_nobias", lambda f: MyLinear(f, f, bias=False), "linear_act"),
     ("linear_relu", lambda f: LinearReLU(f, f), "linear_act"),
 ]
 

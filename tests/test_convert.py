@@ -1,0 +1,231 @@
+"""customlayers.convert and LinearReLU as the book's code uses them: LinearReLU is an nn.Linear; convert
+fuses a Linear feeding only a ReLU in any forward torch.fx can trace (functional, method, in-place or
+module ReLUs, the book's MLP and MySequential, nested blocks), keeps parameter names and outputs, falls back
+to the nn.Sequential walk for untraceable modules, and reports what it fused."""
+import copy
+import io
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import customlayers
+from customlayers.nn import LinearReLU
+
+# ------------------------------------------------------------------------------------------ LinearReLU
+
+
+def test_linear_relu_is_an_nn_linear():
+    torch.manual_seed(4)
+    ours = LinearReLU(20, 8)
+    torch.manual_seed(4)
+    ref = nn.Linear(20, 8)
+    assert isinstance(ours, nn.Linear) and (ours.in_features, ours.out_features) == (20, 8)
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    assert repr(ours) == repr(ref).replace("Linear", "LinearReLU")
+    # The book's initializers test isinstance(m, nn.Linear): they now reach the fused layer.
+    def init_constant(m):
+        if isinstance(m, nn.Linear):
+            nn.init.constant_(m.weight, 1)
+            nn.init.zeros_(m.bias)
+    net = customlayers.convert(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
+    net.apply(init_constant)
+    assert type(net[0]) is LinearReLU and bool((net[0].weight == 1).all()) and bool((net[0].bias == 0).all())
+    meta = LinearReLU(3, 5, bias=False, device="meta")
+    assert meta.weight.is_meta and meta.bias is None
+    assert LinearReLU.from_linear(nn.Linear(3, 5, bias=False)).bias is None
+
+
+def test_linear_relu_state_dict_and_deepcopy():  # (torch.compile and export: test_linear_act, test_export)
+    layer = LinearReLU(6, 4)
+    x = torch.randn(3, 6)
+    clone = copy.deepcopy(layer)
+    assert clone.weight is not layer.weight and torch.equal(clone(x), layer(x))
+    ref = nn.Linear(6, 4)
+    ref.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x), torch.relu(ref(x)))
+
+
+# ------------------------------------------------------------------------------------------ the book's blocks
+
+class MLP(nn.Module):
+    """The book's MLP (with eager sizes)."""
+
+    def __init__(self, relu=F.relu):
+        super().__init__()
+        self.hidden = nn.Linear(20, 256)
+        self.out = nn.Linear(256, 10)
+        self.relu = relu
+
+    def forward(self, X):
+        return self.out(self.relu(self.hidden(X)))
+
+
+class MySequential(nn.Module):
+    """The book's MySequential."""
+
+    def __init__(self, *args):
+        super().__init__()
+        for idx, module in enumerate(args):
+            self.add_module(str(idx), module)
+
+    def forward(self, X):
+        for module in self.children():
+            X = module(X)
+        return X
+
+
+class FixedHiddenMLP(nn.Module):
+    """The book's FixedHiddenMLP: Python control flow on a tensor, which fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.rand_weight = torch.rand((20, 20))
+        self.linear = nn.Linear(20, 20)
+
+    def forward(self, X):
+        X = self.linear(X)
+        X = F.relu(X @ self.rand_weight + 1)
+        X = self.linear(X)
+        while X.abs().sum() > 1:
+            X /= 2
+        return X.sum()
+
+
+class NestMLP(nn.Module):
+    """The book's NestMLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+        self.linear = nn.Linear(32, 16)
+
+    def forward(self, X):
+        return self.linear(self.net(X))
+
+
+RELUS = {
+    "F.relu": F.relu,
+    "torch.relu": torch.relu,
+    "nn.ReLU": nn.ReLU(),
+    "torch.relu_": torch.relu_,
+    "F.relu_inplace": lambda x: F.relu(x, inplace=True),
+    "nn.ReLU_inplace": nn.ReLU(inplace=True),
+    "method_relu": lambda x: x.relu(),
+    "method_relu_": lambda x: x.relu_(),
+}
+
+
+def _check_same(original, converted, x):
+    """Same outputs and parameter gradients; the same state_dict keys; checkpoints load both ways."""
+    assert list(converted.state_dict()) == list(original.state_dict())
+    xo, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yc = original(xo), converted(xc)
+    torch.testing.assert_close(yc, yo)
+    yo.square().sum().backward()
+    yc.square().sum().backward()
+    torch.testing.assert_close(xc.grad, xo.grad)
+    grads = {name: p.grad for name, p in original.named_parameters()}
+    for name, p in converted.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name])
+    buffer = io.BytesIO()
+    torch.save(converted.state_dict(), buffer)
+    buffer.seek(0)
+    original.load_state_dict(torch.load(buffer, weights_only=True))
+    converted.load_state_dict(original.state_dict())
+
+
+@pytest.mark.parametrize("relu", list(RELUS), ids=list(RELUS))
+def test_book_mlp_any_relu(relu):
+    model = MLP(RELUS[relu])
+    converted, fused = customlayers.convert(model, report=True)
+    assert fused == ["hidden"] and type(converted.hidden) is LinearReLU and type(converted.out) is nn.Linear
+    assert isinstance(converted, MLP) and type(model.hidden) is nn.Linear  # class kept; original untouched
+    _check_same(model, converted, torch.randn(4, 20))
+    if isinstance(RELUS[relu], nn.ReLU):  # a module call: the ReLU becomes nn.Identity, the class and forward stay
+        assert type(converted) is MLP and type(converted.relu) is nn.Identity
+    else:  # a functional ReLU: the forward is the traced code without it
+        assert type(converted) is not MLP and "relu" not in type(converted).forward.__code__.co_names
+
+
+def test_my_sequential_nested_and_deepcopy():
+    model = MySequential(nn.Linear(20, 20), nn.ReLU(), NestMLP(), nn.Linear(16, 10))
+    converted, fused = customlayers.convert(model, report=True)
+    assert fused == ["0", "2.net.0", "2.net.2"] and type(converted) is MySequential
+    _check_same(model, converted, torch.randn(4, 20))
+    clone = copy.deepcopy(converted)
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(clone(x), converted(x))
+
+
+def test_untraceable_falls_back_to_children_and_sequential_walk():
+    model = nn.Sequential(NestMLP(), nn.Linear(16, 20), nn.ReLU(), FixedHiddenMLP())
+    converted, fused = customlayers.convert(model, report=True)
+    # FixedHiddenMLP is untraceable; its Linear feeds a matmul and a second call: not fused.
+    assert fused == ["0.net.0", "0.net.2", "1"] and type(converted[3].linear) is nn.Linear
+    _check_same(model, converted, torch.randn(4, 20))
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.act(h) + h + self.act(self.b(x))  # a's output has a second user; act is shared
+
+
+def test_only_a_linear_feeding_only_a_relu_is_fused():
+    model = _Residual()
+    converted, fused = customlayers.convert(model, report=True)
+    assert fused == ["b"] and type(converted.a) is nn.Linear and type(converted.act) is nn.ReLU
+    _check_same(model, converted, torch.randn(5, 8))
+    shared = nn.Linear(8, 8)
+    tied = nn.Sequential(shared, nn.ReLU(), shared)  # second use without a ReLU: not fused
+    with pytest.warns(UserWarning, match="found no nn.Linear"):
+        assert customlayers.convert(tied, report=True)[1] == []
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = self.a  # the same layer under two names
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def test_tied_linear_fused_everywhere_it_is_followed_by_relu():
+    model = _Tied()
+    converted, fused = customlayers.convert(model, report=True)
+    assert fused == ["a", "b"] and converted.a is converted.b and type(converted.a) is LinearReLU
+    assert len(list(converted.parameters())) == len(list(model.parameters()))
+    _check_same(model, converted, torch.randn(4, 6))  # gradients of both uses add up in one weight
+
+
+def test_reports_logs_and_warns(caplog):
+    with caplog.at_level(logging.INFO, logger="customlayers"):
+        customlayers.convert(MLP())
+    assert "fused 1 nn.Linear + ReLU into LinearReLU: hidden" in caplog.text
+    with pytest.warns(UserWarning, match="the model is unchanged"):
+        customlayers.convert(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        customlayers.convert(MLP())  # something fused: no warning
+
+
+def test_converted_functional_model_exports():
+    """The traced forward that replaces one with F.relu goes through dynamo (as torch.compile's does)."""
+    model = MLP()
+    converted = customlayers.convert(model)
+    x = torch.randn(8, 20)
+    ep = torch.export.export(converted, (x,))
+    assert "torch.ops.customlayers.linear_act" in ep.graph_module.code
+    torch.testing.assert_close(ep.module()(x), model(x))
