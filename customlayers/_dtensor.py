@@ -1,0 +1,116 @@
+"""DTensor sharding rules for linear_act, linear_act_backward and centered, for tensor parallelism.
+
+A DTensor reaches the compiled ops below autograd: the ops' C++ autograd (csrc/autograd.cpp) records the
+DTensor inputs, calls the op, and DTensor's __torch_dispatch__ then needs a sharding strategy for
+``customlayers::linear_act`` (forward) and ``customlayers::linear_act_backward`` (backward), and for
+``customlayers::centered`` (both); each runs the kernel on the local shards. Without the compiled library
+the ops are the references' CompositeImplicitAutograd code, which DTensor sees as the aten ops it is made
+of, so nothing is registered.
+
+The rules list only the shardings whose local results are exact (weight is (in_features, out_features)):
+- replicated: every input and the output Replicate;
+- column-sharded: weight Shard(1) (nn.Linear's weight Shard(0), as ColwiseParallel shards it, seen through
+  ``weight.t()``), bias Shard(0), x Replicate -> output sharded on its last dim; the activation is
+  elementwise, so each rank's columns are exact;
+- batch-sharded: x sharded on a leading dim, weight and bias Replicate -> output sharded on that dim.
+Any other input placements are redistributed by DTensor to one of these. A row-sharded weight would give
+partial sums before the activation, which relu does not commute with: it is not listed.
+centered: replicated, or sharded on a dim that the mean is not taken over.
+
+Importing torch.distributed.tensor costs a large part of torch's own import time, so this module does not:
+``register_when_imported()`` registers the rules as soon as torch.distributed.tensor is imported (at once
+when it already is).
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+import torch
+
+_MODULE = "torch.distributed.tensor"
+
+
+def register() -> None:
+    """Registers the rules with DTensor (torch.distributed.tensor must be importable)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+    from torch.distributed.tensor.experimental import register_sharding
+
+    ops = torch.ops.customlayers
+
+    def rule(op, static_argnum):
+        """register_sharding(op), with the arguments from static_argnum on (the non-tensor ones) in DTensor's
+        cache key: register_sharding keys on int arguments only, which would leave out act, output_mask
+        (which outputs exist) and centered's dim (which the rule depends on)."""
+        def wrap(fn):
+            register_sharding(op)(fn)
+            DTensor._op_dispatcher.sharding_propagator.op_to_schema_info[op] = RuntimeSchemaInfo(
+                static_argnum, needs_pytree=True)
+            return fn
+        return wrap
+
+    @rule(ops.linear_act.default, 3)
+    def linear_act_sharding(x, weight, bias=None, act="relu"):
+        has_bias = bias is not None
+        last = x.ndim - 1
+        replicated = ([Replicate()], [Replicate(), Replicate(), Replicate() if has_bias else None, None])
+        columns = ([Shard(last)], [Replicate(), Shard(1), Shard(0) if has_bias else None, None])
+        rows = [([Shard(d)], [Shard(d), Replicate(), Replicate() if has_bias else None, None]) for d in range(last)]
+        return [replicated, columns, *rows]
+
+    @rule(ops.linear_act_backward.default, 4)
+    def linear_act_backward_sharding(grad, x, weight, out, act, output_mask):
+        # outputs (grad_x, grad_weight, grad_bias); inputs (grad, x, weight, out, act, output_mask)
+        has_out = out is not None
+        last = x.ndim - 1
+        replicated = ([Replicate()] * 3, [Replicate(), Replicate(), Replicate(), Replicate() if has_out else None,
+                                          None, None])
+        # Each rank holds some output columns: grad_x sums over all of them (Partial); grad_weight and
+        # grad_bias are the rank's own columns.
+        columns = ([Partial(), Shard(1), Shard(0)],
+                   [Shard(last), Replicate(), Shard(1), Shard(last) if has_out else None, None, None])
+        # Each rank holds some rows of the batch: grad_weight and grad_bias sum over all of them.
+        rows = [([Shard(d), Partial(), Partial()],
+                 [Shard(d), Shard(d), Replicate(), Shard(d) if has_out else None, None, None]) for d in range(last)]
+        return [replicated, columns, *rows]
+
+    @rule(ops.centered.default, 1)
+    def centered_sharding(x, dim=None):
+        # The mean is over `dim` (every dim when None or empty): sharding any other dim is exact. The
+        # backward is centered too.
+        reduced = {d % x.ndim for d in dim} if dim and x.ndim else set(range(x.ndim))
+        return [([Replicate()], [Replicate(), None]),
+                *(([Shard(d)], [Shard(d), None]) for d in range(x.ndim) if d not in reduced)]
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when torch.distributed.tensor is about to be imported, it removes itself and
+    makes that module's loader call register() once the module has run."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            register()
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def register_when_imported() -> None:
+    """Registers the rules now if torch.distributed.tensor is imported, else as soon as it is."""
+    if not torch.distributed.is_available():
+        return
+    if _MODULE in sys.modules:
+        register()
+    else:
+        sys.meta_path.insert(0, _RegisterOnImport())
