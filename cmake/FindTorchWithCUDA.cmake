@@ -2,8 +2,10 @@
 # insists on (a toolkit, nvrtc, cuBLAS headers) before find_package(Torch) runs, so that configuring
 # against a pip-installed torch needs no hand-written -D options.
 #
-#   customlayers_find_torch()   sets Torch_DIR (if unset), TORCH_ROOT, TORCH_CUDA_VERSION (empty for a
-#                               CPU torch), CUSTOMLAYERS_PIP_CUDA_INCLUDE_DIRS, then calls find_package(Torch).
+#   customlayers_prepare_torch()  sets Torch_DIR (if unset), TORCH_ROOT, TORCH_CUDA_VERSION (empty for a
+#                                 CPU torch), CUSTOMLAYERS_PIP_CUDA_INCLUDE_DIRS and the CUDA variables
+#                                 torch's package reads; the installed customlayersConfig.cmake uses it.
+#   customlayers_find_torch()     the same, the C++ standard torch's headers need, then find_package(Torch).
 #
 # Torch_DIR comes from, in order: -DTorch_DIR / $Torch_DIR, -DPython3_EXECUTABLE's torch
 # (`torch.utils.cmake_prefix_path`), CMAKE_PREFIX_PATH (a libtorch directory, or torch.utils.cmake_prefix_path
@@ -114,7 +116,7 @@ function(_customlayers_locate_cuda_toolkit cuda_version out)
   set(${out} "" PARENT_SCOPE)
 endfunction()
 
-macro(customlayers_find_torch)
+macro(customlayers_prepare_torch)
   _customlayers_locate_torch_dir(Torch_DIR)
   set(Torch_DIR "${Torch_DIR}" CACHE PATH "Directory of TorchConfig.cmake" FORCE)
   get_filename_component(TORCH_ROOT "${Torch_DIR}/../../.." ABSOLUTE)
@@ -176,13 +178,16 @@ macro(customlayers_find_torch)
       endif()
     endforeach()
   endif()
-
-  set(CMAKE_CXX_STANDARD 20)          # torch's headers require C++20
-  set(CMAKE_CXX_STANDARD_REQUIRED ON)
   # torch's package compiles a CUDA probe with CMAKE_CUDA_STANDARD (default: the C++ standard), and
   # CMake before 3.26 has no C++20 dialect flag for nvcc; the library's own .cu files get C++20 anyway.
   if(NOT DEFINED CMAKE_CUDA_STANDARD)
     set(CMAKE_CUDA_STANDARD 17)
   endif()
+endmacro()
+
+macro(customlayers_find_torch)
+  customlayers_prepare_torch()
+  set(CMAKE_CXX_STANDARD 20)          # torch's headers require C++20
+  set(CMAKE_CXX_STANDARD_REQUIRED ON)
   find_package(Torch REQUIRED CONFIG)
 endmacro()
