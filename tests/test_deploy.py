@@ -24,7 +24,7 @@ LIBRARY = REQUIRED or os.path.join(ROOT, "build", "cmake", "libcustomlayers.so")
 AOTI_EXAMPLE = os.path.join(os.path.dirname(LIBRARY), "examples", "cpp", "aoti_mlp")
 IN_FEATURES = 8
 
-# With the fallback the ops are composites of aten ops, which export decomposes: no customlayers op is left.
+# With the fallback the ops are composites of aten ops, which AOTInductor lowers: the package would not call them.
 pytestmark = requires_extension()
 
 
