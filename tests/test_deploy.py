@@ -3,7 +3,7 @@ from Python (aoti_load_package) and from C++ (examples/cpp/aoti_mlp, linked with
 gives the eager result. A package or a saved torch.export program loads only where the ops are registered;
 the tests pin what torch says elsewhere (docs/deploy.md quotes it) and that import customlayers fixes it
 (the C++ run shows that linking the library does).
-The package is compiled once for the module (about 40 s on 2 busy cores)."""
+The package is compiled once for the module (40 s to 2 min on 2 busy cores)."""
 import os
 import subprocess
 import sys
