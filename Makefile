@@ -10,6 +10,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 DEPS := ninja numpy scipy pytest matplotlib setuptools wheel
+# The optional extra 'onnx' (pyproject.toml), which tests/test_onnx.py needs.
+DEPS += onnx onnxscript onnxruntime
 DEPS_STAMP := $(VENV)/.customlayers-deps
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=

@@ -2,15 +2,31 @@
 # insists on (a toolkit, nvrtc, cuBLAS headers) before find_package(Torch) runs, so that configuring
 # against a pip-installed torch needs no hand-written -D options.
 #
-#   customlayers_find_torch()   sets Torch_DIR (if unset), TORCH_ROOT, TORCH_CUDA_VERSION (empty for a
-#                               CPU torch), CUSTOMLAYERS_PIP_CUDA_INCLUDE_DIRS, then calls find_package(Torch).
+#   customlayers_prepare_torch()  sets Torch_DIR (if unset), TORCH_ROOT, TORCH_CUDA_VERSION (empty for a
+#                                 CPU torch), CUSTOMLAYERS_PIP_CUDA_INCLUDE_DIRS and the CUDA variables
+#                                 torch's package reads; the installed customlayersConfig.cmake uses it.
+#   customlayers_find_torch()     the same, the C++ standard torch's headers need, then find_package(Torch).
 #
-# Torch_DIR comes from, in order: -DTorch_DIR / $Torch_DIR, the python interpreter's torch
-# (Python3_EXECUTABLE, else the first python3 on PATH: `torch.utils.cmake_prefix_path`), CMAKE_PREFIX_PATH.
+# Torch_DIR comes from, in order: -DTorch_DIR / $Torch_DIR, -DPython3_EXECUTABLE's torch
+# (`torch.utils.cmake_prefix_path`), CMAKE_PREFIX_PATH (a libtorch directory, or torch.utils.cmake_prefix_path
+# itself as in PyTorch's C++ docs), CUSTOMLAYERS_DEFAULT_TORCH_DIR (the installed package's torch), the torch
+# of the first python3 on PATH.
 # The CUDA toolkit comes from CUDAToolkit_ROOT / CUDA_TOOLKIT_ROOT_DIR / CMAKE_CUDA_COMPILER if given,
 # else $CUDA_HOME, $CUDA_PATH, /usr/local/cuda-<torch's CUDA version>, /usr/local/cuda.
 # A pip torch keeps the CUDA runtime libraries and headers (nvrtc, cuBLAS, ...) under
 # site-packages/nvidia/*/{lib,include}; those are used where the toolkit lacks them.
+
+function(_customlayers_python_torch_dir python out)
+  set(${out} "" PARENT_SCOPE)
+  if(python)
+    execute_process(
+      COMMAND "${python}" -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
+      OUTPUT_VARIABLE prefix OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE rc)
+    if(rc EQUAL 0 AND EXISTS "${prefix}/Torch/TorchConfig.cmake")
+      set(${out} "${prefix}/Torch" PARENT_SCOPE)
+    endif()
+  endif()
+endfunction()
 
 function(_customlayers_locate_torch_dir out)
   if(Torch_DIR AND EXISTS "${Torch_DIR}/TorchConfig.cmake")
@@ -21,27 +37,39 @@ function(_customlayers_locate_torch_dir out)
     set(${out} "$ENV{Torch_DIR}" PARENT_SCOPE)
     return()
   endif()
+  # An interpreter named on the command line is the user's choice.
+  _customlayers_python_torch_dir("${Python3_EXECUTABLE}" dir)
+  if(dir)
+    set(${out} "${dir}" PARENT_SCOPE)
+    return()
+  endif()
+  # The prefixes find_package(Torch) would search: <prefix>/Torch (torch.utils.cmake_prefix_path, which
+  # is <site-packages>/torch/share/cmake) and <prefix>/share/cmake/Torch (a libtorch directory).
+  foreach(prefix IN LISTS CMAKE_PREFIX_PATH)
+    foreach(dir IN ITEMS "${prefix}/Torch" "${prefix}/share/cmake/Torch")
+      if(EXISTS "${dir}/TorchConfig.cmake")
+        set(${out} "${dir}" PARENT_SCOPE)
+        return()
+      endif()
+    endforeach()
+  endforeach()
+  if(CUSTOMLAYERS_DEFAULT_TORCH_DIR AND EXISTS "${CUSTOMLAYERS_DEFAULT_TORCH_DIR}/TorchConfig.cmake")
+    set(${out} "${CUSTOMLAYERS_DEFAULT_TORCH_DIR}" PARENT_SCOPE)
+    return()
+  endif()
   if(NOT Python3_EXECUTABLE)
     find_package(Python3 COMPONENTS Interpreter QUIET)
-  endif()
-  if(Python3_EXECUTABLE)
-    execute_process(
-      COMMAND "${Python3_EXECUTABLE}" -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
-      OUTPUT_VARIABLE prefix OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE rc)
-    if(rc EQUAL 0 AND EXISTS "${prefix}/Torch/TorchConfig.cmake")
-      set(${out} "${prefix}/Torch" PARENT_SCOPE)
+    _customlayers_python_torch_dir("${Python3_EXECUTABLE}" dir)
+    if(dir)
+      set(${out} "${dir}" PARENT_SCOPE)
       return()
     endif()
   endif()
-  foreach(prefix IN LISTS CMAKE_PREFIX_PATH)
-    if(EXISTS "${prefix}/share/cmake/Torch/TorchConfig.cmake")
-      set(${out} "${prefix}/share/cmake/Torch" PARENT_SCOPE)
-      return()
-    endif()
-  endforeach()
   message(FATAL_ERROR
-    "customlayers: cannot find the Torch CMake package. Pass -DPython3_EXECUTABLE=<python with torch>, "
-    "or -DTorch_DIR=<torch>/share/cmake/Torch, or add a libtorch directory to CMAKE_PREFIX_PATH.")
+    "customlayers: cannot find the Torch CMake package. Pass "
+    "-DCMAKE_PREFIX_PATH=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)'), "
+    "or -DPython3_EXECUTABLE=<python with torch>, or -DTorch_DIR=<torch>/share/cmake/Torch, "
+    "or add a libtorch directory to CMAKE_PREFIX_PATH.")
 endfunction()
 
 # The CUDA version torch was built with ("13.0"), or "" for a CPU build.
@@ -88,7 +116,7 @@ function(_customlayers_locate_cuda_toolkit cuda_version out)
   set(${out} "" PARENT_SCOPE)
 endfunction()
 
-macro(customlayers_find_torch)
+macro(customlayers_prepare_torch)
   _customlayers_locate_torch_dir(Torch_DIR)
   set(Torch_DIR "${Torch_DIR}" CACHE PATH "Directory of TorchConfig.cmake" FORCE)
   get_filename_component(TORCH_ROOT "${Torch_DIR}/../../.." ABSOLUTE)
@@ -150,13 +178,16 @@ macro(customlayers_find_torch)
       endif()
     endforeach()
   endif()
-
-  set(CMAKE_CXX_STANDARD 20)          # torch's headers require C++20
-  set(CMAKE_CXX_STANDARD_REQUIRED ON)
   # torch's package compiles a CUDA probe with CMAKE_CUDA_STANDARD (default: the C++ standard), and
   # CMake before 3.26 has no C++20 dialect flag for nvcc; the library's own .cu files get C++20 anyway.
   if(NOT DEFINED CMAKE_CUDA_STANDARD)
     set(CMAKE_CUDA_STANDARD 17)
   endif()
+endmacro()
+
+macro(customlayers_find_torch)
+  customlayers_prepare_torch()
+  set(CMAKE_CXX_STANDARD 20)          # torch's headers require C++20
+  set(CMAKE_CXX_STANDARD_REQUIRED ON)
   find_package(Torch REQUIRED CONFIG)
 endmacro()
