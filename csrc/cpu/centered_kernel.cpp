@@ -4,9 +4,9 @@
 // `reduce` for each (outer, inner). Small blocks are reduced and subtracted while they are in cache,
 // one task per outer index. Large ones with inner > 1 are cut into column strips: a task sums its strip
 // down all `reduce` rows and subtracts at once, so the only scratch is per task (the output aside); a
-// short strip is still in cache for the subtraction. Only when strips cannot occupy the threads (few
-// columns, long reduction) are rows split between tasks, with partial sums per (mean, chunk) combined
-// in order. Every sum is taken over the same fixed chunks either way, so results are bit-identical for
+// short strip is still in cache for the subtraction. Only when strips cannot occupy the threads and
+// rows are long are rows split between tasks, with partial sums per (mean, chunk) combined in order
+// (then at most ~3% of the output). Every sum is taken over the same fixed chunks either way, so results are bit-identical for
 // any thread count. Sums are added in acc_t lanes, then in double; a sum that overflows acc_t (float32
 // values near its max) is redone in double from the first element, so only inf or NaN inputs (or a
 // mean beyond the dtype) give a non-finite mean, as for x - x.mean().
@@ -155,14 +155,17 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
     return;
   }
 
+  // Column strips, summed and subtracted by one task each: wide enough to stream, and when rows are short,
+  // as wide as fits in cache (kChunk elements). A single chunk of rows (short rows, where one double per
+  // mean would be as large as the output) always takes strips, narrower when that leaves threads idle;
+  // longer rows take them when there are strips enough for the threads.
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = (reduce + kRowChunk - 1) / kRowChunk;
-  auto strips = [&](int64_t cols) { return outer * ((inner + cols - 1) / cols); };
-  if (chunks == 1 || strips(std::min(inner, kMinCols)) >= threads) {
-    // Column strips, summed and subtracted by one task each: wide enough to stream, and when rows are
-    // short, as wide as fits in cache (kChunk elements); narrower when that leaves threads idle.
-    int64_t cols = std::min(inner, std::max(kColBlock, kChunk / reduce));
+  auto strips = [&](int64_t width) { return outer * ((inner + width - 1) / width); };
+  int64_t cols = std::min(inner, std::max(kColBlock, kChunk / reduce));
+  if (chunks == 1)
     while (cols > kMinCols && strips(cols) < 4 * threads) cols = std::max(kMinCols, cols / 2);
+  if (chunks == 1 || strips(cols) >= threads) {
     const int64_t col_blocks = (inner + cols - 1) / cols;
     at::parallel_for(0, outer * col_blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> total(cols), chunk(cols);
@@ -183,8 +186,9 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
     return;
   }
 
-  // Few columns (outer * inner < threads * kMinCols), long rows: the same chunk sums, split between
-  // tasks (partial: one double per (mean, chunk) of kRowChunk rows), combined in order, then subtracted.
+  // Fewer strips than threads, rows of several chunks: the same chunk sums, split between tasks, combined
+  // in order, then subtracted. partial holds one double per (mean, chunk of kRowChunk rows), hi and lo
+  // one acc_t per mean: at most 8 / (kRowChunk * sizeof(T)) + 8 / (reduce * sizeof(T)) of the output.
   std::vector<double> partial(outer * chunks * inner);
   at::parallel_for(0, outer * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> scratch(inner);
