@@ -2,7 +2,7 @@
 compiled kernels, the pure-PyTorch fallback registered in their place (the cpu_fallback fixture, as
 CUSTOMLAYERS_FORCE_FALLBACK=cpu), the fallback without the compiled library (CUSTOMLAYERS_FORCE_FALLBACK=1,
 in a subprocess), the fake implementations (meta tensors) and customlayers.reference called directly.
-The messages may differ; the types are the table's."""
+The messages may differ; the types are the table's. Also: a fork after use works as for PyTorch's ops."""
 import json
 import os
 import subprocess
@@ -241,3 +241,28 @@ def test_fakes_give_outputs_on_the_inputs_device():
     assert all(t.device.type == "meta" for t in (dx, dw, db))
     assert C.linear_act(meta(_x()), meta(_w()), None).device.type == "meta"
     assert C.centered(meta(_x()), [0]).device.type == "meta"
+
+
+_FORK = """
+import os, signal, torch, customlayers
+from customlayers import functional as F
+torch.set_num_threads(2)
+x, w = torch.randn(256, 4096), torch.randn(4096, 64)
+run = lambda: (F.centered(x, 0), F.linear_act(x, w), customlayers.init.masked_uniform_(torch.empty(4096), seed=1))
+before = run()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)
+    torch.set_num_threads(1)
+    os._exit(0 if all(torch.equal(a, b) for a, b in zip(before, run())) else 1)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+"""
+
+
+def test_fork_after_use():
+    """A child forked after the ops ran multi-threaded gets the same results once it sets one thread (as
+    for PyTorch's own ops, whose OpenMP pool does not survive fork)."""
+    proc = subprocess.run([sys.executable, "-c", _FORK], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
