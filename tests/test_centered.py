@@ -218,14 +218,17 @@ def test_cpu_result_independent_of_thread_count(shape_dim):
     check_against_reference(x, dim, many)
 
 
+@requires_extension()
 @pytest.mark.parametrize("device", DEVICES)
 def test_near_float32_max_gives_zero(device):
-    """A sum of float32 values can overflow float32 where the exact sum (in double) does not."""
+    """A sum of float32 values can overflow float32 where the exact sum (in double) does not (the fallback's
+    x - x.mean() does: PyTorch sums float32 in float32)."""
     assert torch.equal(F.centered(torch.full((1000,), 1e37, device=device)), torch.zeros(1000, device=device))
     big = torch.finfo(torch.float32).max
     assert torch.equal(F.centered(torch.full((300, 40), big, device=device), 0), torch.zeros(300, 40, device=device))
 
 
+@requires_extension()
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape_dim", PATH_SHAPES, ids=str)
