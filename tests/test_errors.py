@@ -265,3 +265,19 @@ def test_fork_after_use():
         os._exit(0 if all(torch.equal(a, b) for a, b in zip(expected, run())) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("path", ["kernel", "fallback"])
+def test_inference_mode_fills(path, request):
+    """Inside torch.inference_mode() masked_uniform_ fills inference and normal tensors alike (the refusal
+    above is only for an inference tensor outside it)."""
+    if path == "fallback":
+        request.getfixturevalue("cpu_fallback")
+    elif not customlayers._ops.loaded():
+        pytest.skip(f"compiled extension not in use: {customlayers._ops.reason()}")
+    normal = torch.zeros(64)
+    with torch.inference_mode():
+        inference = torch.zeros(64)
+        for t in (inference, normal):
+            init.masked_uniform_(t, seed=0)
+    assert inference.abs().max() > 0 and normal.abs().max() > 0
