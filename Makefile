@@ -1,5 +1,6 @@
 # make demo   create .venv, install torch + build deps, build the extension, run the demo and a quick benchmark
 # make test   the same setup, then the full test suite: pytest, then the C++ tests (cpp-test)
+# make test-long  the full suite with the slow tests too (tests marked slow: tensors beyond 2^31 elements)
 # make cpp-test  configure + build the CMake library, C++ tests and example in build/cmake, run ctest
 # make bench  full benchmarks (results under benchmarks/results/<device>/)
 # make clean  remove build outputs (keeps .venv)
@@ -33,7 +34,7 @@ DEVICE_VENV ?= .venv-device
 DEVICE_ARCH ?= 9.0
 DEVICE_OUT := build/device
 
-.PHONY: demo test bench build clean cpp-build cpp-test gtest device-build
+.PHONY: demo test test-long bench build clean cpp-build cpp-test gtest device-build
 
 $(DEPS_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +54,9 @@ test: build cpp-build
 	CUSTOMLAYERS_CMAKE_LIBRARY=$(CMAKE_LIBRARY) $(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(CPP_ENV) ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
+
+test-long: build
+	CUSTOMLAYERS_RUN_SLOW=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 # GoogleTest for the C++ tests: Debian/Ubuntu's libgtest-dev, installed when missing and apt-get can.
 gtest:

@@ -119,7 +119,8 @@ class LinearActFunction(torch.autograd.Function):
         if bias is not None:
             bias = bias.movedim(b_dim, 0) if b_dim is not None else bias.expand(size, *bias.shape)
         if size:  # the op's checks, on one sample: the batched matmul would broadcast or promote instead
-            reference.check_linear(x[0], weight[0], None if bias is None else bias[0], act, "linear_act")
+            reference.check_linear(x[0], weight[0], None if bias is None else bias[0], "linear_act")
+            reference.check_act(act, "linear_act")
         y = torch.bmm(x.reshape(size, -1, x.shape[-1]), weight)
         if bias is not None:
             y = y + bias.unsqueeze(1)

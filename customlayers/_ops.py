@@ -240,8 +240,10 @@ def op(name: str):
 
 
 # ------------------------------------------------------------------------------------ fake (meta) kernels
-# Output metadata for torch.compile and torch.export; only the checks that shapes need. The kernels' own
-# checks (csrc/common) are the authority on every other error, raised when the compiled graph runs.
+# Output metadata for torch.compile and torch.export, and the ops on meta tensors. Each fake checks what
+# its kernel checks about the arguments' dtypes, layouts, devices and shapes (customlayers.reference's
+# checks: the kernels' order and exception types), so a bad call fails at trace time as it would when run;
+# the kernels' own checks (csrc/common) stay the authority, and the only ones on values.
 
 def register_fake(name: str) -> Callable:
     """Decorator registering a fake (meta) implementation when the compiled library is loaded."""
@@ -252,22 +254,16 @@ def register_fake(name: str) -> Callable:
     return wrap
 
 
-def _linear_shapes(op_name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-    torch._check(weight.dim() == 2, lambda: f"{op_name}: expected weight to be 2-D, but got shape {list(weight.shape)}")
-    torch._check(x.dim() >= 1, lambda: f"{op_name}: expected x to have at least 1 dimension")
-    torch._check(x.shape[-1] == weight.shape[0],
-                 lambda: f"{op_name}: x has shape {list(x.shape)} and weight has shape {list(weight.shape)}")
-
-
 @register_fake("linear_act")
 def _linear_act_fake(x, weight, bias=None, act="relu"):
-    _linear_shapes("linear_act", x, weight)
+    reference.check_linear(x, weight, bias, "linear_act")
+    reference.check_act(act, "linear_act")
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 
 @register_fake("linear_act_backward")
 def _linear_act_backward_fake(grad, x, weight, out, act, output_mask):
-    _linear_shapes("linear_act_backward", x, weight)
+    reference.check_linear_backward(grad, x, weight, out, act)
     return (x.new_empty(x.shape) if output_mask[0] else None,
             reference.linear_grad_weight_like(weight) if output_mask[1] else None,
             x.new_empty((weight.shape[1],)) if output_mask[2] else None)
@@ -275,9 +271,11 @@ def _linear_act_backward_fake(grad, x, weight, out, act, output_mask):
 
 @register_fake("centered")
 def _centered_fake(x, dim=None):
+    reference.check_floating(x, "centered", "x")
+    reference.check_dims(x, dim, "centered")
     return torch.empty_like(x)
 
 
 @register_fake("masked_uniform_")
 def _masked_uniform_fake(self, low=-10.0, high=10.0, threshold=5.0, seed=None, offset=0):
-    return None
+    reference.check_masked_uniform(self, low, high, threshold, offset)

@@ -14,19 +14,55 @@ __all__ = ["centered", "linear_act", "linear_act_backward", "masked_uniform_", "
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_floating(t: torch.Tensor, op: str, arg: str) -> None:
+def check_tensor(t, op: str, arg: str) -> None:
+    """A Tensor argument: anything else is refused as the op's schema refuses it (RuntimeError)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: expected {arg} to be a tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATING:
-        raise TypeError(f"{op}: expected {arg} to be a floating-point tensor (float32, float64, float16 or "
-                        f"bfloat16), but got dtype {t.dtype}")
-    if t.layout != torch.strided:
-        raise RuntimeError(f"{op}: expected {arg} to be a strided (dense) tensor, but got layout {t.layout}")
+        raise RuntimeError(f"{op}: expected a value of type 'Tensor' for argument '{arg}' but instead found type "
+                           f"'{type(t).__name__}'")
+
+
+def check_floating(t: torch.Tensor, op: str, arg: str) -> None:
+    """common/checks.cpp's check_floating: a floating-point dtype (TypeError), a strided layout
+    (NotImplementedError, as the dispatcher refuses sparse tensors where a compiled kernel serves)."""
+    check_tensor(t, op, arg)
+    torch._check_type(t.dtype in _FLOATING, lambda: f"{op}: expected {arg} to be a floating-point tensor (float32, "
+                      f"float64, float16 or bfloat16), but got dtype {t.dtype}")
+    torch._check_not_implemented(t.layout == torch.strided, lambda: f"{op}: expected {arg} to be a strided (dense) "
+                                 f"tensor, but got layout {t.layout}")
+
+
+def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    """All tensors given (None skipped) on one device (RuntimeError), as common/checks.cpp checks it."""
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first = name, t
+            continue
+        torch._check(t.device == first[1].device, lambda: f"{op}: expected all tensors on one device, but "
+                     f"{first[0]} is on {first[1].device} and {name} is on {t.device}")
+
+
+def check_dims(x: torch.Tensor, dim: Optional[Sequence[int]], op: str) -> None:
+    """common/checks.cpp's reduced_dims_mask: each dim in range (IndexError) and named once (RuntimeError),
+    a 0-dim tensor's too (0 and -1 name its one dim)."""
+    if dim is None:
+        return
+    wrap = max(x.dim(), 1)
+    seen = set()
+    for d in dim:
+        torch._check_index(-wrap <= d < wrap, lambda: f"{op}: dim {d} is out of range for a tensor with {x.dim()} "
+                           f"dimension(s) (expected a value in [{-wrap}, {wrap - 1}])")
+        w = d % wrap
+        torch._check(w not in seen, lambda: f"{op}: dim {w} appears more than once in dim={list(dim)}")
+        seen.add(w)
 
 
 def centered(x: torch.Tensor, dim: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``x - x.mean()`` (the book's CenteredLayer), or ``x - x.mean(dim, keepdim=True)``."""
-    _check_floating(x, "centered", "x")
+    check_floating(x, "centered", "x")
+    check_dims(x, dim, "centered")
     if dim is None or len(dim) == 0:
         return x - x.mean()
     return x - x.mean(dim=tuple(dim), keepdim=True)
@@ -40,13 +76,10 @@ def masked_uniform_(w: torch.Tensor, a: float = -10.0, b: float = 10.0, threshol
     return w
 
 
-def masked_uniform_op(self: torch.Tensor, low: float = -10.0, high: float = 10.0, threshold: float = 5.0,
-                      seed: Optional[int] = None, offset: int = 0) -> None:
-    """The masked_uniform_ op on the book's code: the same distribution as the kernels, other values. A seed
-    (with its offset) seeds a generator of its own; without one the device's default generator draws.
-    Unlike the kernels, bounds between two values of a 16-bit dtype are not refused."""
+def check_masked_uniform(self: torch.Tensor, low: float, high: float, threshold: float, offset: int) -> None:
+    """masked_uniform_'s argument checks (common/masked_uniform.cpp), those not about rounding to the dtype."""
     op = "masked_uniform_"
-    _check_floating(self, op, "tensor")
+    check_floating(self, op, "tensor")
     if not all(math.isfinite(v) for v in (low, high, threshold)):
         raise ValueError(f"{op}: expected finite bounds and threshold, but got low={low:g}, high={high:g}, "
                          f"threshold={threshold:g}")
@@ -64,39 +97,75 @@ def masked_uniform_op(self: torch.Tensor, low: float = -10.0, high: float = 10.0
     if not (high > threshold or low < -threshold):
         raise ValueError(f"{op}: threshold={threshold:g} masks every value of [{low:g}, {high:g}): expected "
                          "low < -threshold or high > threshold")
+
+
+def masked_uniform_op(self: torch.Tensor, low: float = -10.0, high: float = 10.0, threshold: float = 5.0,
+                      seed: Optional[int] = None, offset: int = 0) -> None:
+    """The masked_uniform_ op on the book's code: the same distribution as the kernels, other values. A seed
+    (with its offset) seeds a generator of its own; without one the device's default generator draws.
+    Unlike the kernels, bounds between two values of a 16-bit dtype are not refused."""
+    check_masked_uniform(self, low, high, threshold, offset)
     generator = None
     if seed is not None:
         generator = torch.Generator(self.device).manual_seed(hash((seed, offset)) & ((1 << 63) - 1))
     masked_uniform_(self, low, high, threshold, generator)
 
 
-def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str, op: str) -> None:
-    """linear_act's argument checks, in the compiled kernels' order (csrc/common/linear_act.cpp): dtypes
-    (TypeError), devices, shapes (RuntimeError), act (ValueError)."""
-    tensors = (("weight", weight), ("bias", bias))
-    _check_floating(x, op, "x")
-    for name, t in tensors:
-        if t is not None:
-            _check_floating(t, op, name)
-            if t.dtype != x.dtype:
-                raise TypeError(f"{op}: expected x and {name} to have the same dtype, but x is {x.dtype} and "
-                                f"{name} is {t.dtype}")
-    for name, t in tensors:
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"{op}: expected all tensors on one device, but x is on {x.device} and {name} is "
-                               f"on {t.device}")
-    if weight.dim() != 2:
-        raise RuntimeError(f"{op}: expected weight to be 2-D (in_features, out_features), but got shape "
-                           f"{list(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[0]:
-        raise RuntimeError(f"{op}: x's last dimension must equal weight's in_features (weight.shape[0]), but x "
-                           f"has shape {list(x.shape)} and weight has shape {list(weight.shape)} (x needs at "
-                           "least 1 dimension)")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[1]):
-        raise RuntimeError(f"{op}: expected bias of shape [{weight.shape[1]}] (out_features,), but got shape "
-                           f"{list(bias.shape)}")
-    if act not in ("relu", "none"):
-        raise ValueError(f"{op}: act must be 'relu' or 'none', but got '{act}'")
+def check_act(act, op: str) -> None:
+    """act: a str (else RuntimeError, as the op's schema refuses it), 'relu' or 'none' (ValueError)."""
+    if not isinstance(act, str):
+        raise RuntimeError(f"{op}: expected a value of type 'str' for argument 'act' but instead found type "
+                           f"'{type(act).__name__}'")
+    torch._check_value(act in ("relu", "none"), lambda: f"{op}: act must be 'relu' or 'none', but got '{act}'")
+
+
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], op: str) -> None:
+    """linear_act's tensor checks, in the compiled kernels' order (csrc/common/linear_act.cpp's
+    check_linear_inputs): dtypes (TypeError), devices, shapes (RuntimeError). torch._check* keeps them
+    usable on symbolic shapes (the fake implementations call them)."""
+    check_floating(x, op, "x")
+    check_floating(weight, op, "weight")
+    if bias is not None:
+        check_floating(bias, op, "bias")
+    for name, t in (("weight", weight), ("bias", bias)):
+        torch._check_type(t is None or t.dtype == x.dtype, lambda: f"{op}: expected x and {name} to have the same "
+                          f"dtype, but x is {x.dtype} and {name} is {t.dtype}")
+    check_same_device(op, x=x, weight=weight, bias=bias)
+    torch._check(weight.dim() == 2, lambda: f"{op}: expected weight to be 2-D (in_features, out_features), but got "
+                 f"shape {list(weight.shape)}")
+    torch._check(x.dim() >= 1, lambda: f"{op}: expected x to have at least 1 dimension (*, in_features), but got "
+                 f"shape {list(x.shape)}")
+    torch._check(x.shape[-1] == weight.shape[0], lambda: f"{op}: x's last dimension must equal weight's "
+                 f"in_features (weight.shape[0]), but x has shape {list(x.shape)} and weight has shape "
+                 f"{list(weight.shape)}")
+    torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[1]), lambda: f"{op}: expected "
+                 f"bias of shape [{weight.shape[1]}] (out_features,), but got shape {list(bias.shape)}")
+
+
+def check_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor],
+                          act: str) -> None:
+    """linear_act_backward's checks, in the order of csrc/common/linear_act.cpp's
+    check_linear_backward_inputs: x and weight as linear_act's, act, then grad's and out's dtype, device
+    and shape."""
+    op = "linear_act_backward"
+    check_linear(x, weight, None, op)
+    check_act(act, op)
+    check_floating(grad, op, "grad")
+    torch._check_type(grad.dtype == x.dtype, lambda: f"{op}: expected grad and x to have the same dtype, but grad "
+                      f"is {grad.dtype} and x is {x.dtype}")
+    relu = act == "relu"
+    if relu and out is not None:
+        check_tensor(out, op, "out")
+    check_same_device(op, x=x, grad=grad, out=out if relu else None)
+    shape = [*x.shape[:-1], weight.shape[1]]
+    torch._check(list(grad.shape) == shape, lambda: f"{op}: expected grad of shape {shape} (x's shape with "
+                 f"out_features last), but got shape {list(grad.shape)}")
+    if relu:
+        torch._check(out is not None, lambda: f"{op}: act='relu' needs the forward output `out`")
+        torch._check_type(out.dtype == x.dtype, lambda: f"{op}: expected out and x to have the same dtype, but out "
+                          f"is {out.dtype} and x is {x.dtype}")
+        torch._check(out.shape == grad.shape, lambda: f"{op}: expected out of shape {list(grad.shape)}, but got "
+                     f"shape {list(out.shape)}")
 
 
 def linear_grad_weight_like(weight: torch.Tensor) -> torch.Tensor:
@@ -113,7 +182,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                act: str = "relu") -> torch.Tensor:
     """``torch.relu(x @ weight + bias)`` (the book's MyLinear), weight (in_features, out_features);
     act='none' leaves out the ReLU."""
-    check_linear(x, weight, bias, act, "linear_act")
+    check_linear(x, weight, bias, "linear_act")
+    check_act(act, "linear_act")
     y = x @ weight
     if bias is not None:
         y = y + bias
@@ -124,18 +194,8 @@ def linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                         act: str, output_mask: List[bool]) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, dweight, dbias) of linear_act for the inputs output_mask selects (None for the others), with
     torch.relu's derivative (the gradient passes where out is not <= 0); dweight in weight's layout."""
-    op = "linear_act_backward"
-    check_linear(x, weight, None, act, op)
-    for name, t in (("grad", grad), ("out", out)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{op}: expected {name} and x to have the same dtype, but {name} is {t.dtype} and x "
-                            f"is {x.dtype}")
-    if grad.shape != (*x.shape[:-1], weight.shape[1]):
-        raise RuntimeError(f"{op}: expected grad of shape {[*x.shape[:-1], weight.shape[1]]}, but got shape "
-                           f"{list(grad.shape)}")
+    check_linear_backward(grad, x, weight, out, act)
     if act == "relu":
-        if out is None or out.shape != grad.shape:
-            raise RuntimeError(f"{op}: act='relu' needs the forward output `out` of shape {list(grad.shape)}")
         grad = torch.where(out <= 0, 0, grad)
     k, n = weight.shape
     g2, x2 = grad.reshape(-1, n), x.reshape(-1, k)

@@ -22,6 +22,16 @@ def pytest_report_header(config):
             f"threads: {torch.get_num_threads()}"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only under CUSTOMLAYERS_RUN_SLOW=1 (make test-long)."""
+    if os.environ.get("CUSTOMLAYERS_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run by make test-long (CUSTOMLAYERS_RUN_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

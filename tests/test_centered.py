@@ -195,18 +195,51 @@ def test_deterministic(device):
     assert torch.equal(F.centered(x, 1), F.centered(x, 1))
 
 
+# Every CPU code path: short rows, long rows, small blocks with columns, column strips (one chunk, several),
+# and few columns with long rows (split between threads when there are several).
+PATH_SHAPES = [((1 << 21,), None), ((3, 5000), 1), ((64, 100), 0), ((1000, 300), 0), ((2, 20000), 0),
+               ((4096, 16), 0), ((3, 2000, 8), 1)]
+
+
 @requires_extension()
-def test_cpu_result_independent_of_thread_count():
-    x = torch.randn(1 << 21) + 10
+@pytest.mark.parametrize("shape_dim", PATH_SHAPES, ids=str)
+def test_cpu_result_independent_of_thread_count(shape_dim):
+    shape, dim = shape_dim
+    x = torch.randn(shape) + 10
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = F.centered(x)
+        one = F.centered(x, dim)
         torch.set_num_threads(max(2, before))
-        many = F.centered(x)
+        many = F.centered(x, dim)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, many)
+    check_against_reference(x, dim, many)
+
+
+@requires_extension()
+@pytest.mark.parametrize("device", DEVICES)
+def test_near_float32_max_gives_zero(device):
+    """A sum of float32 values can overflow float32 where the exact sum (in double) does not (the fallback's
+    x - x.mean() does: PyTorch sums float32 in float32)."""
+    assert torch.equal(F.centered(torch.full((1000,), 1e37, device=device)), torch.zeros(1000, device=device))
+    big = torch.finfo(torch.float32).max
+    assert torch.equal(F.centered(torch.full((300, 40), big, device=device), 0), torch.zeros(300, 40, device=device))
+
+
+@requires_extension()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape_dim", PATH_SHAPES, ids=str)
+def test_near_dtype_max_matches_reference(device, dtype, shape_dim):
+    """Values in [max / 2, max] of the dtype: the means are finite, and so is every result."""
+    shape, dim = shape_dim
+    big = torch.finfo(dtype).max
+    x = (torch.rand(shape, dtype=torch.float64) * 0.5 + 0.5).mul(big).to(device=device, dtype=dtype)
+    y = F.centered(x, dim)
+    assert torch.isfinite(y).all()
+    check_against_reference(x, dim, y)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,8 +2,14 @@
 //
 // The work is planned (common/layout.h) as a dense [outer, reduce, inner] block: means are taken over
 // `reduce` for each (outer, inner). Small blocks are reduced and subtracted while they are in cache,
-// one task per outer index. Large ones are summed in fixed chunks (so results do not depend on the
-// thread count), combined in order in double, and subtracted in a second parallel pass.
+// one task per outer index. Large ones with inner > 1 are cut into column strips: a task sums its strip
+// down all `reduce` rows and subtracts at once, so the only scratch is per task (the output aside); a
+// short strip is still in cache for the subtraction. Only when strips cannot occupy the threads and
+// rows are long are rows split between tasks, with partial sums per (mean, chunk) combined in order
+// (then at most ~3% of the output). Every sum is taken over the same fixed chunks either way, so results are bit-identical for
+// any thread count. Sums are added in acc_t lanes, then in double; a sum that overflows acc_t (float32
+// values near its max) is redone in double from the first element, so only inf or NaN inputs (or a
+// mean beyond the dtype) give a non-finite mean, as for x - x.mean().
 #include "common/checks.h"
 #include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
@@ -13,14 +19,41 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 namespace customlayers::cpu {
 namespace {
 
-constexpr int64_t kChunk = 32768;       // elements summed by one task
-constexpr int64_t kColBlock = 2048;     // columns per task in column reductions
+constexpr int64_t kChunk = 32768;       // elements summed by one task (inner == 1), and the small-block limit
+constexpr int64_t kRowChunk = 256;      // rows per partial column sum (inner > 1): fixed, whatever the threads
+constexpr int64_t kColBlock = 2048;     // columns per strip when rows are long enough to stream
+constexpr int64_t kMinCols = 64;        // the narrowest strip
 constexpr int64_t kSubGrain = 32768;    // elements per task when subtracting
+
+// Sum of p[0..n) in double (sum_contiguous), redone in double from the first element if acc_t overflowed.
+template <typename T>
+double row_sum(const T* p, int64_t n) {
+  const double s = sum_contiguous(p, n);
+  if (std::isfinite(s)) return s;
+  double exact = 0.0;
+  for (int64_t i = 0; i < n; ++i) exact += static_cast<double>(p[i]);
+  return exact;
+}
+
+// out[0..cols) = column sums of a row-major [rows, cols] block with row stride ld (add_column_sums),
+// each redone in double from the first row if acc_t overflowed.
+template <typename T>
+void column_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, double* out, acc_t<T>* scratch) {
+  std::fill(out, out + cols, 0.0);
+  add_column_sums(p, rows, cols, ld, out, scratch);
+  for (int64_t c = 0; c < cols; ++c) {
+    if (std::isfinite(out[c])) continue;
+    double exact = 0.0;
+    for (int64_t r = 0; r < rows; ++r) exact += static_cast<double>(p[r * ld + c]);
+    out[c] = exact;
+  }
+}
 
 // y[0..n) = x[0..n) - m.
 template <typename T>
@@ -58,6 +91,18 @@ inline void subtract_row(const T* x, T* y, int64_t n, const acc_t<T>* hi, const 
   for (; i < n; ++i) y[i] = static_cast<T>((static_cast<acc_t<T>>(x[i]) - hi[i]) - lo[i]);
 }
 
+// Sums of the strip [0, reduce) x [c0, c0 + nc) of one outer slice xs into total[0..nc): kRowChunk rows at
+// a time, the chunks added in order.
+template <typename T>
+void strip_sums(const T* xs, int64_t reduce, int64_t inner, int64_t c0, int64_t nc, double* total, double* chunk,
+                acc_t<T>* scratch) {
+  std::fill(total, total + nc, 0.0);
+  for (int64_t r0 = 0; r0 < reduce; r0 += kRowChunk) {
+    column_sums(xs + r0 * inner + c0, std::min(reduce - r0, kRowChunk), nc, inner, chunk, scratch);
+    for (int64_t c = 0; c < nc; ++c) total[c] += chunk[c];
+  }
+}
+
 template <typename T>
 void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inner) {
   using A = acc_t<T>;
@@ -68,16 +113,15 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
     const int64_t grain = std::max<int64_t>(1, kSubGrain / block);
     at::parallel_for(0, outer, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> sums(inner > 1 ? inner : 0);
-      std::vector<A> scratch(inner > 1 ? inner : 0), hi(sums.size()), lo(sums.size());
+      std::vector<A> scratch(sums.size()), hi(sums.size()), lo(sums.size());
       for (int64_t o = begin; o < end; ++o) {
         const T* xs = x + o * block;
         T* ys = y + o * block;
         if (inner == 1) {
-          subtract_scalar(xs, ys, reduce, SplitValue<A>(sum_contiguous(xs, reduce) / reduce));
+          subtract_scalar(xs, ys, reduce, SplitValue<A>(row_sum(xs, reduce) / reduce));
           continue;
         }
-        std::fill(sums.begin(), sums.end(), 0.0);
-        add_column_sums(xs, reduce, inner, inner, sums.data(), scratch.data());
+        column_sums(xs, reduce, inner, inner, sums.data(), scratch.data());
         for (int64_t i = 0; i < inner; ++i) {
           const SplitValue<A> m(sums[i] / reduce);
           hi[i] = m.hi;
@@ -89,50 +133,79 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
     return;
   }
 
-  // Pass 1: partial sums over fixed chunks of `reduce` rows and `cols` columns.
-  const int64_t cols = std::min(inner, kColBlock);
-  const int64_t col_blocks = (inner + cols - 1) / cols;
-  const int64_t rows = std::max<int64_t>(1, kChunk / cols);
-  const int64_t chunks = (reduce + rows - 1) / rows;
-  std::vector<double> partial(outer * chunks * inner, 0.0);
-  at::parallel_for(0, outer * chunks * col_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(cols);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t % col_blocks, c = (t / col_blocks) % chunks, o = t / (col_blocks * chunks);
-      const int64_t r0 = c * rows, nr = std::min(reduce, r0 + rows) - r0;
-      const int64_t c0 = b * cols, nc = std::min(inner, c0 + cols) - c0;
-      const T* src = x + (o * reduce + r0) * inner + c0;
-      double* dst = partial.data() + (o * chunks + c) * inner + c0;
-      if (inner == 1)
-        dst[0] = sum_contiguous(src, nr);
-      else
-        add_column_sums(src, nr, nc, inner, dst, scratch.data());
-    }
-  });
-
-  // Combine chunks in order: the mean of each (outer, inner) as acc_t hi + lo.
-  std::vector<A> hi(outer * inner), lo(outer * inner);
-  at::parallel_for(0, outer * inner, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t o = k / inner, i = k % inner;
-      double s = 0.0;
-      for (int64_t c = 0; c < chunks; ++c) s += partial[(o * chunks + c) * inner + i];
-      const SplitValue<A> m(s / reduce);
-      hi[k] = m.hi;
-      lo[k] = m.lo;
-    }
-  });
-
-  // Pass 2: subtract.
   if (inner == 1) {
+    // Long rows: partial sums over fixed chunks (one double per kChunk elements), then the subtraction.
+    const int64_t chunks = (reduce + kChunk - 1) / kChunk;
+    std::vector<double> partial(outer * chunks);
+    at::parallel_for(0, outer * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t o = t / chunks, r0 = (t % chunks) * kChunk;
+        partial[t] = row_sum(x + o * reduce + r0, std::min(reduce, r0 + kChunk) - r0);
+      }
+    });
     at::parallel_for(0, outer * reduce, kSubGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end;) {
         const int64_t o = k / reduce, stop = std::min(end, (o + 1) * reduce);
-        subtract_scalar(x + k, y + k, stop - k, SplitValue<A>(hi[o], lo[o]));
+        double s = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) s += partial[o * chunks + c];
+        subtract_scalar(x + k, y + k, stop - k, SplitValue<A>(s / reduce));
         k = stop;
       }
     });
     return;
+  }
+
+  // Column strips, summed and subtracted by one task each: wide enough to stream, and when rows are short,
+  // as wide as fits in cache (kChunk elements). A single chunk of rows (short rows, where one double per
+  // mean would be as large as the output) always takes strips, narrower when that leaves threads idle;
+  // longer rows take them when there are strips enough for the threads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = (reduce + kRowChunk - 1) / kRowChunk;
+  auto strips = [&](int64_t width) { return outer * ((inner + width - 1) / width); };
+  int64_t cols = std::min(inner, std::max(kColBlock, kChunk / reduce));
+  if (chunks == 1)
+    while (cols > kMinCols && strips(cols) < 4 * threads) cols = std::max(kMinCols, cols / 2);
+  if (chunks == 1 || strips(cols) >= threads) {
+    const int64_t col_blocks = (inner + cols - 1) / cols;
+    at::parallel_for(0, outer * col_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> total(cols), chunk(cols);
+      std::vector<A> scratch(cols), hi(cols), lo(cols);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t o = t / col_blocks, c0 = (t % col_blocks) * cols, nc = std::min(inner - c0, cols);
+        const T* xs = x + o * block;
+        strip_sums(xs, reduce, inner, c0, nc, total.data(), chunk.data(), scratch.data());
+        for (int64_t c = 0; c < nc; ++c) {
+          const SplitValue<A> m(total[c] / reduce);
+          hi[c] = m.hi;
+          lo[c] = m.lo;
+        }
+        for (int64_t r = 0; r < reduce; ++r)
+          subtract_row(xs + r * inner + c0, y + o * block + r * inner + c0, nc, hi.data(), lo.data());
+      }
+    });
+    return;
+  }
+
+  // Fewer strips than threads, rows of several chunks: the same chunk sums, split between tasks, combined
+  // in order, then subtracted. partial holds one double per (mean, chunk of kRowChunk rows), hi and lo
+  // one acc_t per mean: at most 8 / (kRowChunk * sizeof(T)) + 8 / (reduce * sizeof(T)) of the output.
+  std::vector<double> partial(outer * chunks * inner);
+  at::parallel_for(0, outer * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(inner);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t / chunks, r0 = (t % chunks) * kRowChunk;
+      column_sums(x + o * block + r0 * inner, std::min(reduce - r0, kRowChunk), inner, inner,
+                  partial.data() + t * inner, scratch.data());
+    }
+  });
+  std::vector<A> hi(outer * inner), lo(outer * inner);
+  for (int64_t k = 0; k < outer * inner; ++k) {
+    const int64_t o = k / inner, i = k % inner;
+    double s = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) s += partial[(o * chunks + c) * inner + i];
+    const SplitValue<A> m(s / reduce);
+    hi[k] = m.hi;
+    lo[k] = m.lo;
   }
   at::parallel_for(0, outer * reduce, std::max<int64_t>(1, kSubGrain / inner), [&](int64_t begin, int64_t end) {
     for (int64_t line = begin; line < end; ++line) {

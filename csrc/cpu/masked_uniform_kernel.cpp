@@ -5,6 +5,7 @@
 // blocks of kLanes Philox counters computed in vectors (AVX2: eight counters per instruction), and the
 // blocks are spread over threads with at::parallel_for. Tensors that are not
 // contiguous are filled through a contiguous buffer.
+#include "common/checks.h"
 #include "common/cpu_vec.h"
 #include "common/masked_uniform.h"
 
@@ -93,6 +94,7 @@ uint64_t draw_seed() {
 void masked_uniform_(at::Tensor& self, double low, double high, double threshold, std::optional<int64_t> seed,
                      int64_t offset) {
   const Bounds bounds = check_args(self, low, high, threshold, offset);
+  check_writable(self, kOp, "tensor");
   if (self.numel() == 0) return;
   const uint64_t s = seed.has_value() ? static_cast<uint64_t>(*seed) : draw_seed();
   at::Tensor out = self.is_contiguous() ? self : at::empty(self.sizes(), self.options());

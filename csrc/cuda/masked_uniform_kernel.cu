@@ -5,6 +5,7 @@
 // The kernel is in cuda/masked_uniform.cuh. Unseeded calls take (seed, offset) from the device's default
 // generator through PhiloxCudaState, unpacked on the device, so they work under CUDA graph capture too.
 // Tensors that are not contiguous are filled through a contiguous buffer.
+#include "common/checks.h"
 #include "cuda/masked_uniform.cuh"
 
 #include <ATen/Dispatch.h>
@@ -38,6 +39,7 @@ struct GeneratorSeeds {
 void masked_uniform_(at::Tensor& self, double low, double high, double threshold, std::optional<int64_t> seed,
                      int64_t offset) {
   const Bounds bounds = check_args(self, low, high, threshold, offset);
+  check_writable(self, kOp, "tensor");
   if (self.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(self.device());
   at::PhiloxCudaState philox_args(static_cast<uint64_t>(seed.value_or(0)), static_cast<uint64_t>(offset));

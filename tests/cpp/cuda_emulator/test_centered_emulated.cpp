@@ -2,7 +2,8 @@
 // float64 x - mean: both on-chip row paths (a warp per row, a block per row) and the partial-sums path
 // for rows (one and several chunks) and columns (several chunks, several 256-column tiles), with every
 // subtract indexing (one mean, a mean per row, general), and a GPU of 1 SM so that every grid-stride
-// loop takes several steps.
+// loop takes several steps. Values near the dtype's maximum check that sums never overflow where the mean
+// is finite.
 #include "cuda/centered.cuh"
 #include "emulated_testing.h"
 
@@ -20,13 +21,16 @@ namespace {
 namespace cl = customlayers::cuda;
 namespace emu = customlayers::cuda_emulator;
 
+// x ~ N(3, 2) (a mean far from 0), or with near_max uniform in [max / 2, max] of T.
 template <typename T>
-void check(int64_t outer, int64_t reduce, int64_t inner, std::mt19937& rng) {
+void check(int64_t outer, int64_t reduce, int64_t inner, std::mt19937& rng, bool near_max = false) {
   SCOPED_TRACE("[" + std::to_string(outer) + ", " + std::to_string(reduce) + ", " + std::to_string(inner) + "]");
   const int64_t n = outer * reduce * inner;
-  std::normal_distribution<float> normal(3.0f, 2.0f);  // a mean far from 0
+  std::normal_distribution<float> normal(3.0f, 2.0f);
+  std::uniform_real_distribution<double> upper(0.5, 1.0);
+  const double largest = static_cast<double>(std::numeric_limits<T>::max());
   std::vector<T> x(n), y(n + 1, T(7.0f));
-  for (auto& v : x) v = T(normal(rng));
+  for (auto& v : x) v = near_max ? T(upper(rng) * largest) : T(normal(rng));
   std::vector<unsigned char> workspace(cl::centered_workspace_bytes<T>(outer, reduce, inner) + 8);
   cl::centered_block(x.data(), y.data(), outer, reduce, inner, workspace.data(), nullptr);
   ASSERT_EQ(static_cast<float>(y[n]), 7.0f) << "wrote past the output";
@@ -41,13 +45,14 @@ void check(int64_t outer, int64_t reduce, int64_t inner, std::mt19937& rng) {
         // One rounding of the result, plus float arithmetic on |x| + |mean| for 16-bit types.
         const double allowed = 2 * customlayers::testing::unit_roundoff<T>() * std::abs(expected) +
                                (sizeof(T) < 4 ? std::ldexp(1.0, -23) * (std::abs(xe) + std::abs(mean)) : 0.0) + 1e-300;
+        ASSERT_TRUE(std::isfinite(static_cast<double>(y[e]))) << "y at " << e;
         ASSERT_LE(std::abs(static_cast<double>(y[e]) - expected), allowed) << "y at " << e;
       }
     }
 }
 
 template <typename T>
-void run_all(int sm_count) {
+void run_all(int sm_count, bool near_max = false) {
   std::mt19937 rng(7);
   const customlayers::testing::ScopedSmCount sms(sm_count);
 #ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
@@ -60,7 +65,7 @@ void run_all(int sm_count) {
       {1, 20000, 1}, {3, 9000, 1},   {4, 130, 5},   {2, 70, 300},  {1, 5, 3},    {3, 1, 4}};
 #endif
   for (const auto& [outer, reduce, inner] : blocks) {
-    check<T>(outer, reduce, inner, rng);
+    check<T>(outer, reduce, inner, rng, near_max);
     if (::testing::Test::HasFatalFailure()) break;
   }
 }
@@ -70,5 +75,7 @@ TEST(EmulatedCudaCentered, Float32OneSM) { run_all<float>(1); }
 TEST(EmulatedCudaCentered, Float64) { run_all<double>(1); }
 TEST(EmulatedCudaCentered, Float16) { run_all<c10::Half>(1); }
 TEST(EmulatedCudaCentered, BFloat16) { run_all<c10::BFloat16>(132); }
+TEST(EmulatedCudaCentered, Float32NearMax) { run_all<float>(1, true); }
+TEST(EmulatedCudaCentered, BFloat16NearMax) { run_all<c10::BFloat16>(1, true); }
 
 }  // namespace

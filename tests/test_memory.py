@@ -1,0 +1,76 @@
+"""Peak memory: each op, at a size where its buffers dwarf the allocator's noise, needs no more memory
+beyond its inputs than the pure-PyTorch reference (customlayers.reference) computing the same thing.
+Peak resident memory is read from /proc (VmHWM, reset through /proc/self/clear_refs before each call)."""
+import gc
+import re
+
+import pytest
+import torch
+
+from customlayers import reference
+from conftest import requires_extension
+
+C = torch.ops.customlayers
+MiB = 1 << 20
+SLACK = 8 * MiB          # thread stacks, per-task scratch, allocator rounding
+REL = 1.03               # and 3% of the reference's extra memory
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def _can_reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+pytestmark = [requires_extension(),
+              pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux's /proc/self/clear_refs to reset the "
+                                 "peak resident memory (VmHWM)")]
+
+
+def peak_extra(fn, *args):
+    """Bytes of resident memory the call of fn(*args) added at its peak, its result included."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    result = fn(*args)
+    peak = _status("VmHWM")
+    del result
+    return peak - before
+
+
+def assert_within_reference(ours, ref, *args):
+    ref_extra = peak_extra(ref, *args)
+    our_extra = peak_extra(ours, *args)
+    assert our_extra <= ref_extra * REL + SLACK, \
+        f"{our_extra / MiB:.0f} MiB beyond the inputs, against {ref_extra / MiB:.0f} MiB for the reference"
+
+
+@pytest.mark.parametrize("shape, dim", [((2, 1 << 24), [0]), ((1 << 24,), None), ((64, 1 << 18), [1]),
+                                        ((1 << 12, 1 << 12), [0]), ((1 << 14, 64, 16), [0])], ids=str)
+def test_centered(shape, dim):
+    x = torch.rand(shape)
+    assert_within_reference(C.centered, reference.centered, x, dim)
+
+
+def test_linear_act_forward_and_backward():
+    x, w, b = torch.rand(1 << 19, 32) - 0.5, torch.rand(32, 32) - 0.5, torch.rand(32) - 0.5
+    assert_within_reference(C.linear_act, reference.linear_act, x, w, b, "relu")
+    out = C.linear_act(x, w, b, "relu")
+    grad = torch.randn_like(out)
+    args = (grad, x, w, out, "relu", [True, True, True])
+    assert_within_reference(C.linear_act_backward, reference.linear_act_backward, *args)
+
+
+def test_masked_uniform_():
+    w = torch.zeros(1 << 25)
+    assert_within_reference(lambda t: C.masked_uniform_(t, -10, 10, 5, 0),
+                            lambda t: reference.masked_uniform_op(t, -10, 10, 5, 0), w)
