@@ -111,8 +111,6 @@ OP_CASES = {
                                     RuntimeError),
     "masked_uniform_-inference-tensor": ("masked_uniform_", lambda: (_inference(), -10, 10, 5, 0), RuntimeError),
 }
-# Where the compiled kernels still differ: the fix is in the masked_uniform_ kernel's own checks.
-KERNEL_XFAIL = {"masked_uniform_-range-overflow", "masked_uniform_-range-overflow-double"}
 
 # The Python API on top of the ops: id: (call, exception type).
 API_CASES = {
@@ -142,23 +140,18 @@ def _raises(fn, case, exc):
         fn(case)
 
 
-def _op_params(xfail=()):
-    return [pytest.param(case, marks=pytest.mark.xfail(strict=True, reason="not refused by the compiled kernel yet"))
-            if case in xfail else case for case in OP_CASES]
-
-
 @requires_extension()
-@pytest.mark.parametrize("case", _op_params(KERNEL_XFAIL))
+@pytest.mark.parametrize("case", list(OP_CASES))
 def test_op_kernel(case):
     _raises(_call_op, case, OP_CASES[case][2])
 
 
-@pytest.mark.parametrize("case", _op_params())
+@pytest.mark.parametrize("case", list(OP_CASES))
 def test_op_fallback(case, cpu_fallback):
     _raises(_call_op, case, OP_CASES[case][2])
 
 
-@pytest.mark.parametrize("case", _op_params())
+@pytest.mark.parametrize("case", list(OP_CASES))
 def test_op_reference_directly(case):
     op, args, exc = OP_CASES[case]
     with pytest.raises(exc):
