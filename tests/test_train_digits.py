@@ -27,3 +27,18 @@ def test_three_ways_reach_the_same_accuracy(tmp_path):
     assert min(values) > 80, accuracy  # it learned: 10 classes, chance is 10%
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.stat().st_size > 0
+
+
+def test_text_progress_bar(capsys):
+    """The bar used when tqdm is not installed."""
+    spec = importlib.util.spec_from_file_location("train_digits", os.path.join(ROOT, "examples", "train_digits.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    bar = demo._TextBar(range(3), 3, "native")
+    seen = []
+    for i in bar:
+        seen.append(i)
+        bar.set_postfix_str(f"loss {i}")
+    assert seen == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert f"native [{'#' * 30}] 3/3 loss 2" in err and err.endswith("\n")
