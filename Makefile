@@ -1,5 +1,6 @@
-# make demo   create .venv, install torch + build deps, build the extension, run the demo and a quick benchmark
-# make test   the same setup, then the full test suite: pytest, then the C++ tests (cpp-test)
+# make demo   create .venv, install torch + build deps (+ the demo's: scikit-learn, tqdm), build the extension,
+#             run the tour (examples/demo.py), the training demo (examples/train_digits.py) and a quick benchmark
+# make test   the same setup (demo extras included), then the full test suite: pytest, then the C++ tests (cpp-test)
 # make test-long  the full suite with the slow tests too (tests marked slow: tensors beyond 2^31 elements)
 # make cpp-test  configure + build the CMake library, C++ tests and example in build/cmake, run ctest
 # make bench  full benchmarks (results under benchmarks/results/<device>/)
@@ -14,6 +15,9 @@ DEPS := ninja numpy scipy pytest matplotlib setuptools wheel
 # The optional extra 'onnx' (pyproject.toml), which tests/test_onnx.py needs.
 DEPS += onnx onnxscript onnxruntime
 DEPS_STAMP := $(VENV)/.customlayers-deps
+# The training demo's extras (pyproject.toml's [demo]; matplotlib is in DEPS already)
+DEMO_DEPS := scikit-learn tqdm
+DEMO_STAMP := $(VENV)/.customlayers-demo-deps
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 # The CMake build (libtorch users): CPU kernels only by default here, since setup.py already compiles the
@@ -44,13 +48,18 @@ $(DEPS_STAMP):
 build: $(DEPS_STAMP)
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py --quiet build_ext --inplace
 
-demo: build
+$(DEMO_STAMP): $(DEPS_STAMP)
+	$(PY) -m pip install --quiet $(DEMO_DEPS)
+	touch $@
+
+demo: build $(DEMO_STAMP)
 	$(PY) examples/demo.py
+	$(PY) examples/train_digits.py
 	$(PY) -m benchmarks.run --quick
 
 # pytest exits 5 when it collected no test: that is a failure too. The CMake library is built first:
 # pytest loads it into Python (tests/test_cpp_library.py), CUSTOMLAYERS_CMAKE_LIBRARY makes it required.
-test: build cpp-build
+test: build cpp-build $(DEMO_STAMP)
 	CUSTOMLAYERS_CMAKE_LIBRARY=$(CMAKE_LIBRARY) $(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(CPP_ENV) ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure

@@ -268,8 +268,9 @@ def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> st
     names = _impl_names(results)
     baselines = [n for n in names if n != OURS]
     with_bw = any(r.bandwidth_gbs for r in results)
-    kernel = meta["backend_report"]["ops"].get(op, {}).get(meta["device_type"])
-    backend = ("the compiled kernel" if kernel == "kernel" else
+    ops = meta["backend_report"]["ops"]
+    kernels = [ops.get(o, {}).get(meta["device_type"]) for o in meta.get("ops_used") or [op]]
+    backend = ("the compiled kernel" if all(k == "kernel" for k in kernels) else
                f"**the pure-PyTorch fallback** ({meta['backend_report']['reason'] or 'no kernel for this device'})")
     header = ["size", "dtype", "mode", *names, *(f"vs {b}" for b in baselines), *([f"{OURS} GB/s"] if with_bw else [])]
     rows = []
@@ -345,7 +346,8 @@ def write_readme(folder: Path, meta: Dict[str, object]) -> Path:
 def write_results(results: Sequence[Result], op: str, device: Device, quick: bool = False,
                   meta: Optional[Dict[str, object]] = None) -> Path:
     """Write <op>.json, <op>.md and <op>.png into results_dir(device, quick), refresh its README.md,
-    and return the path of <op>.md. `meta` adds fields (e.g. min_run_time) to the metadata."""
+    and return the path of <op>.md. `meta` adds fields (e.g. min_run_time; ops_used: the customlayers ops
+    a benchmark that is not named after one runs) to the metadata."""
     device = torch.device(device)
     folder = results_dir(device, quick)
     folder.mkdir(parents=True, exist_ok=True)

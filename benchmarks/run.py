@@ -10,14 +10,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import bench_centered, bench_linear_act, bench_masked_uniform
+from . import bench_centered, bench_linear_act, bench_masked_uniform, bench_mlp
 from .harness import ROUNDS, results_dir, run_cases, write_results
 
-# op name -> module with cases(device, quick) -> List[Case]
+# op name -> module with cases(device, quick) -> List[Case] (and OPS_USED, the ops it runs, when not op)
 BENCHES: Dict[str, ModuleType] = {
     "centered": bench_centered,
     "masked_uniform_": bench_masked_uniform,
     "linear_act": bench_linear_act,
+    "mlp_train_step": bench_mlp,
 }
 QUICK_MIN_RUN_TIME = 0.05
 FULL_MIN_RUN_TIME = 1.0
@@ -48,7 +49,8 @@ def main(argv: Optional[Sequence[str]] = None, default_ops: Optional[List[str]] 
         for op in args.ops:
             results = run_cases(BENCHES[op].cases(torch.device(device), args.quick), min_run_time)
             md = write_results(results, op, device, quick=args.quick,
-                               meta={"min_run_time": min_run_time, "rounds": ROUNDS})
+                               meta={"min_run_time": min_run_time, "rounds": ROUNDS,
+                                     "ops_used": getattr(BENCHES[op], "OPS_USED", [op])})
             tables.append(md.read_text())
         print(f"results in {results_dir(device, args.quick)}", flush=True)
     print("\n" + "\n".join(tables))

@@ -1,0 +1,73 @@
+"""End-to-end benchmark: one training step (zero_grad, forward, cross-entropy loss, backward, SGD step) of
+whole MLPs: the book's (20 -> 256 -> ReLU -> 10, batch 256) and an MNIST-sized one (784 -> 256 -> ReLU ->
+256 -> ReLU -> 10, batch 256), as ``customlayers.convert()`` makes them (Linear + ReLU fused into
+LinearReLU), native PyTorch and ``torch.compile`` of the native model, in one run. Every implementation
+starts from the same weights and trains on the same batch; the first step's losses are compared.
+Run: python -m benchmarks.bench_mlp [run.py options]."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+import customlayers
+
+from .harness import OURS, Case, Device
+
+OP = "mlp_train_step"
+OPS_USED = ["linear_act"]  # LinearReLU's op (forward and backward)
+MODE = "train step"
+BATCH = 256
+# (label, layer widths): Linear + ReLU between consecutive widths, a plain Linear last.
+MODELS = [("book 20->256->10", (20, 256, 10)), ("784->256->256->10", (784, 256, 256, 10))]
+LR = 0.01
+
+
+def mlp(widths: Sequence[int]) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One SGD step of `model` on (x, y) per call, returning the loss before the step."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    return step
+
+
+def cases(device: Device, quick: bool = False) -> List[Case]:
+    torch.manual_seed(0)
+    device = torch.device(device)
+    out = []
+    for label, widths in MODELS:
+        native = mlp(widths).to(device)
+        x = torch.randn(BATCH, widths[0], device=device)
+        y = torch.randint(0, widths[-1], (BATCH,), device=device)
+        impls = {OURS: train_step(customlayers.convert(native), x, y),
+                 "native": train_step(copy.deepcopy(native), x, y),
+                 "torch.compile": train_step(torch.compile(copy.deepcopy(native)), x, y)}
+        size = BATCH * sum(a * b for a, b in zip(widths, widths[1:]))  # multiply-adds of the forward
+        out.append(Case(OP, size, torch.float32, MODE, impls, label=label))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from .run import main as run_main
+    run_main(argv, default_ops=[OP])
+
+
+if __name__ == "__main__":
+    main()

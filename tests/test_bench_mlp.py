@@ -1,0 +1,18 @@
+"""benchmarks/bench_mlp.py's training step: the converted and native MLPs start from the same weights and
+take the same SGD steps (torch.compile's step is exercised by the benchmark itself)."""
+import copy
+
+import torch
+
+import customlayers
+from benchmarks import bench_mlp
+
+
+def test_train_steps_match():
+    for _, widths in bench_mlp.MODELS:
+        native = bench_mlp.mlp(widths)
+        x, y = torch.randn(bench_mlp.BATCH, widths[0]), torch.randint(0, widths[-1], (bench_mlp.BATCH,))
+        ours = bench_mlp.train_step(customlayers.convert(native), x, y)
+        theirs = bench_mlp.train_step(copy.deepcopy(native), x, y)
+        for _ in range(3):  # the same loss at every step: same weights before each
+            torch.testing.assert_close(ours(), theirs(), rtol=1e-5, atol=1e-5)
