@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := ninja numpy scipy pytest matplotlib setuptools wheel
+DEPS := ninja numpy scipy pytest hypothesis matplotlib setuptools wheel
 DEPS_STAMP := $(VENV)/.customlayers-deps
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=

@@ -14,6 +14,21 @@ DEVICES = [
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
+# Hypothesis profiles (tests/test_properties.py): `ci`, the default, draws the same examples every run
+# (derandomize) and few enough of them for make test; `long` (HYPOTHESIS_PROFILE=long, make test-long)
+# draws many more, fresh each run (a failure prints the blob that replays it). No deadline: first calls
+# compile and load, and the machine may be busy. No example database written into the checkout.
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:
+    pass
+else:
+    _hypothesis_settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None, database=None,
+                                          print_blob=True)
+    _hypothesis_settings.register_profile("long", max_examples=2000, deadline=None, database=None,
+                                          print_blob=True)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_report_header(config):
     report = customlayers.backend_report()
