@@ -19,7 +19,7 @@ from customlayers.nn import CenteredLayer, LinearReLU, MyLinear
 from conftest import FLOAT_DTYPES
 
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
-from hypothesis import given, note, strategies as st  # noqa: E402
+from hypothesis import assume, given, note, strategies as st  # noqa: E402
 
 if not customlayers._ops.loaded():
     pytest.skip("the properties compare the compiled kernels with the reference, and the compiled extension is "
@@ -410,16 +410,20 @@ def test_linear_act_backward_passes_gradient_where_output_is_nan(create_graph):
 
 @st.composite
 def bounds(draw, dtype):
-    """Valid (low, high, threshold): within the dtype's range, high - low too, an interval wide enough to
-    hold several values of the dtype, and a threshold that keeps part of it."""
+    """Valid (low, high, threshold): within the dtype's range, high - low too, and each part of [low, high]
+    that the threshold keeps wide enough to hold several values of the dtype (a part holding none:
+    test_masked_uniform_fills_when_one_kept_part_holds_no_value)."""
     largest = torch.finfo(dtype).max
+    fractions = st.just(0.0) | st.floats(0.01, 0.49)
     if draw(st.booleans()):  # wide: near the dtype's range (high - low stays finite; see the xfail test)
-        low, high = -largest * draw(st.floats(0.0, 0.49)), largest * draw(st.floats(0.01, 0.49))
+        low, high = -largest * draw(fractions), largest * draw(st.floats(0.01, 0.49))
     else:
         low = draw(st.floats(-1000.0, 1000.0))
         high = low + max(draw(st.floats(0.01, 1000.0)), 2 ** -5 * abs(low))
-    reach = max(high, -low)
-    return low, high, reach * draw(st.floats(0.0, 0.9)) if reach > 0 else 0.0
+    threshold = max(high, -low) * draw(st.just(0.0) | st.floats(0.01, 0.9))
+    for lo, hi in ((max(low, threshold), high), (low, min(high, -threshold))):
+        assume(hi <= lo or hi - lo >= 2 ** -5 * max(abs(lo), abs(hi)))
+    return low, high, threshold
 
 
 def check_fill(w, low, high, threshold, exact):
@@ -508,3 +512,15 @@ def test_masked_uniform_refuses_overflowing_range(dtype, bound):
     assert raised(lambda: torch.empty(4, dtype=dtype).uniform_(-bound, bound)) is not None
     assert raised(lambda: reference.masked_uniform_op(torch.empty(4, dtype=dtype), -bound, bound, 0.0, 0)) is ValueError
     assert raised(lambda: OPS.masked_uniform_(torch.empty(4, dtype=dtype), -bound, bound, 0.0, 0)) is ValueError
+
+
+@pytest.mark.xfail(strict=True, reason="the kernel refuses bounds when one part of [low, high] kept by the threshold "
+                                       "holds no value of the dtype, though the other part does; the reference fills")
+@pytest.mark.parametrize("dtype,low", [(torch.float16, -1e-8), (torch.float32, -1e-46)])
+def test_masked_uniform_fills_when_one_kept_part_holds_no_value(dtype, low):
+    high, threshold = 10.0, -low / 10
+    ref = torch.empty(1000, dtype=dtype)
+    reference.masked_uniform_op(ref, low, high, threshold, 0)
+    w = torch.empty(1000, dtype=dtype)
+    OPS.masked_uniform_(w, low, high, threshold, 0)
+    check_fill(w, low, high, threshold, exact=True)
