@@ -14,6 +14,22 @@ DEVICES = [
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
+# Hypothesis profiles (tests/test_properties.py): `ci`, the default, draws the same examples every run
+# (derandomize) and few enough of them for make test (~30 s for the file on 2 busy cores); `long`
+# (HYPOTHESIS_PROFILE=long, make test-long) draws 10x as many, fresh each run (a failure prints the blob
+# that replays it). No deadline and no too_slow health check: first calls load and warm up, and a busy
+# machine must not fail a run. No example database written into the checkout.
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ImportError:
+    pass
+else:
+    _HYPOTHESIS_COMMON = dict(deadline=None, database=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    _hypothesis_settings.register_profile("ci", max_examples=50, derandomize=True, **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.register_profile("long", max_examples=500, **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_report_header(config):
     report = customlayers.backend_report()
