@@ -198,7 +198,8 @@ def linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if act == "relu":
         grad = torch.where(out <= 0, 0, grad)
     k, n = weight.shape
-    g2, x2 = grad.reshape(-1, n), x.reshape(-1, k)
+    m = math.prod(x.shape[:-1])  # not -1: a reshape cannot infer it from zero elements
+    g2, x2 = grad.reshape(m, n), x.reshape(m, k)
     dx = (grad @ weight.t()) if output_mask[0] else None
     dw = linear_grad_weight_like(weight).copy_(x2.t() @ g2) if output_mask[1] else None
     db = g2.sum(0) if output_mask[2] else None

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <sstream>
 
 namespace customlayers::masked_uniform {
 namespace {
@@ -63,16 +64,18 @@ Bounds check_args(const at::Tensor& self, double low, double high, double thresh
   const double inf = std::numeric_limits<double>::infinity();
   const double lo = round_up(low, out), hi = round_down(high, out), t = round_up(threshold, out);
   Bounds b{low, high - low, inf, -inf, std::max(lo, t), hi, lo, std::min(hi, -t)};
-  if (pos) {
-    TORCH_CHECK_VALUE(b.pos_lo <= b.pos_hi, kOp, ": no ", self.scalar_type(), " value lies in [",
-                      std::max(low, threshold), ", ", high, "], the part of [low, high] kept by the threshold");
-    b.pos_cut = round_up(threshold, acc);
+  // A kept part holding no value of the dtype keeps nothing: its draws become 0, as the book's code
+  // rounds them to 0 or below the threshold. Every value zero is an error, as above.
+  const bool pos_values = pos && b.pos_lo <= b.pos_hi, neg_values = neg && b.neg_lo <= b.neg_hi;
+  if (!pos_values && !neg_values) {
+    std::ostringstream parts;
+    if (neg) parts << "[" << low << ", " << std::min(high, -threshold) << "]" << (pos ? " or " : "");
+    if (pos) parts << "[" << std::max(low, threshold) << ", " << high << "]";
+    TORCH_CHECK_VALUE(false, kOp, ": no ", self.scalar_type(), " value lies in ", parts.str(), ", the part",
+                      pos && neg ? "s" : "", " of [low, high] kept by the threshold");
   }
-  if (neg) {
-    TORCH_CHECK_VALUE(b.neg_lo <= b.neg_hi, kOp, ": no ", self.scalar_type(), " value lies in [", low, ", ",
-                      std::min(high, -threshold), "], the part of [low, high] kept by the threshold");
-    b.neg_cut = -round_up(threshold, acc);
-  }
+  if (pos_values) b.pos_cut = round_up(threshold, acc);
+  if (neg_values) b.neg_cut = -round_up(threshold, acc);
   return b;
 }
 

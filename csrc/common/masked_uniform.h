@@ -36,7 +36,8 @@ struct Bounds {
 //  * tensor: float32, float64, float16 or bfloat16, strided, without internal overlap;
 //  * low, high, threshold finite; low < high; threshold >= 0; |low|, |high| within the dtype's range;
 //  * low < -threshold or high > threshold (otherwise every value would be zero: an error, not a zero fill);
-//  * each kept side of [low, high] that has positive probability contains a value of the dtype;
+//  * a kept side of [low, high] contains a value of the dtype (a side without one keeps nothing: its
+//    draws become 0, as rounding makes them in the book's code);
 //  * offset >= 0.
 Bounds check_args(const at::Tensor& self, double low, double high, double threshold, int64_t offset);
 
