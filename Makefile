@@ -21,6 +21,7 @@ DEMO_DEPS := scikit-learn tqdm
 DEMO_STAMP := $(VENV)/.customlayers-demo-deps
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
+PYTEST_ENV ?=
 # The CMake build (libtorch users): CPU kernels only by default here, since setup.py already compiles the
 # CUDA kernels; CMAKE_WITH_CUDA=AUTO|ON builds them with CMake too.
 CMAKE_BUILD_DIR ?= build/cmake
@@ -61,12 +62,13 @@ demo: build $(DEMO_STAMP)
 # pytest exits 5 when it collected no test: that is a failure too. The CMake library is built first:
 # pytest loads it into Python (tests/test_cpp_library.py), CUSTOMLAYERS_CMAKE_LIBRARY makes it required.
 test: build cpp-build $(DEMO_STAMP)
-	CUSTOMLAYERS_CMAKE_LIBRARY=$(CMAKE_LIBRARY) $(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	$(PYTEST_ENV) CUSTOMLAYERS_CMAKE_LIBRARY=$(CMAKE_LIBRARY) $(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(CPP_ENV) ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
-test-long: build
-	CUSTOMLAYERS_RUN_SLOW=1 HYPOTHESIS_PROFILE=long $(PY) -m pytest tests $(PYTEST_ARGS)
+# make test with the slow tests and the long hypothesis profile.
+test-long:
+	$(MAKE) test PYTEST_ENV="CUSTOMLAYERS_RUN_SLOW=1 HYPOTHESIS_PROFILE=long"
 
 # GoogleTest for the C++ tests: Debian/Ubuntu's libgtest-dev, installed when missing and apt-get can.
 gtest:

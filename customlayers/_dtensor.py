@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 
 import torch
 
@@ -85,6 +86,16 @@ def register() -> None:
                 *(([Shard(d)], [Shard(d), None]) for d in range(x.ndim) if d not in reduced)]
 
 
+def _register_or_warn() -> None:
+    """register(), which uses DTensor's private sharding-propagation API: if a torch release changes it, DTensor
+    keeps working (our ops without sharding rules on DTensors) and a RuntimeWarning says why."""
+    try:
+        register()
+    except Exception as exc:  # noqa: BLE001 (whatever a changed private API raises)
+        warnings.warn(f"customlayers: the DTensor sharding rules of its ops could not be registered ({exc!r}); "
+                      "DTensors reach these ops without them", RuntimeWarning, stacklevel=2)
+
+
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: when torch.distributed.tensor is about to be imported, it removes itself and
     makes that module's loader call register() once the module has run."""
@@ -100,7 +111,7 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
-            register()
+            _register_or_warn()
 
         spec.loader.exec_module = exec_and_register
         return spec
@@ -111,6 +122,6 @@ def register_when_imported() -> None:
     if not torch.distributed.is_available():
         return
     if _MODULE in sys.modules:
-        register()
+        _register_or_warn()
     else:
         sys.meta_path.insert(0, _RegisterOnImport())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dis
 import logging
 import warnings
 from typing import Dict, Optional, Sequence, Union
@@ -107,8 +108,9 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
             self.bias = UninitializedParameter(**factory)
 
     def reset_parameters(self) -> None:
-        # units == 0 only while MyLinear.__init__ runs on placeholders. in_units == 0 (an input of shape
-        # (*, 0)) still initializes: the bias gets zeros as in MyLinear(0, units), not materialize()'s memory.
+        # units == 0: MyLinear.__init__'s placeholders (or no outputs: nothing to fill). in_units == 0 (an
+        # input of shape (*, 0)) still initializes: the bias gets zeros as in MyLinear(0, units), not
+        # materialize()'s memory.
         if not self.has_uninitialized_params() and self.units != 0:
             super().reset_parameters()
 
@@ -186,9 +188,9 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False):
     ReLU is fused, the traced module's forward becomes the traced code without it (the module keeps its
     class as a base class, its attributes and methods; save its ``state_dict``, not the pickled module).
     A module fx cannot trace (Python control flow on tensors, as the book's ``FixedHiddenMLP``), or whose
-    forward would have to be replaced but reads ``self.training`` (the trace fixes that branch), is searched
-    inside: its children are tried, and in an ``nn.Sequential`` every ``nn.Linear`` directly followed by
-    ``nn.ReLU`` is fused.
+    forward reads ``self.training`` (a trace would fix that branch to the current mode) or sets attributes
+    (side effects a trace drops), is not traced but searched inside: its children are tried, and in an
+    ``nn.Sequential`` every ``nn.Linear`` directly followed by ``nn.ReLU`` is fused.
 
     Initializers that test ``type(m) == nn.Linear`` (the book's) skip a LinearReLU: apply them before
     convert() (``isinstance(m, nn.Linear)`` reaches it). Lazy layers are fused once a first input has
@@ -220,14 +222,32 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False):
 
 def _convert(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
     tracer = _Tracer()
-    try:
-        graph = tracer.trace(module)
-    except Exception:  # noqa: BLE001 (fx raises many kinds: TraceError, TypeError, NotImplementedError, ...)
-        graph = None
-    if graph is None or not _fuse_graph(module, graph, tracer, fused):
-        _fuse_sequential(module, fused)
-        for child in module.children():
-            _convert(child, fused)
+    graph = None
+    if not _trace_would_change_behaviour(module, tracer):
+        try:
+            graph = tracer.trace(module)
+        except Exception:  # noqa: BLE001 (fx raises many kinds: TraceError, TypeError, NotImplementedError, ...)
+            graph = None
+    if graph is not None:
+        _fuse_graph(module, graph, fused)
+        return
+    _fuse_sequential(module, fused)
+    for child in module.children():
+        _convert(child, fused)
+
+
+def _trace_would_change_behaviour(module: nn.Module, tracer: _Tracer) -> bool:
+    """A forward a trace runs (module's or a traced submodule's) reads ``self.training`` (the trace keeps the
+    branch of the current mode) or sets or deletes attributes (tracing would run those side effects with
+    fx Proxies, and the traced code drops them)."""
+    for m in module.modules():
+        code = getattr(type(m).forward, "__code__", None)
+        if code is None or (m is not module and tracer.is_leaf_module(m, "")):
+            continue
+        if "training" in code.co_names or any(ins.opname in ("STORE_ATTR", "DELETE_ATTR")
+                                              for ins in dis.get_instructions(code)):
+            return True
+    return False
 
 
 def _fuse_sequential(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
@@ -238,7 +258,9 @@ def _fuse_sequential(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
     for first, second in zip(names, names[1:]):
         linear, relu = module._modules[first], module._modules[second]
         if type(linear) is nn.Linear and type(relu) is nn.ReLU:
-            module._modules[first] = fused.setdefault(id(linear), LinearReLU.from_linear(linear))
+            if id(linear) not in fused:
+                fused[id(linear)] = LinearReLU.from_linear(linear)
+            module._modules[first] = fused[id(linear)]
             module._modules[second] = nn.Identity()
 
 
@@ -251,10 +273,8 @@ def _relu_of(node: torch.fx.Node, module: nn.Module) -> bool:
     return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs
 
 
-def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, tracer: _Tracer, fused: Dict[int, LinearReLU]) -> bool:
-    """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one ReLU only.
-    False (nothing changed) when that needs the traced code as forward but the forward reads
-    ``self.training``, a branch the trace has fixed to the current mode."""
+def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, LinearReLU]) -> None:
+    """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one ReLU only."""
     calls: Dict[str, list] = {}
     for node in graph.nodes:
         if node.op == "call_module" and type(module.get_submodule(node.target)) is nn.Linear:
@@ -268,17 +288,15 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, tracer: _Tracer, fused
             linears[id(linear)] = linear
             relus += list(zip(nodes, users))
     if not relus:
-        return True
+        return
     # nn.ReLU modules the graph will no longer call become nn.Identity: the forward needs no change for those.
     erased = {relu for _, relu in relus}
     called = {node.target for node in graph.nodes if node.op == "call_module" and node not in erased}
     removed = {relu.target for relu in erased if relu.op == "call_module"} - called
     new_forward = any(relu.op != "call_module" or relu.target not in removed for relu in erased)
-    if new_forward and any("training" in getattr(getattr(type(m).forward, "__code__", None), "co_names", ())
-                           for m in module.modules() if not tracer.is_leaf_module(m, "")):
-        return False
     for linear in linears.values():
-        fused.setdefault(id(linear), LinearReLU.from_linear(linear))
+        if id(linear) not in fused:
+            fused[id(linear)] = LinearReLU.from_linear(linear)
     # Every reference to a fused Linear inside module (the forward may call it by any of them) -> LinearReLU.
     for sub in module.modules():
         for name, child in sub._modules.items():
@@ -296,4 +314,3 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, tracer: _Tracer, fused
         exec(compile(code.src, f"<customlayers.convert: {type(module).__qualname__}.forward>", "exec"), namespace)
         cls = type(module)
         module.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
-    return True

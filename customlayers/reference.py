@@ -80,6 +80,8 @@ def check_masked_uniform(self: torch.Tensor, low: float, high: float, threshold:
     """masked_uniform_'s argument checks (common/masked_uniform.cpp), those not about rounding to the dtype."""
     op = "masked_uniform_"
     check_floating(self, op, "tensor")
+    torch._check(torch._debug_has_internal_overlap(self) != 1, lambda: f"{op}: tensor has elements that share "
+                 "memory (e.g. an expanded tensor): it cannot be filled in place; fill a clone")
     if not all(math.isfinite(v) for v in (low, high, threshold)):
         raise ValueError(f"{op}: expected finite bounds and threshold, but got low={low:g}, high={high:g}, "
                          f"threshold={threshold:g}")
@@ -97,6 +99,9 @@ def check_masked_uniform(self: torch.Tensor, low: float, high: float, threshold:
     if not (high > threshold or low < -threshold):
         raise ValueError(f"{op}: threshold={threshold:g} masks every value of [{low:g}, {high:g}): expected "
                          "low < -threshold or high > threshold")
+    torch._check(not self.is_inference() or torch.is_inference_mode_enabled(), lambda: f"{op}: cannot update "
+                 "tensor in place: it is an inference tensor and InferenceMode is off (as for torch's in-place ops); "
+                 "call it under torch.inference_mode(), or on a clone")
 
 
 def masked_uniform_op(self: torch.Tensor, low: float = -10.0, high: float = 10.0, threshold: float = 5.0,

@@ -204,14 +204,56 @@ class _ModeDependent(nn.Module):
 
 @pytest.mark.parametrize("relu", ["F.relu", "nn.ReLU"])
 def test_forward_reading_training_is_kept(relu):
-    """The traced code fixes `self.training`: the forward is never replaced by it, only modules are."""
+    """A trace fixes `self.training` to one mode: such a forward is not traced, its children are searched."""
     model = _ModeDependent(RELUS[relu])
     converted, fused = customlayers.convert(model, report=True)
     assert type(converted) is _ModeDependent  # the forward is the original one
-    assert fused == (["block.0"] if relu == "F.relu" else ["block.0", "hidden"])
+    assert fused == ["block.0"]
     for mode in (True, False):
         model.train(mode), converted.train(mode)
         _check_same(model, converted, torch.randn(3, 8))
+
+
+class _ReluOnlyWhenTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(5, 5), nn.ReLU()
+
+    def forward(self, x):
+        if self.training:
+            return self.act(self.fc(x))
+        return self.fc(x)
+
+
+class _Stateful(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls, self.last = nn.Linear(5, 5), 0, None
+
+    def forward(self, x):
+        self.calls += 1
+        h = F.relu(self.fc(x))
+        self.last = h
+        return h
+
+
+def test_mode_dependent_relu_module_not_fused():
+    """Traced in training mode, fc feeds only the ReLU; in eval mode it does not: nothing may be fused."""
+    model = _ReluOnlyWhenTraining()
+    with pytest.warns(UserWarning, match="found no nn.Linear"):
+        converted = customlayers.convert(model)
+    converted.eval(), model.eval()
+    _check_same(model, converted, torch.randn(3, 5))
+
+
+def test_forward_with_side_effects_not_traced():
+    """A forward that sets attributes keeps them working: it is not traced (a trace would drop them and leave
+    fx Proxies on the module)."""
+    with pytest.warns(UserWarning, match="found no nn.Linear"):
+        converted = customlayers.convert(_Stateful())
+    assert converted.calls == 0 and converted.last is None
+    y = converted(torch.randn(2, 5))
+    assert converted.calls == 1 and converted.last is y
 
 
 class _Tied(nn.Module):

@@ -282,6 +282,19 @@ def test_sharding_rules_registered_with_dtensor():
         assert (customlayers._ops.op(name) in strategies) == customlayers._ops.loaded(), name
 
 
+@pytest.mark.parametrize("first", ["customlayers", "torch.distributed.tensor"])
+def test_sharding_rules_registered_in_either_import_order(first):
+    """In a fresh interpreter, whichever of customlayers and torch.distributed.tensor is imported first."""
+    second = "torch.distributed.tensor" if first == "customlayers" else "customlayers"
+    code = (f"import {first}; import {second}; import customlayers; from torch.distributed.tensor import DTensor\n"
+            "s = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs\n"
+            "print(all((customlayers._ops.op(n) in s) == customlayers._ops.loaded()\n"
+            "          for n in ('linear_act', 'linear_act_backward', 'centered')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr[-3000:]
+
+
 def test_torchrun_example_trains():
     """docs/scale.md's command: torchrun (torch.distributed.run) with two processes on this machine."""
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),

@@ -228,6 +228,19 @@ def test_fakes_refuse_at_trace_time():
 
 
 @requires_extension()
+def test_masked_uniform_fake_refuses_what_the_kernel_refuses():
+    """On meta tensors masked_uniform_ runs its fake: an expanded tensor and an inference tensor outside
+    inference mode are refused as the kernel refuses them."""
+    for device in ("cpu", "meta"):
+        with pytest.raises(RuntimeError, match="share|single memory location"):
+            C.masked_uniform_(torch.empty(1, device=device).expand(4), -1.0, 1.0, 0.5, 0)
+        with torch.inference_mode():
+            inference = torch.empty(4, device=device)
+        with pytest.raises(RuntimeError, match="inference tensor"):
+            C.masked_uniform_(inference, -1.0, 1.0, 0.5, 0)
+
+
+@requires_extension()
 def test_fakes_give_outputs_on_the_inputs_device():
     """On meta tensors the ops run their fakes: outputs on meta, never uninitialized CPU tensors."""
     meta = lambda t: t.to("meta")  # noqa: E731

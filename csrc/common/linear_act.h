@@ -65,4 +65,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const LinearA
                                                                    const std::optional<at::Tensor>& out,
                                                                    c10::string_view act, std::array<bool, 3> mask);
 
+// The two ops on kernels K, as functions of the ops' schemas: m.impl("linear_act", &linear_act_op<K>).
+template <const LinearActKernels& K>
+at::Tensor linear_act_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         c10::string_view act) {
+  return linear_act(K, x, weight, bias, act);
+}
+
+template <const LinearActKernels& K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_op(const at::Tensor& grad, const at::Tensor& x,
+                                                                      const at::Tensor& weight,
+                                                                      const std::optional<at::Tensor>& out,
+                                                                      c10::string_view act, std::array<bool, 3> mask) {
+  return linear_act_backward(K, grad, x, weight, out, act, mask);
+}
+
 }  // namespace customlayers

@@ -34,7 +34,8 @@ struct Bounds {
 
 // Checks the op's arguments (TORCH_CHECK with the op's name) and computes its Bounds:
 //  * tensor: float32, float64, float16 or bfloat16, strided, without internal overlap;
-//  * low, high, threshold finite; low < high; threshold >= 0; |low|, |high| within the dtype's range;
+//  * low, high, threshold finite; low < high; threshold >= 0; |low|, |high| and high - low within the
+//    dtype's range (as torch's uniform_);
 //  * low < -threshold or high > threshold (otherwise every value would be zero: an error, not a zero fill);
 //  * a kept side of [low, high] contains a value of the dtype (a side without one keeps nothing: its
 //    draws become 0, as rounding makes them in the book's code);

@@ -81,23 +81,11 @@ void backward(const LinearBackward& args, LinearGrads& grads) {
 
 constexpr LinearActKernels kKernels{&empty, &forward, &backward};
 
-at::Tensor linear_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          c10::string_view act) {
-  return linear_act(kKernels, x, weight, bias, act);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                                       const at::Tensor& weight,
-                                                                       const std::optional<at::Tensor>& out,
-                                                                       c10::string_view act, std::array<bool, 3> mask) {
-  return linear_act_backward(kKernels, grad, x, weight, out, act, mask);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(customlayers, CPU, m) {
-  m.impl("linear_act", &linear_act_cpu);
-  m.impl("linear_act_backward", &linear_act_backward_cpu);
+  m.impl("linear_act", &linear_act_op<kKernels>);
+  m.impl("linear_act_backward", &linear_act_backward_op<kKernels>);
 }
 
 }  // namespace customlayers::cpu
