@@ -54,11 +54,33 @@ def assert_within_reference(ours, ref, *args):
         f"{our_extra / MiB:.0f} MiB beyond the inputs, against {ref_extra / MiB:.0f} MiB for the reference"
 
 
-@pytest.mark.parametrize("shape, dim", [((2, 1 << 24), [0]), ((1 << 24,), None), ((64, 1 << 18), [1]),
-                                        ((1 << 12, 1 << 12), [0]), ((1 << 14, 64, 16), [0])], ids=str)
+CENTERED_CASES = [((2, 1 << 24), [0]), ((1 << 24,), None), ((64, 1 << 18), [1]), ((1 << 12, 1 << 12), [0]),
+                  ((1 << 14, 64, 16), [0])]
+
+
+@pytest.mark.parametrize("shape, dim", CENTERED_CASES, ids=str)
 def test_centered(shape, dim):
     x = torch.rand(shape)
     assert_within_reference(C.centered, reference.centered, x, dim)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape, dim", CENTERED_CASES, ids=str)
+def test_centered_cuda(shape, dim):
+    """The same on the GPU, from the caching allocator's peak."""
+    x = torch.rand(shape, device="cuda")
+
+    def extra(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y = fn(x, dim)
+        torch.cuda.synchronize()
+        del y
+        return torch.cuda.max_memory_allocated() - base
+
+    ref, ours = extra(reference.centered), extra(C.centered)
+    assert ours <= ref * REL + SLACK, f"{ours / MiB:.0f} MiB against {ref / MiB:.0f} MiB for the reference"
 
 
 def test_linear_act_forward_and_backward():

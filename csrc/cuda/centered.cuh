@@ -2,6 +2,8 @@
 // block (planned by common/layout.h, as on CPU):
 //  * Rows that fit on chip (inner == 1, reduce <= 4096): one kernel, one warp or block per row; the row
 //    stays in registers between the reduction and the subtraction.
+//  * Columns (inner > 1) of at most 64 rows, or enough of them to give every SM several blocks: one
+//    kernel, one thread per column (sum down it, then subtract), no workspace.
 //  * Otherwise three kernels: partial sums over fixed chunks -> means (one warp per mean, chunks added
 //    in a fixed order) -> subtract.
 // Reductions use shuffle trees and fixed chunking, never atomics: the same input on the same GPU gives
@@ -114,6 +116,34 @@ __global__ void __launch_bounds__(kCenteredThreads) col_partial_kernel(const T* 
   }
 }
 
+// One thread per column i of each outer block: its mean over all `reduce` rows (summed in double; with
+// reduce <= kColRows in the order of a partial-sums chunk), then y = (x - hi) - lo down the same column.
+// No workspace.
+template <typename T>
+__global__ void __launch_bounds__(kCenteredThreads) col_fused_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                              int64_t outer, int64_t reduce, int64_t inner) {
+  using A = acc_t<T>;
+  const int64_t tiles = (inner + kCenteredThreads - 1) / kCenteredThreads;
+  for (int64_t task = blockIdx.x; task < outer * tiles; task += gridDim.x) {
+    const int64_t tile = task % tiles, o = task / tiles;
+    const int64_t i = tile * kCenteredThreads + threadIdx.x;
+    if (i >= inner) continue;
+    const T* xc = x + o * reduce * inner + i;
+    T* yc = y + o * reduce * inner + i;
+    double s = 0.0;
+    for (int64_t r = 0; r < reduce; r += kUnroll) {
+      double part = 0;
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k)
+        if (r + k < reduce) part += static_cast<double>(xc[(r + k) * inner]);
+      s += part;
+    }
+    A hi, lo;
+    split_mean(s / static_cast<double>(reduce), hi, lo);
+    for (int64_t r = 0; r < reduce; ++r) yc[r * inner] = static_cast<T>((static_cast<A>(xc[r * inner]) - hi) - lo);
+  }
+}
+
 // One warp per mean: hi[k] + lo[k] = (sum over c of partial[(o * chunks + c) * inner + i]) / reduce.
 template <typename A>
 __global__ void __launch_bounds__(kCenteredThreads) finalize_kernel(const double* __restrict__ partial, A* __restrict__ hi,
@@ -177,16 +207,24 @@ void launch_subtract(const T* x, T* y, const acc_t<T>* hi, const acc_t<T>* lo, i
   }
 }
 
-// Chunks of the partial sums when a row does not fit on chip (0: it does).
-inline int64_t centered_chunks(int64_t reduce, int64_t inner) {
-  if (inner == 1 && reduce <= kCenteredThreads * kItems) return 0;
+// Whether columns (inner > 1) take col_fused_kernel: a column is one chunk of partial sums, or the
+// columns alone give every SM several blocks. Its memory is the output alone (the partial sums need 8
+// bytes per mean and chunk, more than the output when few rows are reduced: (2, 2^27) with dim=0).
+inline bool centered_fused_columns(int64_t outer, int64_t reduce, int64_t inner) {
+  const int64_t tiles = (inner + kCenteredThreads - 1) / kCenteredThreads;
+  return inner > 1 && (reduce <= kColRows || outer * tiles >= 4 * static_cast<int64_t>(sm_count()));
+}
+
+// Chunks of the partial sums (0: none, a row fits on chip or columns are fused).
+inline int64_t centered_chunks(int64_t outer, int64_t reduce, int64_t inner) {
+  if ((inner == 1 && reduce <= kCenteredThreads * kItems) || centered_fused_columns(outer, reduce, inner)) return 0;
   return inner == 1 ? (reduce + kRowChunk - 1) / kRowChunk : (reduce + kColRows - 1) / kColRows;
 }
 
 // Bytes of device memory centered_block() needs for this block (partial sums, then the means' hi and lo).
 template <typename T>
 size_t centered_workspace_bytes(int64_t outer, int64_t reduce, int64_t inner) {
-  const int64_t chunks = centered_chunks(reduce, inner);
+  const int64_t chunks = centered_chunks(outer, reduce, inner);
   if (chunks == 0) return 0;
   return sizeof(double) * outer * chunks * inner + 2 * sizeof(acc_t<T>) * outer * inner;
 }
@@ -198,7 +236,12 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
                     cudaStream_t stream) {
   using A = acc_t<T>;
   const dim3 block(kCenteredThreads);
-  const int64_t chunks = centered_chunks(reduce, inner);
+  const int64_t chunks = centered_chunks(outer, reduce, inner);
+  if (chunks == 0 && inner > 1) {
+    launch_kernel(col_fused_kernel<T>, dim3(grid_for(outer * ((inner + kCenteredThreads - 1) / kCenteredThreads), 1)),
+                  block, stream, x, y, outer, reduce, inner);
+    return;
+  }
   if (chunks == 0) {
     if (reduce <= kWarp * kItems)
       launch_kernel(rows_onchip_kernel<T, kWarp>, dim3(grid_for(outer, kCenteredThreads / kWarp)), block, stream, x, y,

@@ -70,6 +70,15 @@ void run_all(int sm_count, bool near_max = false) {
   }
 }
 
+// Columns of few rows (x of shape (2, 2^27) centered over dim 0) need no memory beyond the output; few long
+// columns take the partial sums, whose memory is a few percent of the input's.
+TEST(EmulatedCudaCentered, ShortColumnsNeedNoWorkspace) {
+  const customlayers::testing::ScopedSmCount sms(132);
+  EXPECT_EQ(cl::centered_workspace_bytes<float>(1, 2, int64_t(1) << 27), 0u);
+  EXPECT_EQ(cl::centered_workspace_bytes<float>(1, 64, 1 << 20), 0u);
+  EXPECT_GT(cl::centered_workspace_bytes<float>(1, 1000, 512), 0u);
+}
+
 TEST(EmulatedCudaCentered, Float32) { run_all<float>(132); }
 TEST(EmulatedCudaCentered, Float32OneSM) { run_all<float>(1); }
 TEST(EmulatedCudaCentered, Float64) { run_all<double>(1); }
