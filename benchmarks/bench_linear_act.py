@@ -5,12 +5,12 @@ adds g @ W^T and x^T @ g): the time left above it is what the bias, ReLU, maskin
 and the framework overhead cost. On a GPU, "GEMM" rows time the hand-written GEMM alone against cuBLAS. Run: python -m benchmarks.bench_linear_act [run.py options]."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from customlayers.functional import linear_act
-from customlayers.nn import MyLinear
+from customlayers.nn import FusedLinear, MyLinear
 
 from .harness import FWD, FWD_BWD, OURS, Case, Device, bind, compile_fresh
 
@@ -78,25 +78,27 @@ def vmap_case(device: torch.device) -> Case:
     return Case(OP, batch * rows * k * n, torch.float32, FWD, impls, label=f"vmap {batch}x({rows}x{k})->{n}")
 
 
-# The book's output layer, forward+backward: MyLinear(activation="none") (linear_act without the ReLU on
-# the book's row-major (in, out) weight) against nn.Linear with the same parameters.
-OUTPUT_LAYER = (256, 256, 10)
+# Output layers, forward+backward, against nn.Linear with the same parameters: the book's MyLinear(256, 10,
+# activation="none") (linear_act without the ReLU on the book's row-major (in, out) weight) and the
+# FusedLinear that convert() makes of an nn.Linear output layer (nn.Linear's (out, in) weight).
+OUTPUT_LAYERS = [("MyLinear none", (256, 256, 10)), ("FusedLinear", (256, 256, 10)), ("FusedLinear", (2048, 784, 10))]
 
 
-def output_layer_case(device: torch.device) -> Case:
-    m, k, n = OUTPUT_LAYER
-    ours = MyLinear(k, n, activation="none", device=device)
+def output_layer_case(device: torch.device, kind: str, shape: Tuple[int, int, int]) -> Case:
+    m, k, n = shape
+    book = kind == "MyLinear none"
+    ours = MyLinear(k, n, activation="none", device=device) if book else FusedLinear(k, n, device=device)
     ref = torch.nn.Linear(k, n, device=device)
     with torch.no_grad():
-        ref.weight.copy_(ours.weight.t())
+        ref.weight.copy_(ours.weight.t() if book else ours.weight)
         ref.bias.copy_(ours.bias)
     x, g = torch.randn(m, k, device=device), torch.randn(m, n, device=device)
 
     def nn_linear():
         dw, db = torch.autograd.grad(ref(x), (ref.weight, ref.bias), g)
-        return dw.t(), db  # in MyLinear's (in, out) layout, to be compared
+        return (dw.t() if book else dw), db  # in our layer's layout, to be compared
     impls = {OURS: lambda: torch.autograd.grad(ours(x), (ours.weight, ours.bias), g), "nn.Linear": nn_linear}
-    return Case(OP, m * k * n, torch.float32, FWD_BWD, impls, label=f"MyLinear none {m}x{k}->{n}")
+    return Case(OP, m * k * n, torch.float32, FWD_BWD, impls, label=f"{kind} {m}x{k}->{n}")
 
 
 def cases(device: Device, quick: bool = False) -> List[Case]:
@@ -122,7 +124,7 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
             impls = {"GEMM floor": gemm_floor(x, w, g if mode == FWD_BWD else None),
                      **bind(fns, inputs, mode, (g,))}
             out.append(Case(OP, m * k * n, dtype, mode, impls, label=f"{m}x{k}->{n}"))
-    out += [vmap_case(device), output_layer_case(device)]
+    out += [vmap_case(device)] + [output_layer_case(device, kind, shape) for kind, shape in OUTPUT_LAYERS]
     return out + (gemm_cases(device) if device.type == "cuda" else [])
 
 

@@ -15,7 +15,7 @@ from torch.nn.parameter import UninitializedParameter
 from . import functional as F
 from . import init as _init
 
-__all__ = ["CenteredLayer", "LazyMyLinear", "LinearReLU", "MyLinear", "convert"]
+__all__ = ["CenteredLayer", "FusedLinear", "LazyMyLinear", "LinearReLU", "MyLinear", "convert"]
 
 
 class CenteredLayer(nn.Module):
@@ -131,39 +131,61 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
             self.in_units = self.weight.shape[0]
 
 
-class LinearReLU(nn.Linear):
-    """``relu(nn.Linear(x))`` as one fused op: a drop-in for ``nn.Sequential(nn.Linear(in, out), nn.ReLU())``.
+class _KernelLinear(nn.Linear):
+    """An nn.Linear whose forward is the linear_act kernel with activation ``_act``: nn.Linear's attributes,
+    parameter names, shapes (weight (out_features, in_features), bias (out_features,)), repr fields and
+    initialization, so state_dicts load both ways. The kernel reads ``weight.t()``, a view, without
+    copying it."""
 
-    It is an ``nn.Linear`` (a subclass: ``isinstance(m, nn.Linear)`` holds, so initializers written for
-    nn.Linear reach it) with nn.Linear's attributes, parameter names, shapes (weight (out_features,
-    in_features), bias (out_features,)), repr fields and initialization, so state_dicts load both ways; only
-    ``forward`` differs. The kernel reads ``weight.t()``, a view, without copying it.
-    """
+    _act = "none"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
-        return F.linear_act(input, self.weight.t(), self.bias, "relu")
+        return F.linear_act(input, self.weight.t(), self.bias, self._act)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "LinearReLU":
-        """A LinearReLU computing relu(linear(x)) that SHARES linear's Parameter objects (no copy):
-        training one trains the other."""
+    def from_linear(cls, linear: nn.Linear):
+        """This layer over linear's Parameter objects, SHARED (no copy): training one trains the other."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LinearReLU.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"{cls.__name__}.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         module.weight = linear.weight
         module.bias = linear.bias
         return module
 
     def to_linear(self) -> nn.Linear:
-        """The nn.Linear part (without the ReLU), SHARING this module's Parameter objects (no copy)."""
+        """The nn.Linear part (without an activation), SHARING this module's Parameter objects (no copy)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
         return linear
 
 
+class FusedLinear(_KernelLinear):
+    """``nn.Linear`` as one linear_act op (act='none': the GEMM and the bias in one kernel, dX, dW and the
+    bias gradient in one backward): a drop-in subclass of nn.Linear. convert() makes one of each output
+    layer (out_features <= OUTPUT_FEATURES, not followed by a ReLU), where the hand-written CPU kernel
+    beats nn.Linear's GEMMs. ``FusedLinear.from_linear(linear)`` shares linear's Parameters."""
+
+
+class LinearReLU(_KernelLinear):
+    """``relu(nn.Linear(x))`` as one fused op: a drop-in for ``nn.Sequential(nn.Linear(in, out), nn.ReLU())``.
+
+    It is an ``nn.Linear`` (a subclass: ``isinstance(m, nn.Linear)`` holds, so initializers written for
+    nn.Linear reach it) with nn.Linear's attributes, parameter names, shapes (weight (out_features,
+    in_features), bias (out_features,)), repr fields and initialization, so state_dicts load both ways; only
+    ``forward`` differs. The kernel reads ``weight.t()``, a view, without copying it.
+    ``LinearReLU.from_linear(linear)`` computes relu(linear(x)) over linear's Parameters (shared);
+    ``to_linear()`` gives the nn.Linear part back, sharing them too.
+    """
+
+    _act = "relu"
+
+
 # ------------------------------------------------------------------------------------------ convert
 
+# convert() runs nn.Linear layers with at most this many outputs (output layers) as FusedLinear: there the
+# CPU kernels' dot products beat BLAS's GEMMs, which waste most of their tiles on so few columns.
+OUTPUT_FEATURES = 16
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _log = logging.getLogger("customlayers")
@@ -174,12 +196,15 @@ class _Tracer(torch.fx.Tracer):
     by fx)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (CenteredLayer, MyLinear, LinearReLU)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (CenteredLayer, MyLinear, _KernelLinear)) or super().is_leaf_module(m, module_qualified_name)
 
 
-def convert(model: nn.Module, inplace: bool = False, report: bool = False):
+def convert(model: nn.Module, inplace: bool = False, report: bool = False, outputs: bool = True):
     """Fuse every ``nn.Linear`` whose output goes only to a ReLU into a LinearReLU (sharing the Linear's
-    Parameters): the model computes the same outputs and gradients with one op per pair.
+    Parameters): the model computes the same outputs and gradients with one op per pair. With
+    ``outputs=True`` (the default) every other ``nn.Linear`` with at most ``OUTPUT_FEATURES`` (16) outputs
+    (an output layer, such as the book's 256 -> 10) becomes a FusedLinear (same Parameters), one op
+    forward and one backward where nn.Linear runs a GEMM and a bias add, then three GEMM-sized ops.
 
     Where ``torch.fx.symbolic_trace`` can trace a module's forward, any ReLU counts: ``nn.ReLU`` (in place
     or not), ``F.relu`` (``inplace=True`` too), ``torch.relu``, ``torch.relu_``, ``x.relu()``, ``x.relu_()``
@@ -201,26 +226,41 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False):
     LinearReLU object wherever it appears. Forward hooks of replaced modules are not carried over. With
     ``inplace=False`` the model is deep-copied first (ties within the model are kept in the copy).
 
-    Returns the model, or with ``report=True`` ``(model, fused)``, ``fused`` the qualified names of the
-    fused Linears. The names are also logged (logger ``customlayers``, level INFO); a ``UserWarning``
-    says when nothing was fused.
+    Returns the model, or with ``report=True`` ``(model, names)``, ``names`` the qualified names of the
+    replaced Linears (fused with their ReLU, or output layers). The names are also logged (logger
+    ``customlayers``, level INFO); a ``UserWarning`` says when nothing was replaced.
     """
     if not inplace:
         model = copy.deepcopy(model)
-    fused: Dict[int, LinearReLU] = {}
+    fused: Dict[int, _KernelLinear] = {}
     _convert(model, fused)
+    if outputs:
+        _convert_outputs(model, fused)
     made = {id(m) for m in fused.values()}
     names = [name for name, module in model.named_modules(remove_duplicate=False) if id(module) in made]
-    if names:
-        _log.info("customlayers.convert: fused %d nn.Linear + ReLU into LinearReLU: %s", len(names), ", ".join(names))
-    else:
-        warnings.warn("customlayers.convert: found no nn.Linear whose output goes only to a ReLU; the model is "
-                      "unchanged (lazy layers are fused once a first input has given them their shapes)",
-                      UserWarning, stacklevel=2)
+    for cls, what in ((LinearReLU, "nn.Linear + ReLU into LinearReLU"), (FusedLinear, "output nn.Linear into FusedLinear")):
+        these = [name for name in names if type(model.get_submodule(name)) is cls]
+        if these:
+            _log.info("customlayers.convert: fused %d %s: %s", len(these), what, ", ".join(these))
+    if not names:
+        warnings.warn("customlayers.convert: found no nn.Linear whose output goes only to a ReLU"
+                      + (f" and none with at most {OUTPUT_FEATURES} outputs" if outputs else "")
+                      + "; the model is unchanged (lazy layers are converted once a first input has given them"
+                      " their shapes)", UserWarning, stacklevel=2)
     return (model, names) if report else model
 
 
-def _convert(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
+def _convert_outputs(model: nn.Module, made: Dict[int, _KernelLinear]) -> None:
+    """Every nn.Linear left with at most OUTPUT_FEATURES outputs -> a FusedLinear, wherever it appears."""
+    for sub in model.modules():
+        for name, child in sub._modules.items():
+            if type(child) is nn.Linear and child.out_features <= OUTPUT_FEATURES:
+                if id(child) not in made:
+                    made[id(child)] = FusedLinear.from_linear(child)
+                sub._modules[name] = made[id(child)]
+
+
+def _convert(module: nn.Module, fused: Dict[int, _KernelLinear]) -> None:
     tracer = _Tracer()
     graph = None
     if not _trace_would_change_behaviour(module, tracer):
@@ -250,7 +290,7 @@ def _trace_would_change_behaviour(module: nn.Module, tracer: _Tracer) -> bool:
     return False
 
 
-def _fuse_sequential(module: nn.Module, fused: Dict[int, LinearReLU]) -> None:
+def _fuse_sequential(module: nn.Module, fused: Dict[int, _KernelLinear]) -> None:
     """In an nn.Sequential: each nn.Linear directly followed by an nn.ReLU."""
     if not isinstance(module, nn.Sequential):
         return
@@ -273,7 +313,7 @@ def _relu_of(node: torch.fx.Node, module: nn.Module) -> bool:
     return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs
 
 
-def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, LinearReLU]) -> None:
+def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, _KernelLinear]) -> None:
     """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one ReLU only."""
     calls: Dict[str, list] = {}
     for node in graph.nodes:

@@ -1,7 +1,8 @@
 """customlayers.convert and LinearReLU as the book's code uses them: LinearReLU is an nn.Linear; convert
 fuses a Linear feeding only a ReLU in any forward torch.fx can trace (functional, method, in-place or
-module ReLUs, the book's MLP and MySequential, nested blocks), keeps parameter names and outputs, falls back
-to the nn.Sequential walk for untraceable modules, and reports what it fused."""
+module ReLUs, the book's MLP and MySequential, nested blocks), runs output layers as FusedLinear, keeps
+parameter names and outputs, falls back to the nn.Sequential walk for untraceable modules, and reports what
+it replaced."""
 import copy
 import io
 import logging
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import customlayers
-from customlayers.nn import LinearReLU
+from customlayers.nn import FusedLinear, LinearReLU
 
 # ------------------------------------------------------------------------------------------ LinearReLU
 
@@ -142,7 +143,7 @@ def _check_same(original, converted, x):
 def test_book_mlp_any_relu(relu):
     model = MLP(RELUS[relu])
     converted, fused = customlayers.convert(model, report=True)
-    assert fused == ["hidden"] and type(converted.hidden) is LinearReLU and type(converted.out) is nn.Linear
+    assert fused == ["hidden", "out"] and type(converted.hidden) is LinearReLU and type(converted.out) is FusedLinear
     assert isinstance(converted, MLP) and type(model.hidden) is nn.Linear  # class kept; original untouched
     _check_same(model, converted, torch.randn(4, 20))
     if isinstance(RELUS[relu], nn.ReLU):  # a module call: the ReLU becomes nn.Identity, the class and forward stay
@@ -154,7 +155,8 @@ def test_book_mlp_any_relu(relu):
 def test_my_sequential_nested_and_deepcopy():
     model = MySequential(nn.Linear(20, 20), nn.ReLU(), NestMLP(), nn.Linear(16, 10))
     converted, fused = customlayers.convert(model, report=True)
-    assert fused == ["0", "2.net.0", "2.net.2"] and type(converted) is MySequential
+    assert fused == ["0", "2.net.0", "2.net.2", "2.linear", "3"] and type(converted) is MySequential
+    assert type(converted.get_submodule("2.linear")) is FusedLinear and type(converted.get_submodule("3")) is FusedLinear
     _check_same(model, converted, torch.randn(4, 20))
     clone = copy.deepcopy(converted)
     x = torch.randn(3, 20)
@@ -163,7 +165,7 @@ def test_my_sequential_nested_and_deepcopy():
 
 def test_untraceable_falls_back_to_children_and_sequential_walk():
     model = nn.Sequential(NestMLP(), nn.Linear(16, 20), nn.ReLU(), FixedHiddenMLP())
-    converted, fused = customlayers.convert(model, report=True)
+    converted, fused = customlayers.convert(model, report=True, outputs=False)
     # FixedHiddenMLP is untraceable; its Linear feeds a matmul and a second call: not fused.
     assert fused == ["0.net.0", "0.net.2", "1"] and type(converted[3].linear) is nn.Linear
     _check_same(model, converted, torch.randn(4, 20))
@@ -182,13 +184,17 @@ class _Residual(nn.Module):
 
 def test_only_a_linear_feeding_only_a_relu_is_fused():
     model = _Residual()
-    converted, fused = customlayers.convert(model, report=True)
+    converted, fused = customlayers.convert(model, report=True, outputs=False)
     assert fused == ["b"] and type(converted.a) is nn.Linear and type(converted.act) is nn.ReLU
     _check_same(model, converted, torch.randn(5, 8))
     shared = nn.Linear(8, 8)
     tied = nn.Sequential(shared, nn.ReLU(), shared)  # second use without a ReLU: not fused
     with pytest.warns(UserWarning, match="found no nn.Linear"):
-        assert customlayers.convert(tied, report=True)[1] == []
+        assert customlayers.convert(tied, report=True, outputs=False)[1] == []
+    # With outputs=True it has few outputs: one FusedLinear, wherever it appears.
+    converted, fused = customlayers.convert(tied, report=True)
+    assert fused == ["0", "2"] and type(converted[0]) is FusedLinear and converted[0] is converted[2]
+    _check_same(tied, converted, torch.randn(5, 8))
 
 
 class _ModeDependent(nn.Module):
@@ -206,7 +212,7 @@ class _ModeDependent(nn.Module):
 def test_forward_reading_training_is_kept(relu):
     """A trace fixes `self.training` to one mode: such a forward is not traced, its children are searched."""
     model = _ModeDependent(RELUS[relu])
-    converted, fused = customlayers.convert(model, report=True)
+    converted, fused = customlayers.convert(model, report=True, outputs=False)
     assert type(converted) is _ModeDependent  # the forward is the original one
     assert fused == ["block.0"]
     for mode in (True, False):
@@ -241,7 +247,7 @@ def test_mode_dependent_relu_module_not_fused():
     """Traced in training mode, fc feeds only the ReLU; in eval mode it does not: nothing may be fused."""
     model = _ReluOnlyWhenTraining()
     with pytest.warns(UserWarning, match="found no nn.Linear"):
-        converted = customlayers.convert(model)
+        converted = customlayers.convert(model, outputs=False)
     converted.eval(), model.eval()
     _check_same(model, converted, torch.randn(3, 5))
 
@@ -250,7 +256,7 @@ def test_forward_with_side_effects_not_traced():
     """A forward that sets attributes keeps them working: it is not traced (a trace would drop them and leave
     fx Proxies on the module)."""
     with pytest.warns(UserWarning, match="found no nn.Linear"):
-        converted = customlayers.convert(_Stateful())
+        converted = customlayers.convert(_Stateful(), outputs=False)
     assert converted.calls == 0 and converted.last is None
     y = converted(torch.randn(2, 5))
     assert converted.calls == 1 and converted.last is y
@@ -270,7 +276,7 @@ class _Tied(nn.Module):
 def test_tied_linear_fused_everywhere_it_is_followed_by_relu():
     model = _Tied()
     converted, fused = customlayers.convert(model, report=True)
-    assert fused == ["a", "b"] and converted.a is converted.b and type(converted.a) is LinearReLU
+    assert fused == ["a", "b", "out"] and converted.a is converted.b and type(converted.a) is LinearReLU
     assert len(list(converted.parameters())) == len(list(model.parameters()))
     _check_same(model, converted, torch.randn(4, 6))  # gradients of both uses add up in one weight
 
@@ -279,8 +285,9 @@ def test_reports_logs_and_warns(caplog):
     with caplog.at_level(logging.INFO, logger="customlayers"):
         customlayers.convert(MLP())
     assert "fused 1 nn.Linear + ReLU into LinearReLU: hidden" in caplog.text
+    assert "fused 1 output nn.Linear into FusedLinear: out" in caplog.text
     with pytest.warns(UserWarning, match="the model is unchanged"):
-        customlayers.convert(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
+        customlayers.convert(nn.Sequential(nn.Linear(3, 17), nn.Tanh()))  # more outputs than an output layer
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         customlayers.convert(MLP())  # something fused: no warning
@@ -294,3 +301,39 @@ def test_converted_functional_model_exports():
     ep = torch.export.export(converted, (x,))
     assert "torch.ops.customlayers.linear_act" in ep.graph_module.code
     torch.testing.assert_close(ep.module()(x), model(x))
+
+
+# ------------------------------------------------------------------------------------------ output layers
+
+
+def test_fused_linear_is_an_nn_linear():
+    torch.manual_seed(5)
+    ours = FusedLinear(256, 10)
+    torch.manual_seed(5)
+    ref = nn.Linear(256, 10)
+    assert isinstance(ours, nn.Linear) and repr(ours) == repr(ref).replace("Linear", "FusedLinear")
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    shared = FusedLinear.from_linear(ref)
+    assert shared.weight is ref.weight and shared.bias is ref.bias and shared.to_linear().weight is ref.weight
+    assert FusedLinear.from_linear(nn.Linear(3, 5, bias=False)).bias is None
+    with pytest.raises(TypeError, match="FusedLinear.from_linear: expected an nn.Linear"):
+        FusedLinear.from_linear(nn.ReLU())
+    for shape in [(4, 256), (2, 3, 256), (256,)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        ref64, ours64 = copy.deepcopy(ref).double(), copy.deepcopy(ours).double()
+        _check_same(ref64, ours64, x)
+
+
+def test_outputs_only_narrow_plain_linears():
+    """Only an nn.Linear with at most OUTPUT_FEATURES outputs that no ReLU follows; subclasses and wide
+    layers stay; outputs=False keeps every output layer."""
+    class Sub(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, customlayers.nn.OUTPUT_FEATURES),
+                          Sub(16, 4), nn.Linear(4, customlayers.nn.OUTPUT_FEATURES + 1))
+    converted, names = customlayers.convert(model, report=True)
+    assert names == ["2"] and [type(m) for m in converted] == [nn.Linear, nn.Tanh, FusedLinear, Sub, nn.Linear]
+    _check_same(model, converted, torch.randn(3, 20))
+    book = customlayers.convert(MLP(), outputs=False)
+    assert type(book.hidden) is LinearReLU and type(book.out) is nn.Linear

@@ -59,9 +59,13 @@ def test_forward_matches_reference(device, dtype, act, transposed, shape):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("act", ["relu", "none"])
 @pytest.mark.parametrize("transposed", [False, True])
-# Small weights (in <= 64, in * out <= 64K: hand-written CPU GEMMs) up to that limit, then BLAS-sized ones.
+# Small weights (in <= 64, in * out <= 64K: hand-written CPU GEMMs) up to that limit, then BLAS-sized ones;
+# narrow outputs (out <= 16, 32 <= in <= 8192: hand-written dot products, dW transposed) at their edges:
+# in not a whole number of vectors or tiles, one output, 16 outputs, rows past a dW block, longest rows.
 @pytest.mark.parametrize("shape", [((600, 20), 20, 31), ((2, 3, 20), 20, 9), ((515, 64), 64, 1024),
-                                   ((70, 63), 63, 1041), ((64, 300), 300, 257)], ids=str)
+                                   ((70, 63), 63, 1041), ((64, 300), 300, 257), ((300, 257), 257, 10),
+                                   ((3, 43, 32), 32, 1), ((130, 100), 100, 16), ((5, 8192), 8192, 3),
+                                   ((9, 8193), 8193, 3)], ids=str)
 def test_backward_matches_reference(device, dtype, act, transposed, shape):
     x, w, b = make(*shape, dtype=dtype, device=device, transposed=transposed, requires_grad=True)
     g = torch.randn(*shape[0][:-1], shape[2], dtype=dtype, device=device)
@@ -273,7 +277,7 @@ def test_convert_equivalence_and_state_dict():
     converted = customlayers.convert(model)
     assert type(model[0]) is nn.Linear  # inplace=False leaves the original alone
     assert type(converted[0]) is LinearReLU and type(converted[1]) is nn.Identity
-    assert type(converted[2][0]) is LinearReLU and type(converted[3]) is nn.Linear
+    assert type(converted[2][0]) is LinearReLU and type(converted[3]) is customlayers.nn.FusedLinear
     assert list(converted.state_dict()) == list(model.state_dict())
     x = torch.randn(8, 10)
     torch.testing.assert_close(converted(x), model(x))
@@ -423,13 +427,14 @@ def test_torch_compile_fullgraph(device):
 
 
 @requires_extension()
-@pytest.mark.parametrize("k", [17, 300], ids=["small-weight", "blas"])
-def test_cpu_grads_independent_of_thread_count(k):
-    """The bias gradient is always thread-count independent; so is everything else with small weights
-    (hand-written GEMMs summing rows in a fixed order). BLAS's own GEMMs make no such promise."""
-    x, w, b = make((3000, k), k, 33, dtype=torch.float32, requires_grad=True)
-    g = torch.randn(3000, 33)
-    wrt = (x, w, b) if k <= 64 else (b,)
+@pytest.mark.parametrize("k, n", [(17, 33), (100, 10), (300, 33)], ids=["small-weight", "narrow", "blas"])
+def test_cpu_grads_independent_of_thread_count(k, n):
+    """The bias gradient is always thread-count independent; so is everything else with small weights or
+    narrow outputs (hand-written GEMMs summing rows in a fixed order). BLAS's own GEMMs make no such
+    promise."""
+    x, w, b = make((3000, k), k, n, dtype=torch.float32, requires_grad=True)
+    g = torch.randn(3000, n)
+    wrt = (x, w, b) if k <= 64 or n <= 16 else (b,)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -1,11 +1,11 @@
 // CPU kernels of customlayers::linear_act (y = act(x @ W + b)) and linear_act_backward: which path a
 // layer takes, and what both paths share.
-//  * Small weights (linear_act_small.h): one hand-written register-blocked GEMM kernel for all three
-//    GEMMs, fused with the bias, the activation and the masked gradient.
+//  * Small weights and narrow outputs (linear_act_small.h): hand-written register-blocked GEMM kernels
+//    for all three GEMMs, fused with the bias, the activation and the masked gradient.
 //  * Larger weights (linear_act_blas.h): BLAS GEMMs fused by rows with hand-written epilogues.
 // The bias gradient is kept as column sums per fixed 64-row chunk (by either path's mask pass) and the
 // chunks are added here in order, in double: it does not depend on the thread count or the block size.
-// With small weights neither does anything else (the dW blocks depend on the number of rows alone).
+// On the hand-written path neither does anything else (the dW blocks depend on the number of rows alone).
 #include "common/cpu_alloc.h"
 #include "common/linear_act.h"
 #include "cpu/linear_act_blas.h"
@@ -30,7 +30,8 @@ at::Tensor empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::Tenso
 template <typename T>
 void forward_impl(const LinearForward& args, at::Tensor& out) {
   using A = acc_t<T>;
-  const bool small = small_weight(args.K, args.N);
+  const bool narrow = narrow_weight(args.K, args.N);
+  const bool small = !narrow && small_weight(args.K, args.N);
   // The bias in the accumulation type, once (loads of float16/bfloat16 need widening otherwise); zero
   // padded to whole tiles for the small-weight kernel.
   std::vector<A> bias;
@@ -40,7 +41,8 @@ void forward_impl(const LinearForward& args, at::Tensor& out) {
     std::copy(b, b + args.N, bias.begin());
   }
   const A* bias_ptr = args.bias.defined() ? bias.data() : nullptr;
-  if (small) small_forward<T>(args, bias_ptr, out);
+  if (narrow) narrow_forward<T>(args, bias_ptr, out);
+  else if (small) small_forward<T>(args, bias_ptr, out);
   else blas_forward<T>(args, bias_ptr, out);
 }
 
@@ -57,7 +59,7 @@ void backward_impl(const LinearBackward& args, LinearGrads& grads) {
   // Every chunk's row of bias-gradient partial sums is written by the mask pass.
   const auto partial = std::make_unique_for_overwrite<double[]>(db ? chunks * N : 0);
   double* partial_ptr = db ? partial.get() : nullptr;
-  if (small_weight(args.K, N) && (grads.dx.defined() || grads.dw.defined()))
+  if ((narrow_weight(args.K, N) || small_weight(args.K, N)) && (grads.dx.defined() || grads.dw.defined()))
     small_backward<T>(args, grads, partial_ptr);
   else
     blas_backward<T>(args, grads, partial_ptr);

@@ -8,6 +8,13 @@
 //    [N, Kp]) and the block's share of dW = X^T g' (A = X^T of the chunk, B = the chunk of g'), all while
 //    the chunk is in cache. The blocks' dW partials are then added in block order; blocks depend on M
 //    alone, so dW does not depend on the thread count, like the bias gradient.
+// Narrow outputs (few columns, long rows: an output layer such as 256 -> 10) would waste most of a tile's
+// columns on padding, so there:
+//  * forward: dot_tile, kDotRows x kDotCols dot products of rows of x with rows of W^T (packed [N, K]),
+//    vectorized along K, each reduced once at the end;
+//  * backward: dX as above (its inner dimension is N); dW is computed transposed, dW^T = g'^T X: tile rows
+//    are g''s columns (broadcast), tile columns x's (rows of the chunk of x), so no column is padding
+//    but the last partial tile's.
 #include "cpu/linear_act_small.h"
 
 #include "common/cpu_alloc.h"
@@ -22,6 +29,11 @@ constexpr int64_t kSmallK = 64;
 constexpr int64_t kSmallWeight = 1 << 16;
 constexpr int64_t kTileRows = 4;
 constexpr int kTileVecs = 3;
+constexpr int64_t kNarrowMaxCols = 16;  // narrow outputs: at most this many columns,
+constexpr int64_t kNarrowMinK = 32;     // and rows long enough for dot products (shorter: small weights)
+constexpr int64_t kNarrowMaxK = 8192;   // and short enough for a tile's rows of x to stay in cache
+constexpr int kDotRows = 4;
+constexpr int kDotCols = 2;
 
 template <typename T>
 constexpr int64_t tile_cols() {
@@ -147,9 +159,87 @@ void forward_rows(const SmallForward<T>& f, int64_t r0, int64_t r1) {
   }
 }
 
+// out[r][c] = sum over k < K of x[r][k] * w[c * ldw + k] for r < R, c < C (C <= kDotCols), vectorized
+// along k; each lane sum reduced once at the end (the order depends on K alone).
+template <int R, int C, typename A>
+inline void dot_tile(const A* const (&xr)[R], const A* w, int64_t ldw, int64_t K, A (&out)[R][kDotCols]) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  const A* x[R];
+  for (int r = 0; r < R; ++r) x[r] = xr[r];
+  Vec acc[R][C];
+  for (auto& rr : acc)
+    for (auto& v : rr) v = Vec(0);
+  int64_t k = 0;
+  for (; k + kW <= K; k += kW) {
+    Vec wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = Vec::loadu(w + c * ldw + k);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x[r] + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
+    }
+  }
+  if (k < K) {  // the tail, zero-filled to a whole vector
+    Vec wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = Vec::loadu(w + c * ldw + k, K - k);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x[r] + k, K - k);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r][c] = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc[r][c]);
+}
+
+// The narrow forward's operands: y (M, N) contiguous = act(x @ W + bias), W^T packed as [N, K], the bias
+// (or null); x read as acc_t rows directly when x_direct, else converted a tile of rows at a time.
+template <typename T>
+struct NarrowForward {
+  Strided<const T> x;
+  bool x_direct;
+  const acc_t<T>* wt;
+  const acc_t<T>* bias;
+  T* y;
+  int64_t K, N;
+  Activation act;
+};
+
+// Forward rows [r0, r1); xs: kDotRows * K acc_t values of scratch.
+template <typename T>
+void narrow_rows(const NarrowForward<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1) {
+  using A = acc_t<T>;
+  const int64_t K = f.K, N = f.N;
+  for (int64_t q0 = r0; q0 < r1; q0 += kDotRows) {
+    const int64_t nq = std::min<int64_t>(kDotRows, r1 - q0);
+    const A* xr[kDotRows];  // rows past nq repeat the last one (computed, never stored)
+    for (int64_t r = 0; r < kDotRows; ++r) {
+      const int64_t q = q0 + std::min(r, nq - 1);
+      if (f.x_direct) {
+        xr[r] = reinterpret_cast<const A*>(f.x.data + q * f.x.rs);
+        continue;
+      }
+      if (r < nq)
+        for (int64_t k = 0; k < K; ++k) xs[r * K + k] = static_cast<A>(f.x.data[q * f.x.rs + k * f.x.cs]);
+      xr[r] = xs + std::min(r, nq - 1) * K;
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += kDotCols) {
+      const int64_t nc = std::min<int64_t>(kDotCols, N - n0);
+      A s[kDotRows][kDotCols];
+      if (nc == kDotCols) dot_tile<kDotRows, kDotCols>(xr, f.wt + n0 * K, K, K, s);
+      else dot_tile<kDotRows, 1>(xr, f.wt + n0 * K, K, K, s);
+      for (int64_t r = 0; r < nq; ++r)
+        for (int64_t c = 0; c < nc; ++c) {
+          A v = s[r][c] + (f.bias != nullptr ? f.bias[n0 + c] : A(0));
+          if (f.act == Activation::kRelu && !(v > 0 || v != v)) v = A(0);
+          f.y[(q0 + r) * N + n0 + c] = static_cast<T>(v);
+        }
+    }
+  }
+}
+
 // The backward's operands, shared by every block: the masked-gradient source, x (read as acc_t directly
 // when x_direct, else converted per chunk), W^T packed as [N, Kp] (null: no dX), dx (M, K) contiguous
-// (null: none), the bias-gradient partial sums (null: none).
+// (null: none), the bias-gradient partial sums (null: none); narrow: dW computed transposed.
 template <typename T>
 struct SmallBackward {
   MaskedGrad<T> src;
@@ -159,10 +249,11 @@ struct SmallBackward {
   T* dx;
   double* partial;
   int64_t K, N;
+  bool narrow;
 };
 
 // One task's chunk buffers: the chunk's masked gradient (kChunkRows rows of Np), x's chunk in acc_t
-// (kChunkRows rows of K), the chunk's column sums (N).
+// (kChunkRows rows of Kp), the chunk's column sums (N).
 template <typename A>
 struct ChunkBuffers {
   A* gp;
@@ -170,8 +261,49 @@ struct ChunkBuffers {
   A* sums;
 };
 
+// The narrow block's dW^T ([N, Kp] acc_t at dwp) += g'_chunk^T X_chunk for the chunk of `rows` rows from
+// row c0 (g' in gp): tile rows are g''s columns n0..n0+3, tile columns x's. x's rows are read directly
+// when they can be, all but the last partial tile; that one (or all of x, when it needs converting) is
+// copied into buf.xbuf, zero padded to whole tiles.
+template <typename T>
+void narrow_dw_chunk(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf, Rows<const acc_t<T>> gp,
+                     acc_t<T>* dwp, int64_t c0, int64_t rows) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t kW = Vec::size();
+  constexpr int64_t kCols = tile_cols<T>();
+  const int64_t K = p.K, N = p.N, ldk = small_padded_cols<T>(K);
+  const int64_t direct_cols = p.x_direct ? K / kCols * kCols : 0;  // columns read from x itself
+  const int64_t ldb = ldk - direct_cols;                            // the copy's row length
+  for (int64_t i = 0; i < rows; ++i) {
+    A* dst = buf.xbuf + i * ldb;
+    for (int64_t k = direct_cols; k < K; ++k) dst[k - direct_cols] = static_cast<A>(p.x.data[(c0 + i) * p.x.rs + k * p.x.cs]);
+    std::fill(dst + K - direct_cols, dst + ldb, A(0));
+  }
+  const Rows<const A> direct{reinterpret_cast<const A*>(p.x.data) + c0 * p.x.rs, p.x.rs};
+  const Rows<const A> copied{buf.xbuf, ldb};
+  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+    const int64_t nn = std::min(kTileRows, N - n0);
+    for (int64_t k0 = 0; k0 < ldk; k0 += kCols) {
+      const bool from_x = k0 < direct_cols;
+      const Tile<A> t = tile_product(Strided<const A>{gp.data + n0, 1, gp.ld}, nn, from_x ? direct : copied,
+                                     from_x ? k0 : k0 - direct_cols, 0, rows);
+      for (int64_t r = 0; r < nn; ++r) {
+        A* dst = dwp + (n0 + r) * ldk + k0;
+        for (int j = 0; j < kTileVecs; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
+      }
+    }
+  }
+}
+
+// The size of a block's dW partial: [K, Np], or [N, Kp] for narrow outputs (dW^T), acc_t.
+template <typename T>
+int64_t dw_part_size(int64_t K, int64_t N, bool narrow) {
+  return narrow ? N * small_padded_cols<T>(K) : K * small_padded_cols<T>(N);
+}
+
 // Rows [r0, r1) of the backward (r0 a multiple of kChunkRows), a 64-row chunk at a time, adding X^T g' to
-// the block's dW partial dwp ([K, Np] acc_t; null: no dW).
+// the block's dW partial dwp (dw_part_size; null: no dW).
 template <typename T>
 void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf, acc_t<T>* dwp, int64_t r0,
                     int64_t r1) {
@@ -182,12 +314,12 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
   const int64_t ldp = small_padded_cols<T>(N), ldk = small_padded_cols<T>(K);
   const Rows<A> gp{buf.gp, ldp};
   const ChunkSums<A> sums{p.partial, buf.sums, N};
-  if (dwp != nullptr) std::fill(dwp, dwp + K * ldp, A(0));
+  if (dwp != nullptr) std::fill(dwp, dwp + dw_part_size<T>(K, N, p.narrow), A(0));
   for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
     const int64_t rows = std::min(r1, c0 + kChunkRows) - c0;
     mask_rows(p.src, c0, rows, MaskSinks<T>{{}, gp, sums.begin()});
     sums.end(c0 / kChunkRows);
-    if (dwp != nullptr)  // g' is dW's B panel: its padding columns are read
+    if (dwp != nullptr && !p.narrow)  // g' is dW's B panel: its padding columns are read
       for (int64_t i = 0; i < rows; ++i) std::fill(gp.row(i) + N, gp.row(i + 1), A(0));
     if (p.dx != nullptr) {
       for (int64_t q = 0; q < rows; q += kTileRows) {
@@ -200,6 +332,10 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
       }
     }
     if (dwp == nullptr) continue;
+    if (p.narrow) {
+      narrow_dw_chunk(p, buf, Rows<const A>{gp.data, ldp}, dwp, c0, rows);
+      continue;
+    }
     Rows<const A> xa;  // the chunk of x as acc_t rows
     if (p.x_direct) {
       xa = {reinterpret_cast<const A*>(p.x.data) + c0 * p.x.rs, p.x.rs};
@@ -229,7 +365,8 @@ struct DwPartials {
   int64_t stride, blocks, ld;
 };
 
-// Rows [k0, k1) of dW: the partials added in block order in acc_t into block 0's, then stored to dst.
+// Rows [k0, k1) of the dW partials ([rows, N], or dW^T for narrow outputs, dst transposed to match): added
+// in block order in acc_t into block 0's, then stored to dst.
 template <typename T>
 void finish_dw_rows(const DwPartials<acc_t<T>>& parts, int64_t k0, int64_t k1, int64_t N, Strided<T> dst) {
   using A = acc_t<T>;
@@ -260,6 +397,10 @@ int64_t dw_block_rows(int64_t M) {
 
 bool small_weight(int64_t K, int64_t N) { return K > 0 && N > 0 && K <= kSmallK && K * N <= kSmallWeight; }
 
+bool narrow_weight(int64_t K, int64_t N) {
+  return N > 0 && N <= kNarrowMaxCols && K >= kNarrowMinK && K <= kNarrowMaxK;
+}
+
 template <typename T>
 int64_t small_padded_cols(int64_t cols) {
   return (cols + tile_cols<T>() - 1) / tile_cols<T>() * tile_cols<T>();
@@ -281,6 +422,26 @@ void small_forward(const LinearForward& args, const acc_t<T>* bias, at::Tensor& 
 }
 
 template <typename T>
+void narrow_forward(const LinearForward& args, const acc_t<T>* bias, at::Tensor& out) {
+  using A = acc_t<T>;
+  const int64_t K = args.K, N = args.N;
+  const at::Tensor& x2 = args.x2;
+  const NarrowForward<T> f{strided_of<T>(x2), std::is_same_v<T, A> && x2.stride(1) == 1, nullptr, bias,
+                           out.mutable_data_ptr<T>(), K, N, args.act};
+  const Strided<const T> w = strided_of<T>(args.weight);
+  const int64_t grain = std::max<int64_t>(kDotRows, kTaskFlops / (2 * K * N));
+  at::parallel_for(0, args.M, grain, [&](int64_t begin, int64_t end) {
+    // W^T packed as [N, K], then the scratch rows of x.
+    const at::Tensor buf = acc_buffer<T>(N * K + (f.x_direct ? 0 : kDotRows * K));
+    A* wt = buf.template mutable_data_ptr<A>();
+    pack_panel(Strided<const T>{w.data, w.cs, w.rs}, N, K, Rows<A>{wt, K});
+    NarrowForward<T> task = f;
+    task.wt = wt;
+    narrow_rows(task, wt + N * K, begin, end);
+  });
+}
+
+template <typename T>
 void small_backward(const LinearBackward& args, LinearGrads& grads, double* partial) {
   using A = acc_t<T>;
   const int64_t M = args.M, N = args.N, K = args.K;
@@ -289,17 +450,21 @@ void small_backward(const LinearBackward& args, LinearGrads& grads, double* part
   const bool want_dx = grads.dx.defined(), want_dw = grads.dw.defined();
   const int64_t block_rows = dw_block_rows(M);
   const int64_t blocks = (M + block_rows - 1) / block_rows;
-  const at::Tensor dw_parts = want_dw ? acc_buffer<T>(blocks * K * ldp) : at::Tensor();
-  const DwPartials<A> parts{want_dw ? dw_parts.template mutable_data_ptr<A>() : nullptr, K * ldp, blocks, ldp};
+  const bool narrow = narrow_weight(K, N);
+  const int64_t part_size = dw_part_size<T>(K, N, narrow);
+  const at::Tensor dw_parts = want_dw ? acc_buffer<T>(blocks * part_size) : at::Tensor();
+  const DwPartials<A> parts{want_dw ? dw_parts.template mutable_data_ptr<A>() : nullptr, part_size, blocks,
+                            narrow ? ldk : ldp};
   const SmallBackward<T> p{{rows_of<T>(args.g2), rows_of<T>(args.o2), N}, strided_of<T>(x2),
                            std::is_same_v<T, A> && x2.stride(1) == 1, nullptr,
-                           want_dx ? grads.dx.mutable_data_ptr<T>() : nullptr, partial, K, N};
+                           want_dx ? grads.dx.mutable_data_ptr<T>() : nullptr, partial, K, N, narrow};
+  const int64_t ldx = narrow ? ldk : K;  // the chunk's copy of x: its rows
   const Strided<const T> w = strided_of<T>(args.weight);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     // The chunk buffers, then W^T packed as [N, Kp] when dX is wanted.
-    const at::Tensor buf = acc_buffer<T>(kChunkRows * (ldp + K) + N + (want_dx ? N * ldk : 0));
+    const at::Tensor buf = acc_buffer<T>(kChunkRows * (ldp + ldx) + N + (want_dx ? N * ldk : 0));
     A* base = buf.template mutable_data_ptr<A>();
-    const ChunkBuffers<A> chunk{base, base + kChunkRows * ldp, base + kChunkRows * (ldp + K)};
+    const ChunkBuffers<A> chunk{base, base + kChunkRows * ldp, base + kChunkRows * (ldp + ldx)};
     SmallBackward<T> task = p;
     if (want_dx) {
       A* wt = chunk.sums + N;
@@ -315,15 +480,19 @@ void small_backward(const LinearBackward& args, LinearGrads& grads, double* part
     grads.dw.zero_();
     return;
   }
-  // dW = the blocks' partials added in block order (in acc_t: at most kDwBlocks terms).
-  const Strided<T> dst = mutable_strided_of<T>(grads.dw);
-  at::parallel_for(0, K, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, blocks * ldp)),
-                   [&](int64_t k0, int64_t k1) { finish_dw_rows(parts, k0, k1, N, dst); });
+  // dW = the blocks' partials added in block order (in acc_t: at most kDwBlocks terms); narrow outputs'
+  // are dW^T, stored through dW's transposed view.
+  const Strided<T> dw = mutable_strided_of<T>(grads.dw);
+  const Strided<T> dst = narrow ? Strided<T>{dw.data, dw.cs, dw.rs} : dw;
+  const int64_t rows = narrow ? N : K;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, blocks * parts.ld)),
+                   [&](int64_t k0, int64_t k1) { finish_dw_rows(parts, k0, k1, narrow ? K : N, dst); });
 }
 
 #define CUSTOMLAYERS_INSTANTIATE_SMALL(T)                                                        \
   template int64_t small_padded_cols<T>(int64_t);                                              \
   template void small_forward<T>(const LinearForward&, const acc_t<T>*, at::Tensor&);          \
+  template void narrow_forward<T>(const LinearForward&, const acc_t<T>*, at::Tensor&);         \
   template void small_backward<T>(const LinearBackward&, LinearGrads&, double*);
 CUSTOMLAYERS_FOR_FLOATING_TYPES(CUSTOMLAYERS_INSTANTIATE_SMALL)
 

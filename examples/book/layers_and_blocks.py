@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import customlayers
-from customlayers.nn import LinearReLU, MyLinear
+from customlayers.nn import FusedLinear, LinearReLU, MyLinear
 
 torch.manual_seed(0)
 X = torch.rand(2, 20)
@@ -69,17 +69,19 @@ chimera = nn.Sequential(NestMLP(), nn.LazyLinear(20), FixedHiddenMLP())
 assert chimera(X).dim() == 0
 
 # --- customlayers: the same blocks, fused (lazy layers need their first input before convert) ----------
+# Each Linear feeding a ReLU becomes a LinearReLU, each output layer (at most 16 outputs) a FusedLinear.
 fast, fused = customlayers.convert(net, report=True)
-assert fused == ["hidden"] and isinstance(fast.hidden, LinearReLU) and isinstance(fast, MLP)
+assert fused == ["hidden", "out"] and isinstance(fast.hidden, LinearReLU) and isinstance(fast, MLP)
+assert isinstance(fast.out, FusedLinear)
 assert torch.allclose(fast(X), net(X), atol=1e-6)
 
 fast_seq, fused = customlayers.convert(seq, report=True)
-assert fused == ["0"] and isinstance(list(fast_seq.children())[1], nn.Identity)
+assert fused == ["0", "2"] and isinstance(list(fast_seq.children())[1], nn.Identity)
 assert torch.allclose(fast_seq(X), seq(X), atol=1e-6)
 
 # FixedHiddenMLP's while loop cannot be traced: convert searches inside it and fuses NestMLP's pairs.
 fast_chimera, fused = customlayers.convert(chimera, report=True)
-assert fused == ["0.net.0", "0.net.2"]
+assert fused == ["0.net.0", "0.net.2", "0.linear"]
 assert torch.allclose(fast_chimera(X), chimera(X), atol=1e-6)
 assert list(fast_chimera.state_dict()) == list(chimera.state_dict())  # checkpoints load both ways
 
