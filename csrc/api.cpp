@@ -23,12 +23,12 @@ at::Tensor& masked_uniform_(at::Tensor& self, double low, double high, double th
 }
 
 at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      c10::string_view act) {
+                      c10::string_view act, bool weight_t) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("customlayers::linear_act", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                               c10::string_view)>();
-  return op.call(x, weight, bias, act);
+                                               c10::string_view, bool)>();
+  return op.call(x, weight, bias, act, weight_t);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Tensor& grad, const at::Tensor& x,

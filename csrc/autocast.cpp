@@ -17,11 +17,11 @@ namespace {
 
 template <c10::DeviceType kDevice>
 at::Tensor linear_act_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               c10::string_view act) {
+                               c10::string_view act, bool weight_t) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
   return linear_act(at::autocast::cached_cast(dtype, x, kDevice), at::autocast::cached_cast(dtype, weight, kDevice),
-                    at::autocast::cached_cast(dtype, bias, kDevice), act);
+                    at::autocast::cached_cast(dtype, bias, kDevice), act, weight_t);
 }
 
 }  // namespace

@@ -60,17 +60,20 @@ void masked_uniform_autograd(at::Tensor& self, double low, double high, double t
 // differentiable ops instead: the masked gradient g' = where(out <= 0, 0, g) (torch.relu's: a NaN output
 // passes g; ReLU' is piecewise constant, so the mask has no derivative of its own),
 // dX = linear_act(g', W^T, act='none'), dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
+// With weight_t (weight (out, in), nn.Linear's), W is weight's transposed view and the weight's gradient
+// is dW's: one autograd node, where weight.t() would add a view's node and its backward.
 struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, c10::string_view act) {
+                            const std::optional<at::Tensor>& bias, c10::string_view act, bool weight_t) {
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = linear_act(x, weight, bias, act);
+      out = linear_act(x, weight, bias, act, weight_t);
     }
     const bool relu = act == "relu";
     ctx->saved_data["act"] = std::string(act);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["weight_t"] = weight_t;
     ctx->save_for_backward({x, weight, relu ? out : at::Tensor()});
     return out;
   }
@@ -78,7 +81,8 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
-    const at::Tensor& weight = saved[1];
+    const bool weight_t = ctx->saved_data["weight_t"].toBool();
+    const at::Tensor weight = weight_t ? saved[1].t() : saved[1];  // W, (in, out)
     const at::Tensor& out = saved[2];
     const std::string& act = ctx->saved_data["act"].toStringRef();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -89,22 +93,25 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
       at::AutoDispatchBelowADInplaceOrView guard;
       auto [dx, dw, db] =
           linear_act_backward(g, x, weight, out.defined() ? std::optional<at::Tensor>(out) : std::nullopt, act, mask);
-      return {dx, dw, db, at::Tensor()};
+      return {dx, weight_t && dw.defined() ? dw.t() : dw, db, at::Tensor(), at::Tensor()};
     }
     const int64_t K = weight.size(0), N = weight.size(1), M = linear_rows(x);
     const at::Tensor gp = act == "relu" ? at::where(out.le(0), 0, g) : g;
     const at::Tensor gp2 = gp.reshape({M, N});
     at::Tensor dx, dw, db;
-    if (mask[0]) dx = linear_act(gp, weight.t(), std::nullopt, "none");
-    if (mask[1]) dw = linear_act(x.reshape({M, K}).t(), gp2, std::nullopt, "none");
+    // W^T is saved[1] itself with weight_t, else its transposed view: one linear_act call either way.
+    if (mask[0]) dx = linear_act(gp, saved[1], std::nullopt, "none", !weight_t);
+    if (mask[1])  // in the weight's own layout: (in, out) = X^T g', or with weight_t (out, in) = g'^T X
+      dw = weight_t ? linear_act(gp2.t(), x.reshape({M, K}), std::nullopt, "none")
+                    : linear_act(x.reshape({M, K}).t(), gp2, std::nullopt, "none");
     if (mask[2]) db = gp2.sum(0);
-    return {dx, dw, db, at::Tensor()};
+    return {dx, dw, db, at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor linear_act_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               c10::string_view act) {
-  return LinearActFunction::apply(x, weight, bias, act);
+                               c10::string_view act, bool weight_t) {
+  return LinearActFunction::apply(x, weight, bias, act, weight_t);
 }
 
 }  // namespace

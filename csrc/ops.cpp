@@ -12,7 +12,7 @@ TORCH_LIBRARY(customlayers, m) {
         "int offset=0) -> ()");
   // y = act(x @ weight + bias): x (*, in), weight (in, out) of any strides (nn.Linear.weight.t() works
   // without a copy), bias (out,) or None, act 'relu' or 'none'.
-  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias=None, str act='relu') -> Tensor");
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias=None, str act='relu', bool weight_t=False) -> Tensor");
   // Gradients of linear_act for the inputs selected by output_mask (x, weight, bias); the others are
   // None. `out` is the forward's output (the ReLU mask; unused for act='none').
   m.def("linear_act_backward(Tensor grad, Tensor x, Tensor weight, Tensor? out, str act, bool[3] output_mask) "

@@ -7,11 +7,12 @@ DTensor inputs, calls the op, and DTensor's __torch_dispatch__ then needs a shar
 the ops are the references' CompositeImplicitAutograd code, which DTensor sees as the aten ops it is made
 of, so nothing is registered.
 
-The rules list only the shardings whose local results are exact (weight is (in_features, out_features)):
+The rules list only the shardings whose local results are exact (weight is (in_features, out_features), or
+with weight_t (out_features, in_features)):
 - replicated: every input and the output Replicate;
-- column-sharded: weight Shard(1) (nn.Linear's weight Shard(0), as ColwiseParallel shards it, seen through
-  ``weight.t()``), bias Shard(0), x Replicate -> output sharded on its last dim; the activation is
-  elementwise, so each rank's columns are exact;
+- column-sharded: weight sharded on its out_features dim (Shard(1); with weight_t, nn.Linear's weight
+  Shard(0), as ColwiseParallel shards it), bias Shard(0), x Replicate -> output sharded on its last dim;
+  the activation is elementwise, so each rank's columns are exact;
 - batch-sharded: x sharded on a leading dim, weight and bias Replicate -> output sharded on that dim.
 Any other input placements are redistributed by DTensor to one of these. A row-sharded weight would give
 partial sums before the activation, which relu does not commute with: it is not listed.
@@ -53,12 +54,14 @@ def register() -> None:
         return wrap
 
     @rule(ops.linear_act.default, 3)
-    def linear_act_sharding(x, weight, bias=None, act="relu"):
+    def linear_act_sharding(x, weight, bias=None, act="relu", weight_t=False):
         has_bias = bias is not None
         last = x.ndim - 1
-        replicated = ([Replicate()], [Replicate(), Replicate(), Replicate() if has_bias else None, None])
-        columns = ([Shard(last)], [Replicate(), Shard(1), Shard(0) if has_bias else None, None])
-        rows = [([Shard(d)], [Shard(d), Replicate(), Replicate() if has_bias else None, None]) for d in range(last)]
+        replicated = ([Replicate()], [Replicate(), Replicate(), Replicate() if has_bias else None, None, None])
+        columns = ([Shard(last)], [Replicate(), Shard(0 if weight_t else 1), Shard(0) if has_bias else None, None,
+                                   None])
+        rows = [([Shard(d)], [Shard(d), Replicate(), Replicate() if has_bias else None, None, None])
+                for d in range(last)]
         return [replicated, columns, *rows]
 
     @rule(ops.linear_act_backward.default, 4)

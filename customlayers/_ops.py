@@ -32,7 +32,8 @@ SCHEMAS = {
     "centered": "centered(Tensor x, int[]? dim=None) -> Tensor",
     "masked_uniform_": "masked_uniform_(Tensor(a!) self, float low=-10, float high=10, float threshold=5, "
                        "int? seed=None, int offset=0) -> ()",
-    "linear_act": "linear_act(Tensor x, Tensor weight, Tensor? bias=None, str act='relu') -> Tensor",
+    "linear_act": "linear_act(Tensor x, Tensor weight, Tensor? bias=None, str act='relu', bool weight_t=False) "
+                  "-> Tensor",
     "linear_act_backward": "linear_act_backward(Tensor grad, Tensor x, Tensor weight, Tensor? out, str act, "
                            "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
 }
@@ -129,10 +130,10 @@ def _define_with_references() -> None:
             _fallback_why[(name, device)] = _reason
     # Autocast as csrc/autocast.cpp does it: linear_act in the autocast dtype, like nn.Linear.
     for device, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-        def linear_act_autocast(x, weight, bias=None, act="relu", device=device):
+        def linear_act_autocast(x, weight, bias=None, act="relu", weight_t=False, device=device):
             cast = autocast_inputs(x, weight, bias)
             with torch.autocast(device, enabled=False):
-                return op("linear_act")(*cast, act)
+                return op("linear_act")(*cast, act, weight_t)
         lib.impl("linear_act", linear_act_autocast, key)
 
 
@@ -255,10 +256,10 @@ def register_fake(name: str) -> Callable:
 
 
 @register_fake("linear_act")
-def _linear_act_fake(x, weight, bias=None, act="relu"):
-    reference.check_linear(x, weight, bias, "linear_act")
+def _linear_act_fake(x, weight, bias=None, act="relu", weight_t=False):
+    reference.check_linear(x, weight, bias, "linear_act", weight_t)
     reference.check_act(act, "linear_act")
-    return x.new_empty((*x.shape[:-1], weight.shape[1]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0 if weight_t else 1]))
 
 
 @register_fake("linear_act_backward")

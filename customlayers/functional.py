@@ -40,7 +40,7 @@ def centered(x: torch.Tensor, dim: Dims = None) -> torch.Tensor:
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               act: str = "relu") -> torch.Tensor:
+               act: str = "relu", weight_t: bool = False) -> torch.Tensor:
     """``act(x @ weight + bias)`` in one fused op: the book's ``MyLinear`` forward (act='relu').
 
     Args:
@@ -49,10 +49,13 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             ``nn.Linear.weight.t()`` is used as is, without a copy.
         bias: (out_features,) or None.
         act: 'relu' or 'none'.
+        weight_t: weight is (out_features, in_features), nn.Linear's layout: ``act(x @ weight.t() + bias)``
+            with one autograd node fewer than passing ``weight.t()`` (what LinearReLU and FusedLinear do).
     """
     if _FUNCTIONS and transforms_active():
-        return LinearActFunction.apply(*_ops.autocast_inputs(x, weight, bias), act)
-    return _LINEAR_ACT(x, weight, bias, act)
+        x, weight, bias = _ops.autocast_inputs(x, weight, bias)
+        return LinearActFunction.apply(x, weight.t() if weight_t else weight, bias, act)
+    return _LINEAR_ACT(x, weight, bias, act, weight_t)
 
 
 _CENTERED, _LINEAR_ACT = _ops.op("centered"), _ops.op("linear_act")

@@ -134,13 +134,13 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
 class _KernelLinear(nn.Linear):
     """An nn.Linear whose forward is the linear_act kernel with activation ``_act``: nn.Linear's attributes,
     parameter names, shapes (weight (out_features, in_features), bias (out_features,)), repr fields and
-    initialization, so state_dicts load both ways. The kernel reads ``weight.t()``, a view, without
-    copying it."""
+    initialization, so state_dicts load both ways. The kernel reads the (out_features, in_features) weight
+    as it is (weight_t=True)."""
 
     _act = "none"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
-        return F.linear_act(input, self.weight.t(), self.bias, self._act)
+        return F.linear_act(input, self.weight, self.bias, self._act, weight_t=True)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear):
@@ -173,7 +173,7 @@ class LinearReLU(_KernelLinear):
     It is an ``nn.Linear`` (a subclass: ``isinstance(m, nn.Linear)`` holds, so initializers written for
     nn.Linear reach it) with nn.Linear's attributes, parameter names, shapes (weight (out_features,
     in_features), bias (out_features,)), repr fields and initialization, so state_dicts load both ways; only
-    ``forward`` differs. The kernel reads ``weight.t()``, a view, without copying it.
+    ``forward`` differs. The kernel reads the weight as it is, without copying it.
     ``LinearReLU.from_linear(linear)`` computes relu(linear(x)) over linear's Parameters (shared);
     ``to_linear()`` gives the nn.Linear part back, sharing them too.
     """

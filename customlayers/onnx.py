@@ -26,11 +26,12 @@ from . import _ops
 __all__ = ["TRANSLATIONS", "export"]
 
 
-def linear_act(x, weight, bias=None, act: str = "relu"):
-    """customlayers::linear_act: ``x @ weight + bias``, then ReLU when act='relu' (weight is (in, out))."""
+def linear_act(x, weight, bias=None, act: str = "relu", weight_t: bool = False):
+    """customlayers::linear_act: ``x @ weight + bias``, then ReLU when act='relu' (weight is (in, out), or
+    (out, in) with weight_t)."""
     if act not in ("relu", "none"):
         raise ValueError(f"linear_act: act must be 'relu' or 'none', but got '{act}'")
-    y = op.MatMul(x, weight)
+    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]) if weight_t else weight)
     if bias is not None:
         y = op.Add(y, bias)
     return op.Relu(y) if act == "relu" else y

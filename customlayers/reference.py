@@ -124,10 +124,12 @@ def check_act(act, op: str) -> None:
     torch._check_value(act in ("relu", "none"), lambda: f"{op}: act must be 'relu' or 'none', but got '{act}'")
 
 
-def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], op: str) -> None:
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], op: str,
+                 weight_t: bool = False) -> None:
     """linear_act's tensor checks, in the compiled kernels' order (csrc/common/linear_act.cpp's
-    check_linear_inputs): dtypes (TypeError), devices, shapes (RuntimeError). torch._check* keeps them
-    usable on symbolic shapes (the fake implementations call them)."""
+    check_linear_inputs): dtypes (TypeError), devices, shapes (RuntimeError); weight (in, out), or (out, in)
+    with weight_t. torch._check* keeps them usable on symbolic shapes (the fake implementations call them)."""
+    in_dim = 1 if weight_t else 0
     check_floating(x, op, "x")
     check_floating(weight, op, "weight")
     if bias is not None:
@@ -136,15 +138,17 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         torch._check_type(t is None or t.dtype == x.dtype, lambda: f"{op}: expected x and {name} to have the same "
                           f"dtype, but x is {x.dtype} and {name} is {t.dtype}")
     check_same_device(op, x=x, weight=weight, bias=bias)
-    torch._check(weight.dim() == 2, lambda: f"{op}: expected weight to be 2-D (in_features, out_features), but got "
-                 f"shape {list(weight.shape)}")
+    layout = "(out_features, in_features)" if weight_t else "(in_features, out_features)"
+    torch._check(weight.dim() == 2, lambda: f"{op}: expected weight to be 2-D {layout}, but got shape "
+                 f"{list(weight.shape)}")
     torch._check(x.dim() >= 1, lambda: f"{op}: expected x to have at least 1 dimension (*, in_features), but got "
                  f"shape {list(x.shape)}")
-    torch._check(x.shape[-1] == weight.shape[0], lambda: f"{op}: x's last dimension must equal weight's "
-                 f"in_features (weight.shape[0]), but x has shape {list(x.shape)} and weight has shape "
+    torch._check(x.shape[-1] == weight.shape[in_dim], lambda: f"{op}: x's last dimension must equal weight's "
+                 f"in_features (weight.shape[{in_dim}]), but x has shape {list(x.shape)} and weight has shape "
                  f"{list(weight.shape)}")
-    torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[1]), lambda: f"{op}: expected "
-                 f"bias of shape [{weight.shape[1]}] (out_features,), but got shape {list(bias.shape)}")
+    torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[1 - in_dim]), lambda: f"{op}: "
+                 f"expected bias of shape [{weight.shape[1 - in_dim]}] (out_features,), but got shape "
+                 f"{list(bias.shape)}")
 
 
 def check_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor],
@@ -184,12 +188,12 @@ def linear_grad_weight_like(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               act: str = "relu") -> torch.Tensor:
-    """``torch.relu(x @ weight + bias)`` (the book's MyLinear), weight (in_features, out_features);
-    act='none' leaves out the ReLU."""
-    check_linear(x, weight, bias, "linear_act")
+               act: str = "relu", weight_t: bool = False) -> torch.Tensor:
+    """``torch.relu(x @ weight + bias)`` (the book's MyLinear), weight (in_features, out_features), or with
+    weight_t (out_features, in_features) (nn.Linear's: ``x @ weight.t()``); act='none' leaves out the ReLU."""
+    check_linear(x, weight, bias, "linear_act", weight_t)
     check_act(act, "linear_act")
-    y = x @ weight
+    y = x @ (weight.t() if weight_t else weight)
     if bias is not None:
         y = y + bias
     return torch.relu(y) if act == "relu" else y

@@ -420,6 +420,40 @@ def test_opcheck(device, args):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("shape", [((7, 5), 5, 3), ((2, 3, 20), 20, 9), ((130, 65), 65, 70), ((70, 100), 100, 10),
+                                   ((0, 4), 4, 3), ((3, 0), 0, 5)], ids=str)
+def test_weight_t_is_the_transposed_view(device, dtype, act, shape):
+    """weight_t=True takes nn.Linear's (out, in) weight as it is: the same kernel as on its .t() view, so the
+    same bits, forward and backward, and one autograd node (no TBackward0) between the op and the weight."""
+    x, w, b = make(*shape, dtype=dtype, device=device, transposed=True, requires_grad=True)
+    weight = w.detach().t().requires_grad_()  # (out, in), contiguous
+    y = F.linear_act(x, weight, b, act, weight_t=True)
+    assert torch.equal(y, F.linear_act(x, weight.t(), b, act))
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, weight, b), g)
+    expected = torch.autograd.grad(F.linear_act(x, weight.t(), b, act), (x, weight, b), g)
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e) and a.stride() == e.stride()
+    assert y.grad_fn.next_functions[1][0].variable is weight  # AccumulateGrad of weight itself
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_t_gradcheck_and_opcheck(device, bias):
+    x, w, b = make((2, 3, 4), 4, 5, device=device, bias=bias, requires_grad=True)
+    weight = w.detach().t().contiguous().requires_grad_()
+    for act in ("relu", "none"):
+        def fn(x, weight, b=None):
+            return F.linear_act(x, weight, b, act, weight_t=True)
+        inputs = (x, weight) if b is None else (x, weight, b)
+        assert torch.autograd.gradcheck(fn, inputs) and torch.autograd.gradgradcheck(fn, inputs)
+        if customlayers.backend() == "extension":
+            torch.library.opcheck(torch.ops.customlayers.linear_act.default, (x, weight, b, act, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     model = nn.Sequential(MyLinear(8, 16), LinearReLU(16, 8), MyLinear(8, 3, activation="none")).to(device)
     x = torch.randn(5, 8, device=device)

@@ -17,9 +17,11 @@ Activation parse_activation(c10::string_view act, const char* op) {
   TORCH_CHECK_VALUE(false, op, ": act must be 'relu' or 'none', but got '", std::string(act), "'");
 }
 
-// x (*, in), weight (in, out) of any strides, bias (out,) or none: floating point, one dtype, one
-// device, matching sizes. Errors name the shapes, dtypes or devices involved.
-void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+// x (*, in), weight (in, out) (with weight_t (out, in)) of any strides, bias (out,) or none: floating point,
+// one dtype, one device, matching sizes. Errors name the shapes, dtypes or devices involved.
+void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         bool weight_t = false) {
+  const int64_t in_dim = weight_t ? 1 : 0;
   const bool has_bias = bias.defined();
   check_floating(x, op, "x");
   check_floating(weight, op, "weight");
@@ -32,16 +34,15 @@ void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
                      ": expected x and bias to have the same dtype, but x is ", x.scalar_type(), " and bias is ",
                      bias.scalar_type());
   check_same_device(op, {{"x", &x}, {"weight", &weight}, {"bias", has_bias ? &bias : nullptr}});
-  TORCH_CHECK(weight.dim() == 2, op, ": expected weight to be 2-D (in_features, out_features), but got shape ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": expected weight to be 2-D ",
+              weight_t ? "(out_features, in_features)" : "(in_features, out_features)", ", but got shape ", weight.sizes());
   TORCH_CHECK(x.dim() >= 1, op, ": expected x to have at least 1 dimension (*, in_features), but got shape ",
               x.sizes());
-  TORCH_CHECK(x.size(-1) == weight.size(0), op,
-              ": x's last dimension must equal weight's in_features (weight.shape[0]), but x has shape ", x.sizes(),
-              " and weight has shape ", weight.sizes());
+  TORCH_CHECK(x.size(-1) == weight.size(in_dim), op, ": x's last dimension must equal weight's in_features (weight.shape[",
+              in_dim, "]), but x has shape ", x.sizes(), " and weight has shape ", weight.sizes());
   if (has_bias)
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(1), op, ": expected bias of shape [",
-                weight.size(1), "] (out_features,), but got shape ", bias.sizes());
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(1 - in_dim), op, ": expected bias of shape [",
+                weight.size(1 - in_dim), "] (out_features,), but got shape ", bias.sizes());
 }
 
 // (*, out): x's shape with its last dim replaced by weight's out_features.
@@ -67,14 +68,16 @@ const at::Tensor& defined_or_empty(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : kUndefined;
 }
 
+// The kernels take the weight as (in, out) of any strides: weight_t's (out, in) weight as its transposed view.
 LinearForward prepare_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              c10::string_view act) {
+                              c10::string_view act, bool weight_t) {
   constexpr const char* op = "linear_act";
   const at::Tensor& b = defined_or_empty(bias);
-  check_linear_inputs(op, x, weight, b);
+  check_linear_inputs(op, x, weight, b, weight_t);
   const Activation activation = parse_activation(act, op);
-  const int64_t M = linear_rows(x), K = weight.size(0), N = weight.size(1);
-  return {as_matrix(x, M, K), weight, b.defined() ? b.contiguous() : at::Tensor(), activation, M, K, N};
+  const at::Tensor w = weight_t ? weight.t() : weight;
+  const int64_t M = linear_rows(x), K = w.size(0), N = w.size(1);
+  return {as_matrix(x, M, K), w, b.defined() ? b.contiguous() : at::Tensor(), activation, M, K, N};
 }
 
 LinearBackward prepare_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
@@ -110,11 +113,11 @@ int64_t linear_rows(const at::Tensor& x) {
 }
 
 at::Tensor linear_act(const LinearActKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, c10::string_view act) {
-  const LinearForward args = prepare_forward(x, weight, bias, act);
+                      const std::optional<at::Tensor>& bias, c10::string_view act, bool weight_t) {
+  const LinearForward args = prepare_forward(x, weight, bias, act, weight_t);
   at::Tensor out = kernels.empty({args.M, args.N}, {args.N, 1}, x);
   if (out.numel() > 0) kernels.forward(args, out);
-  return x.dim() == 2 ? out : out.view(linear_output_shape(x, weight));
+  return x.dim() == 2 ? out : out.view(linear_output_shape(x, args.weight));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const LinearActKernels& kernels,

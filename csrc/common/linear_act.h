@@ -54,9 +54,10 @@ struct LinearActKernels {
   void (*backward)(const LinearBackward& args, LinearGrads& grads);
 };
 
-// customlayers::linear_act on a device's kernels: checks, then `out` in x's leading shape (*, N).
+// customlayers::linear_act on a device's kernels: checks, then `out` in x's leading shape (*, N). weight is
+// (in_features, out_features), or with weight_t (out_features, in_features), nn.Linear's layout.
 at::Tensor linear_act(const LinearActKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, c10::string_view act);
+                      const std::optional<at::Tensor>& bias, c10::string_view act, bool weight_t);
 
 // customlayers::linear_act_backward on a device's kernels: checks, then (dx in x's shape, dw, db).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const LinearActKernels& kernels,
@@ -68,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const LinearA
 // The two ops on kernels K, as functions of the ops' schemas: m.impl("linear_act", &linear_act_op<K>).
 template <const LinearActKernels& K>
 at::Tensor linear_act_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         c10::string_view act) {
-  return linear_act(K, x, weight, bias, act);
+                         c10::string_view act, bool weight_t) {
+  return linear_act(K, x, weight, bias, act, weight_t);
 }
 
 template <const LinearActKernels& K>

@@ -64,6 +64,21 @@ TEST(LinearActAutograd, GradientsMatchLibtorch) {
   for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(at::allclose(ours[i], ref[i], 1e-10, 1e-10)) << "gradient " << i;
 }
 
+TEST(LinearActAutograd, WeightTIsTheTransposedView) {
+  // weight_t: torch::nn::Linear's (out, in) weight as it is; the same values and gradients as its .t() view.
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor x = at::randn({9, 7}, opts).requires_grad_();
+  const at::Tensor w = at::randn({4, 7}, opts).requires_grad_();
+  const at::Tensor b = at::randn({4}, opts).requires_grad_();
+  const at::Tensor g = at::randn({9, 4}, opts);
+  const at::Tensor y = customlayers::linear_act(x, w, b, "relu", /*weight_t=*/true);
+  const auto ours = torch::autograd::grad({y}, {x, w, b}, {g});
+  const auto ref = torch::autograd::grad({at::relu(at::matmul(x, w.t()) + b)}, {x, w, b}, {g});
+  for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(at::allclose(ours[i], ref[i], 1e-10, 1e-10)) << "gradient " << i;
+  EXPECT_TRUE(ours[1].is_contiguous());
+  expect_throws<c10::Error>([&] { customlayers::linear_act(x, w.t(), b, "relu", true); }, "weight.shape[1]");
+}
+
 TEST(LinearActAutograd, DoubleBackward) {
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   const at::Tensor x = at::randn({5, 4}, opts).requires_grad_();

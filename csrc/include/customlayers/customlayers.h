@@ -41,8 +41,10 @@ CUSTOMLAYERS_API at::Tensor& masked_uniform_(at::Tensor& self, double low = -10,
                                               double threshold = 5, std::optional<int64_t> seed = std::nullopt, int64_t offset = 0);
 
 // act(x @ weight + bias) with weight (in_features, out_features) of any strides; act "relu" or "none".
+// weight_t: weight is (out_features, in_features), torch::nn::Linear's layout: act(x @ weight^T + bias).
 CUSTOMLAYERS_API at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight,
-                                        const std::optional<at::Tensor>& bias, c10::string_view act = "relu");
+                                        const std::optional<at::Tensor>& bias, c10::string_view act = "relu",
+                                        bool weight_t = false);
 
 // (dx, dweight, dbias) of linear_act for the selected inputs (undefined tensors for the others);
 // `out` is linear_act's output (needed for act "relu").
