@@ -168,7 +168,7 @@ def _mismatch(out: object, ref: object, dtype: torch.dtype) -> Optional[str]:
 # and its time is the median of its round medians: a drift of the machine's speed during a case (other
 # load, frequency, a sleeping OpenMP worker) then shifts every implementation alike instead of whichever
 # happened to be measured at the time.
-ROUNDS = 3
+ROUNDS = 5
 
 
 def _combine(rounds: List[Dict[str, float]]) -> Dict[str, float]:
