@@ -124,11 +124,13 @@ inline void store_tile_row(const Vectorized<A>* v, int64_t n, T* dst) {
   for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(tmp[c]);
 }
 
-// The forward's operands: y (M, N) contiguous = act(x @ W + bias), W packed as [K, Np], the bias padded
-// to Np (or null).
+// The forward's operands: y (M, N) contiguous = act(x @ W + bias), the packed weight (small weights: W as
+// [K, Np]; narrow outputs: W^T as [N, K]), the bias in acc_t (or null); narrow outputs read x's rows as
+// acc_t directly when x_direct.
 template <typename T>
-struct SmallForward {
+struct ForwardTask {
   Strided<const T> x;
+  bool x_direct;
   const acc_t<T>* wp;
   const acc_t<T>* bias;
   T* y;
@@ -138,7 +140,7 @@ struct SmallForward {
 
 // Forward rows [r0, r1).
 template <typename T>
-void forward_rows(const SmallForward<T>& f, int64_t r0, int64_t r1) {
+void forward_rows(const ForwardTask<T>& f, int64_t r0, int64_t r1) {
   using A = acc_t<T>;
   constexpr int64_t kW = Vectorized<A>::size();
   const int64_t K = f.K, N = f.N;
@@ -191,22 +193,10 @@ inline void dot_tile(const A* const (&xr)[R], const A* w, int64_t ldw, int64_t K
     for (int c = 0; c < C; ++c) out[r][c] = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc[r][c]);
 }
 
-// The narrow forward's operands: y (M, N) contiguous = act(x @ W + bias), W^T packed as [N, K], the bias
-// (or null); x read as acc_t rows directly when x_direct, else converted a tile of rows at a time.
+// Narrow forward rows [r0, r1); xs: kDotRows * K acc_t values of scratch (x converted a tile of rows at a
+// time unless x_direct).
 template <typename T>
-struct NarrowForward {
-  Strided<const T> x;
-  bool x_direct;
-  const acc_t<T>* wt;
-  const acc_t<T>* bias;
-  T* y;
-  int64_t K, N;
-  Activation act;
-};
-
-// Forward rows [r0, r1); xs: kDotRows * K acc_t values of scratch.
-template <typename T>
-void narrow_rows(const NarrowForward<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1) {
+void narrow_rows(const ForwardTask<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1) {
   using A = acc_t<T>;
   const int64_t K = f.K, N = f.N;
   for (int64_t q0 = r0; q0 < r1; q0 += kDotRows) {
@@ -225,8 +215,8 @@ void narrow_rows(const NarrowForward<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1
     for (int64_t n0 = 0; n0 < N; n0 += kDotCols) {
       const int64_t nc = std::min<int64_t>(kDotCols, N - n0);
       A s[kDotRows][kDotCols];
-      if (nc == kDotCols) dot_tile<kDotRows, kDotCols>(xr, f.wt + n0 * K, K, K, s);
-      else dot_tile<kDotRows, 1>(xr, f.wt + n0 * K, K, K, s);
+      if (nc == kDotCols) dot_tile<kDotRows, kDotCols>(xr, f.wp + n0 * K, K, K, s);
+      else dot_tile<kDotRows, 1>(xr, f.wp + n0 * K, K, K, s);
       for (int64_t r = 0; r < nq; ++r)
         for (int64_t c = 0; c < nc; ++c) {
           A v = s[r][c] + (f.bias != nullptr ? f.bias[n0 + c] : A(0));
@@ -409,12 +399,12 @@ int64_t small_padded_cols(int64_t cols) {
 template <typename T>
 void small_forward(const LinearForward& args, const acc_t<T>* bias, at::Tensor& out) {
   const int64_t K = args.K, N = args.N;
-  const SmallForward<T> f{strided_of<T>(args.x2), nullptr, bias, out.mutable_data_ptr<T>(), K, N, args.act};
+  const ForwardTask<T> f{strided_of<T>(args.x2), false, nullptr, bias, out.mutable_data_ptr<T>(), K, N, args.act};
   const Strided<const T> w = strided_of<T>(args.weight);
   const int64_t grain = std::max<int64_t>(kTileRows, kTaskFlops / (2 * K * N));
   at::parallel_for(0, args.M, grain, [&](int64_t begin, int64_t end) {
     const at::Tensor wp = acc_buffer<T>(K * small_padded_cols<T>(N));  // W as [K, Np]
-    SmallForward<T> task = f;
+    ForwardTask<T> task = f;
     task.wp = wp.template mutable_data_ptr<acc_t<T>>();
     pack_panel(w, K, N, Rows<acc_t<T>>{wp.template mutable_data_ptr<acc_t<T>>(), small_padded_cols<T>(N)});
     forward_rows(task, begin, end);
@@ -426,7 +416,7 @@ void narrow_forward(const LinearForward& args, const acc_t<T>* bias, at::Tensor&
   using A = acc_t<T>;
   const int64_t K = args.K, N = args.N;
   const at::Tensor& x2 = args.x2;
-  const NarrowForward<T> f{strided_of<T>(x2), std::is_same_v<T, A> && x2.stride(1) == 1, nullptr, bias,
+  const ForwardTask<T> f{strided_of<T>(x2), std::is_same_v<T, A> && x2.stride(1) == 1, nullptr, bias,
                            out.mutable_data_ptr<T>(), K, N, args.act};
   const Strided<const T> w = strided_of<T>(args.weight);
   const int64_t grain = std::max<int64_t>(kDotRows, kTaskFlops / (2 * K * N));
@@ -435,8 +425,8 @@ void narrow_forward(const LinearForward& args, const acc_t<T>* bias, at::Tensor&
     const at::Tensor buf = acc_buffer<T>(N * K + (f.x_direct ? 0 : kDotRows * K));
     A* wt = buf.template mutable_data_ptr<A>();
     pack_panel(Strided<const T>{w.data, w.cs, w.rs}, N, K, Rows<A>{wt, K});
-    NarrowForward<T> task = f;
-    task.wt = wt;
+    ForwardTask<T> task = f;
+    task.wp = wt;
     narrow_rows(task, wt + N * K, begin, end);
   });
 }
