@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _ops
+from . import _ops, reference
 from ._functorch import CenteredFunction, LinearActFunction, transforms_active
 
 __all__ = ["centered", "linear_act"]
@@ -54,7 +54,10 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """
     if _FUNCTIONS and transforms_active():
         x, weight, bias = _ops.autocast_inputs(x, weight, bias)
-        return LinearActFunction.apply(x, weight.t() if weight_t else weight, bias, act)
+        if weight_t:  # the op's checks on the weight as given, then the Function on its (in, out) view
+            reference.check_linear(x, weight, bias, "linear_act", weight_t)
+            weight = weight.t()
+        return LinearActFunction.apply(x, weight, bias, act)
     return _LINEAR_ACT(x, weight, bias, act, weight_t)
 
 

@@ -234,9 +234,9 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
         model = copy.deepcopy(model)
     fused: Dict[int, _KernelLinear] = {}
     _convert(model, fused)
-    if outputs:
-        _convert_outputs(model, fused)
     made = {id(m) for m in fused.values()}
+    if outputs:
+        made |= {id(m) for m in _convert_outputs(model).values()}
     names = [name for name, module in model.named_modules(remove_duplicate=False) if id(module) in made]
     for cls, what in ((LinearReLU, "nn.Linear + ReLU into LinearReLU"), (FusedLinear, "output nn.Linear into FusedLinear")):
         these = [name for name in names if type(model.get_submodule(name)) is cls]
@@ -244,20 +244,31 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
             _log.info("customlayers.convert: fused %d %s: %s", len(these), what, ", ".join(these))
     if not names:
         warnings.warn("customlayers.convert: found no nn.Linear whose output goes only to a ReLU"
-                      + (f" and none with at most {OUTPUT_FEATURES} outputs" if outputs else "")
+                      + (f" and no other submodule nn.Linear with at most {OUTPUT_FEATURES} outputs" if outputs else "")
                       + "; the model is unchanged (lazy layers are converted once a first input has given them"
                       " their shapes)", UserWarning, stacklevel=2)
     return (model, names) if report else model
 
 
-def _convert_outputs(model: nn.Module, made: Dict[int, _KernelLinear]) -> None:
-    """Every nn.Linear left with at most OUTPUT_FEATURES outputs -> a FusedLinear, wherever it appears."""
+def _convert_outputs(model: nn.Module) -> Dict[int, "FusedLinear"]:
+    """Every nn.Linear left with at most OUTPUT_FEATURES outputs -> a FusedLinear, wherever it appears (one per
+    Linear; a Linear fused with a ReLU elsewhere keeps its plain uses here, as a FusedLinear over the same
+    Parameters). Linears with hooks (e.g. the old weight_norm's, which recomputes the weight) or whose weight
+    or bias is not a Parameter are left alone."""
+    made: Dict[int, FusedLinear] = {}
     for sub in model.modules():
         for name, child in sub._modules.items():
-            if type(child) is nn.Linear and child.out_features <= OUTPUT_FEATURES:
+            if _plain_output_layer(child):
                 if id(child) not in made:
                     made[id(child)] = FusedLinear.from_linear(child)
                 sub._modules[name] = made[id(child)]
+    return made
+
+
+def _plain_output_layer(m: Optional[nn.Module]) -> bool:
+    return (type(m) is nn.Linear and m.out_features <= OUTPUT_FEATURES and not m._forward_hooks
+            and not m._forward_pre_hooks and isinstance(m.weight, nn.Parameter)
+            and (m.bias is None or isinstance(m.bias, nn.Parameter)))
 
 
 def _convert(module: nn.Module, fused: Dict[int, _KernelLinear]) -> None:

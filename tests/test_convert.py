@@ -337,3 +337,34 @@ def test_outputs_only_narrow_plain_linears():
     _check_same(model, converted, torch.randn(3, 20))
     book = customlayers.convert(MLP(), outputs=False)
     assert type(book.hidden) is LinearReLU and type(book.out) is nn.Linear
+
+
+class _TiedUntraceable(nn.Module):
+    """A forward that reads self.training (not traced): the Sequential's pair is fused, head's plain use of
+    the same Linear must stay without a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(8, 8)
+        self.block, self.head = nn.Sequential(shared, nn.ReLU()), shared
+
+    def forward(self, x):
+        return self.head(self.block(x) * (2 if self.training else 1))
+
+
+def test_outputs_keep_plain_uses_of_a_fused_linear():
+    model = _TiedUntraceable()
+    converted, names = customlayers.convert(model, report=True)
+    assert type(converted.block[0]) is LinearReLU and type(converted.head) is FusedLinear
+    assert converted.head.weight is converted.block[0].weight and names == ["block.0", "head"]
+    _check_same(model, converted, torch.randn(4, 8))
+
+
+def test_outputs_leave_hooked_or_non_parameter_linears():
+    hooked, plain = nn.Linear(8, 4), nn.Linear(8, 4)
+    hooked.register_forward_pre_hook(lambda m, args: None)
+    del plain.weight
+    plain.weight = torch.randn(4, 8)  # a plain tensor attribute, as the old weight_norm leaves it
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), hooked, nn.Tanh(), nn.Linear(4, 8), nn.Tanh(), plain)
+    converted, names = customlayers.convert(model, report=True)
+    assert names == ["0", "4"] and type(converted[2]) is nn.Linear and type(converted[6]) is nn.Linear

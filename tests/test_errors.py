@@ -130,6 +130,8 @@ API_CASES = {
                                     RuntimeError),
     "grad-linear_act-act-None": (lambda: torch.func.grad(lambda t: F.linear_act(t, _w(), None, None).sum())(_x()),
                                  RuntimeError),
+    "grad-linear_act-weight_t-in-features": (lambda: torch.func.grad(
+        lambda t: F.linear_act(t, _w(), None, "relu", weight_t=True).sum())(_x()), RuntimeError),
 }
 
 

@@ -270,7 +270,8 @@ void narrow_dw_chunk(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& bu
     for (int64_t k = direct_cols; k < K; ++k) dst[k - direct_cols] = static_cast<A>(p.x.data[(c0 + i) * p.x.rs + k * p.x.cs]);
     std::fill(dst + K - direct_cols, dst + ldb, A(0));
   }
-  const Rows<const A> direct{reinterpret_cast<const A*>(p.x.data) + c0 * p.x.rs, p.x.rs};
+  const Rows<const A> direct =  // x's own rows (only when x_direct: x is then acc_t with unit column stride)
+      p.x_direct ? Rows<const A>{reinterpret_cast<const A*>(p.x.data) + c0 * p.x.rs, p.x.rs} : Rows<const A>{};
   const Rows<const A> copied{buf.xbuf, ldb};
   for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
     const int64_t nn = std::min(kTileRows, N - n0);
