@@ -32,6 +32,10 @@ template <typename T>
 struct Strided {
   T* data;
   int64_t rs, cs;
+  // The matrix from element (r, c) on.
+  Strided from(int64_t r, int64_t c = 0) const { return {data + r * rs + c * cs, rs, cs}; }
+  // The transposed matrix (no copy).
+  Strided t() const { return {data, cs, rs}; }
 };
 
 template <typename T>

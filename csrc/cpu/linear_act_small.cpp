@@ -61,9 +61,10 @@ void copy_block(Rows<const S> src, int64_t rows, int64_t cols, Strided<D> dst) {
   }
 }
 
-// dst.row(i)[c] = src(i, c) for i < inner, c < cols, as acc_t, each row zero padded to dst.ld. Each
-// parallel task packs its own copy of a panel: packed once and read by every thread, it would move
-// from core to core on every call, which costs more than packing it again.
+// dst.row(i)[c] = src(i, c) for i < inner, c < cols, as acc_t, each row zero padded to dst.ld: a weight
+// panel, or rows of x in the accumulation type. Each parallel task packs its own copy of a weight panel:
+// packed once and read by every thread, it would move from core to core on every call, which costs more
+// than packing it again.
 template <typename T>
 void pack_panel(Strided<const T> src, int64_t inner, int64_t cols, Rows<acc_t<T>> dst) {
   // src read as the row-major [cols, inner] block with rows of src.cs values when its inner dimension
@@ -148,8 +149,7 @@ void forward_rows(const ForwardTask<T>& f, int64_t r0, int64_t r1) {
   A xs[kTileRows * kSmallK];
   for (int64_t q0 = r0; q0 < r1; q0 += kTileRows) {
     const int64_t nq = std::min(kTileRows, r1 - q0);
-    for (int64_t i = 0; i < nq; ++i)
-      for (int64_t k = 0; k < K; ++k) xs[i * K + k] = static_cast<A>(f.x.data[(q0 + i) * f.x.rs + k * f.x.cs]);
+    pack_panel(f.x.from(q0), nq, K, Rows<A>{xs, K});
     for (int64_t c0 = 0; c0 < N; c0 += tile_cols<T>()) {
       Tile<A> t = tile_product(Strided<const A>{xs, K, 1}, nq, w, c0, 0, K);
       for (int64_t i = 0; i < nq; ++i) {
@@ -201,16 +201,11 @@ void narrow_rows(const ForwardTask<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1) 
   const int64_t K = f.K, N = f.N;
   for (int64_t q0 = r0; q0 < r1; q0 += kDotRows) {
     const int64_t nq = std::min<int64_t>(kDotRows, r1 - q0);
+    if (!f.x_direct) pack_panel(f.x.from(q0), nq, K, Rows<A>{xs, K});
     const A* xr[kDotRows];  // rows past nq repeat the last one (computed, never stored)
     for (int64_t r = 0; r < kDotRows; ++r) {
-      const int64_t q = q0 + std::min(r, nq - 1);
-      if (f.x_direct) {
-        xr[r] = reinterpret_cast<const A*>(f.x.data + q * f.x.rs);
-        continue;
-      }
-      if (r < nq)
-        for (int64_t k = 0; k < K; ++k) xs[r * K + k] = static_cast<A>(f.x.data[q * f.x.rs + k * f.x.cs]);
-      xr[r] = xs + std::min(r, nq - 1) * K;
+      const int64_t q = std::min(r, nq - 1);
+      xr[r] = f.x_direct ? reinterpret_cast<const A*>(f.x.data + (q0 + q) * f.x.rs) : xs + q * K;
     }
     for (int64_t n0 = 0; n0 < N; n0 += kDotCols) {
       const int64_t nc = std::min<int64_t>(kDotCols, N - n0);
@@ -265,11 +260,7 @@ void narrow_dw_chunk(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& bu
   const int64_t K = p.K, N = p.N, ldk = small_padded_cols<T>(K);
   const int64_t direct_cols = p.x_direct ? K / kCols * kCols : 0;  // columns read from x itself
   const int64_t ldb = ldk - direct_cols;                            // the copy's row length
-  for (int64_t i = 0; i < rows; ++i) {
-    A* dst = buf.xbuf + i * ldb;
-    for (int64_t k = direct_cols; k < K; ++k) dst[k - direct_cols] = static_cast<A>(p.x.data[(c0 + i) * p.x.rs + k * p.x.cs]);
-    std::fill(dst + K - direct_cols, dst + ldb, A(0));
-  }
+  pack_panel(p.x.from(c0, direct_cols), rows, K - direct_cols, Rows<A>{buf.xbuf, ldb});
   const Rows<const A> direct =  // x's own rows (only when x_direct: x is then acc_t with unit column stride)
       p.x_direct ? Rows<const A>{reinterpret_cast<const A*>(p.x.data) + c0 * p.x.rs, p.x.rs} : Rows<const A>{};
   const Rows<const A> copied{buf.xbuf, ldb};
@@ -331,8 +322,7 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
     if (p.x_direct) {
       xa = {reinterpret_cast<const A*>(p.x.data) + c0 * p.x.rs, p.x.rs};
     } else {
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t k = 0; k < K; ++k) buf.xbuf[i * K + k] = static_cast<A>(p.x.data[(c0 + i) * p.x.rs + k * p.x.cs]);
+      pack_panel(p.x.from(c0), rows, K, Rows<A>{buf.xbuf, K});
       xa = {buf.xbuf, K};
     }
     // The block's dW += X_chunk^T g'_chunk: rows of the tile are x's columns k0..k0+3.
@@ -425,7 +415,7 @@ void narrow_forward(const LinearForward& args, const acc_t<T>* bias, at::Tensor&
     // W^T packed as [N, K], then the scratch rows of x.
     const at::Tensor buf = acc_buffer<T>(N * K + (f.x_direct ? 0 : kDotRows * K));
     A* wt = buf.template mutable_data_ptr<A>();
-    pack_panel(Strided<const T>{w.data, w.cs, w.rs}, N, K, Rows<A>{wt, K});
+    pack_panel(w.t(), N, K, Rows<A>{wt, K});
     ForwardTask<T> task = f;
     task.wp = wt;
     narrow_rows(task, wt + N * K, begin, end);
@@ -459,7 +449,7 @@ void small_backward(const LinearBackward& args, LinearGrads& grads, double* part
     SmallBackward<T> task = p;
     if (want_dx) {
       A* wt = chunk.sums + N;
-      pack_panel(Strided<const T>{w.data, w.cs, w.rs}, N, K, Rows<A>{wt, ldk});  // W^T
+      pack_panel(w.t(), N, K, Rows<A>{wt, ldk});  // W^T
       task.wt = wt;
     }
     for (int64_t blk = begin; blk < end; ++blk)
@@ -474,7 +464,7 @@ void small_backward(const LinearBackward& args, LinearGrads& grads, double* part
   // dW = the blocks' partials added in block order (in acc_t: at most kDwBlocks terms); narrow outputs'
   // are dW^T, stored through dW's transposed view.
   const Strided<T> dw = mutable_strided_of<T>(grads.dw);
-  const Strided<T> dst = narrow ? Strided<T>{dw.data, dw.cs, dw.rs} : dw;
+  const Strided<T> dst = narrow ? dw.t() : dw;
   const int64_t rows = narrow ? N : K;
   at::parallel_for(0, rows, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, blocks * parts.ld)),
                    [&](int64_t k0, int64_t k1) { finish_dw_rows(parts, k0, k1, narrow ? K : N, dst); });
