@@ -2,6 +2,9 @@
 first and second order, errors, torch.library.opcheck, torch.compile, module conversion and training,
 on every device present."""
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -460,25 +463,112 @@ def test_torch_compile_fullgraph(device):
     assert_compiled_matches_eager(model, x)
 
 
+# (rows, in, out) on every CPU path: small weights, narrow outputs, and BLAS GEMMs cut into one tile, into
+# row tiles, into row and column tiles, and with a narrow row-major right operand (out < 16, in > 8192).
+THREAD_SHAPES = [(3000, 17, 33), (3000, 100, 10), (3000, 300, 33), (40, 300, 70), (64, 1024, 700),
+                 (2048, 784, 256), (40, 9000, 5)]
+
+
 @requires_extension()
-@pytest.mark.parametrize("k, n", [(17, 33), (100, 10), (300, 33)], ids=["small-weight", "narrow", "blas"])
-def test_cpu_grads_independent_of_thread_count(k, n):
-    """The bias gradient is always thread-count independent; so is everything else with small weights or
-    narrow outputs (hand-written GEMMs summing rows in a fixed order). BLAS's own GEMMs make no such
-    promise."""
-    x, w, b = make((3000, k), k, n, dtype=torch.float32, requires_grad=True)
-    g = torch.randn(3000, n)
-    wrt = (x, w, b) if k <= 64 or n <= 16 else (b,)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_results_independent_of_thread_count(dtype, shape, transposed):
+    """Output and every gradient are the same bits for 1, 2 and 3 threads on every CPU path: BLAS GEMMs
+    run as tiles fixed by the shapes, each on one thread; sums over rows in fixed chunks."""
+    m, k, n = shape
+    x, w, b = make((m, k), k, n, dtype=dtype, transposed=transposed, requires_grad=True)
+    g = torch.randn(m, n, dtype=dtype)
     before = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = torch.autograd.grad(F.linear_act(x, w, b), wrt, g)
-        torch.set_num_threads(max(2, before))
-        many = torch.autograd.grad(F.linear_act(x, w, b), wrt, g)
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y = F.linear_act(x, w, b)
+            results.append((y, *torch.autograd.grad(y, (x, w, b), g)))
     finally:
         torch.set_num_threads(before)
-    for a, m in zip(one, many):
-        assert torch.equal(a, m)
+    for other in results[1:]:
+        for a, o in zip(results[0], other):
+            assert torch.equal(a, o)
+
+
+def _accuracy_errors(dtype, shape, bias, transposed, act):
+    """Error of y, dx, dW, db against float64 (max abs error / max abs value), ours and nn.Linear's +
+    activation in the same dtype."""
+    m, k, n = shape
+    torch.manual_seed(sum(shape))
+    x = torch.randn(m, k, dtype=dtype)
+    w_lin = (torch.randn(n, k) / k ** 0.5).to(dtype)  # nn.Linear's (out, in)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    g = torch.randn(m, n, dtype=dtype)
+    activation = torch.relu if act == "relu" else (lambda t: t)
+
+    def run(fn, *inputs):
+        inputs = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+        y = fn(*inputs)
+        grads = torch.autograd.grad(y, [t for t in inputs if t is not None], g.to(y.dtype))
+        return [y, *grads]
+
+    def ours(x, w, b):
+        return F.linear_act(x, w if transposed else w.t(), b, act, weight_t=transposed)
+
+    def native(x, w, b):
+        return activation(torch.nn.functional.linear(x, w, b))
+
+    truth = run(native, x.double(), w_lin.double(), None if b is None else b.double())
+
+    def errors(values):
+        return [((v.double() - t).abs().max() / t.abs().max().clamp_min(1e-30)).item() for v, t in zip(values, truth)]
+    return errors(run(ours, x, w_lin, b)), errors(run(native, x, w_lin, b))
+
+
+# Sizes on the small-weight, narrow-output and BLAS paths (one BLAS case cut into column tiles).
+ACCURACY_SHAPES = [(256, 20, 256), (256, 256, 10), (512, 300, 130), (64, 700, 600)]
+
+
+def check_accuracy_like_native():
+    """Every float16/bfloat16 path rounds once: errors at most 1.5x nn.Linear's + activation (plus 1% of the
+    dtype's epsilon, for errors that are exactly zero natively). Raises AssertionError listing failures."""
+    failures = []
+    for dtype in (torch.float16, torch.bfloat16):
+        eps = torch.finfo(dtype).eps
+        for shape in ACCURACY_SHAPES:
+            for bias in (True, False):
+                for transposed in (True, False):
+                    for act in ("relu", "none"):
+                        ours, native = _accuracy_errors(dtype, shape, bias, transposed, act)
+                        for name, o, r in zip(("y", "dx", "dW", "db"), ours, native):
+                            if o > 1.5 * r + 0.01 * eps:
+                                failures.append(f"{dtype} {shape} bias={bias} weight_t={transposed} {act} {name}: "
+                                                f"ours {o:.3g} vs nn.Linear {r:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+@requires_extension()
+@pytest.mark.parametrize("blas16", ["native", "float"])
+def test_reduced_precision_accuracy_like_native(blas16):
+    """float16/bfloat16 against a float64 reference on every CPU path, with and without bias, weight_t both
+    ways: each error (y, dx, dW, db) at most 1.5x that of nn.Linear + the activation in the same dtype. Both
+    ways of running 16-bit BLAS GEMMs are forced (CUSTOMLAYERS_CPU_BLAS16), so each is tested on any CPU:
+    'native' (16-bit operands, float32 accumulation; ATen's generic GEMM where the CPU has no 16-bit dot
+    products) and 'float' (operands widened to float32)."""
+    code = "import test_linear_act as t; t.check_accuracy_like_native()"
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True,
+                         env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": blas16,
+                              "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+@requires_extension()
+def test_bad_blas16_setting_is_refused():
+    code = ("import torch, customlayers\n"
+            "x, w = torch.randn(70, 100, dtype=torch.bfloat16), torch.randn(100, 90, dtype=torch.bfloat16)\n"
+            "try:\n    customlayers.functional.linear_act(x, w)\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": "fast", "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "CUSTOMLAYERS_CPU_BLAS16 must be 'native' or 'float'" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,12 +1,13 @@
-// The BLAS path of the CPU linear_act kernels (see linear_act_blas.h), vectorized with at::vec:
-//  * forward: when the weight is small enough to stay in cache, the rows are cut into blocks of 64-512;
-//    each task computes its block's GEMM (single-threaded BLAS) and applies bias + activation to the
-//    block at once, while it is still in cache. Large weights (or a single block) get one multithreaded
-//    GEMM and then one parallel epilogue pass (re-reading a large weight per block would cost more than
-//    the pass).
-//  * backward: one pass over grad computes the masked gradient g' and the bias-gradient partial sums
-//    together; in the blocked mode each block's dX = g' W^T follows immediately. dW = X^T g' is one
-//    multithreaded GEMM over all rows, written in the weight's layout.
+// The BLAS path of the CPU linear_act kernels (see linear_act_blas.h).
+//
+// Results do not depend on the thread count: every GEMM is cut into output tiles whose sizes depend on the
+// shapes alone (plan_tiles), each tile is one single-threaded BLAS call over the whole reduction, and the
+// tiles run in a parallel region (run_tiles), where BLAS (MKL, OpenBLAS, oneDNN) runs on the calling thread
+// only. A multithreaded BLAS call would split its work, and on some CPUs its sums, by the thread count.
+//  * forward: per tile out = x @ W + bias (addmm: the bias is added to the GEMM's accumulator, so float16 and
+//    bfloat16 outputs are rounded once, as nn.Linear's), then the activation on the tile while it is in cache;
+//  * backward: one pass over grad makes the masked gradient g' and the bias-gradient chunk sums (fixed 64-row
+//    chunks); then the tiles of dX = g' W^T and dW = X^T g' (in the weight's layout) in one parallel region.
 // float16/bfloat16 run in float32 where the CPU lacks fast GEMMs for them (linear_act_widen.h).
 #include "cpu/linear_act_blas.h"
 
@@ -15,6 +16,7 @@
 #include "cpu/linear_act_widen.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 
 #include <vector>
@@ -22,41 +24,62 @@
 namespace customlayers::cpu {
 namespace {
 
-constexpr int64_t kMaxBlockRows = 512;           // rows per block in the blocked mode
-constexpr int64_t kCachedWeightBytes = 4 << 20;  // weights up to this size use the blocked mode
-constexpr int64_t kSmallMacs = 1 << 22;          // GEMMs up to this many multiply-adds are never blocked
+constexpr int64_t kTileMacs = 1 << 24;           // multiply-adds per tile, at least (float32, float64)
+constexpr int64_t kCachedOperandBytes = 4 << 20; // right operands up to this size are re-read from cache
+constexpr int64_t kMaxTileRows = 512;
+constexpr int64_t kMinTiles = 8;                 // columns are split while there are fewer tiles than this
+constexpr int64_t kTileAlign = 64;               // tile sides are multiples of this (but the last ones)
 
-// How the rows are split: blocks of `rows` rows (a multiple of kChunkRows), `blocked` when each block
-// runs its own GEMM; otherwise one GEMM covers all rows and the blocks only split the elementwise work.
-struct RowPlan {
-  bool blocked;
-  int64_t rows;
-  int64_t count;
-  int64_t grain;  // blocks per task, for at::parallel_for
+// The tiles of a GEMM's (R, C) output with reduction length `red`: rows x cols each (the last ones
+// smaller), chosen from the shapes alone. Rows: enough for kTileMacs when the right operand (red, cols)
+// stays in cache, else kMaxTileRows (each tile re-reads it); columns split while there are fewer than
+// kMinTiles tiles and a tile keeps a quarter of kTileMacs.
+struct TilePlan {
+  int64_t rows = 0, cols = 0, row_tiles = 0, col_tiles = 0;
+  int64_t count() const { return row_tiles * col_tiles; }
 };
 
-RowPlan plan_rows(int64_t M, int64_t K, int64_t N, int64_t element_size) {
-  RowPlan plan;
-  // Small GEMMs are not split: one BLAS call (with BLAS's own choice of threads) costs less than
-  // per-block calls and a parallel region around them.
-  plan.blocked = K * N * element_size <= kCachedWeightBytes && M * K * N > kSmallMacs;
-  const int64_t threads = at::get_num_threads();
-  // Enough blocks for every thread, each as tall as possible up to kMaxBlockRows.
-  const int64_t per_thread = (M + threads - 1) / threads;
-  plan.rows = std::clamp<int64_t>((per_thread + kChunkRows - 1) / kChunkRows * kChunkRows, kChunkRows,
-                                  plan.blocked ? kMaxBlockRows : kMaxBlockRows * 4);
-  plan.count = (M + plan.rows - 1) / plan.rows;
-  // One block is one GEMM: called outside a parallel region, BLAS threads it itself.
-  plan.blocked = plan.blocked && plan.count > 1;
-  const int64_t block_work = plan.blocked ? 2 * plan.rows * std::max<int64_t>(K, 1) * N : plan.rows * N;
-  plan.grain = std::max<int64_t>(1, (plan.blocked ? kTaskFlops : kTaskElems) / std::max<int64_t>(block_work, 1));
-  return plan;
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+TilePlan plan_tiles(int64_t R, int64_t C, int64_t red, int64_t element_size, int64_t tile_macs) {
+  TilePlan p;
+  if (R == 0 || C == 0) return p;
+  const int64_t work = std::max<int64_t>(red, 1) * C;  // per output row
+  const bool cached = red * C * element_size <= kCachedOperandBytes;
+  p.rows = cached ? std::clamp(round_up(ceil_div(tile_macs, work), kTileAlign), kTileAlign, kMaxTileRows)
+                  : kMaxTileRows;
+  p.rows = std::min(p.rows, R);
+  p.row_tiles = ceil_div(R, p.rows);
+  p.cols = C;
+  p.col_tiles = 1;
+  while (p.row_tiles * p.col_tiles < kMinTiles && p.cols > kTileAlign &&
+         p.rows * (p.cols / 2) * std::max<int64_t>(red, 1) >= tile_macs / 4) {
+    p.cols = round_up(ceil_div(C, p.col_tiles * 2), kTileAlign);
+    p.col_tiles = ceil_div(C, p.cols);
+  }
+  return p;
+}
+
+// f(i) for every tile i < n, in a parallel region whenever more than one thread may run: BLAS called inside
+// it runs on the calling thread, so a tile's result is the same whatever the thread count (one tile too: the
+// region then has a thread with nothing to do).
+template <typename F>
+void run_tiles(int64_t n, const F& f) {
+  if (n <= 0) return;
+  if (at::get_num_threads() == 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  at::parallel_for(0, std::max<int64_t>(n, 2), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < std::min(end, n); ++i) f(i);
+  });
 }
 
 // MKL's GEMMs with a row-major right operand of fewer than 16 columns run 2-4x slower than the same
 // product with that operand column-major (measured at 256x256 @ 256x{4,10} and 1024x512 @ 512x{4,10}):
 // a book-style (in_features, out_features) weight of an output layer. Such products take a column-major
-// copy of the operand, or compute the transposed product (below kNarrowCols, both tiny).
+// copy of the operand, or compute the transposed product.
 constexpr int64_t kNarrowCols = 16;
 
 bool narrow_row_major(const at::Tensor& b) { return b.size(1) < kNarrowCols && b.size(1) > 1 && b.stride(1) == 1; }
@@ -69,9 +92,9 @@ at::Tensor right_operand(const at::Tensor& b) {
   return t.t();
 }
 
-// out = a @ b, where out (K, N) is narrow and row-major: computed as out^T = b^T a^T into a contiguous
-// buffer, then transposed into out.
-void mm_narrow_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// out = a @ b; when out is narrow and row-major, computed as out^T = b^T a^T into a contiguous buffer, then
+// transposed into out.
+void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (!narrow_row_major(out)) {
     at::cpu::mm_out(out, a, b);
     return;
@@ -81,79 +104,104 @@ void mm_narrow_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   out.copy_(t.t());
 }
 
-// out[r0:r1] = a[r0:r1] @ b, with BLAS on one thread when called inside a parallel region.
-void mm_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t r0, int64_t r1) {
-  at::Tensor dst = out.narrow(0, r0, r1 - r0);
-  at::cpu::mm_out(dst, a.narrow(0, r0, r1 - r0), b);
+// One GEMM cut into tiles: out (R, C) = a (R, red) @ b (red, C) [+ bias (C,)], activation `act` on each tile.
+struct TiledGemm {
+  at::Tensor out, a, b, bias;
+  Activation act = Activation::kNone;
+  TilePlan plan;
+};
+
+TiledGemm tiled(at::Tensor out, at::Tensor a, at::Tensor b, at::Tensor bias, Activation act, int64_t tile_macs) {
+  const TilePlan plan = plan_tiles(out.size(0), out.size(1), a.size(1), out.element_size(), tile_macs);
+  return {std::move(out), std::move(a), std::move(b), std::move(bias), act, plan};
 }
 
 template <typename T>
-void forward_in_type(const LinearForward& args, const acc_t<T>* bias, at::Tensor& out) {
-  const int64_t M = args.M, K = args.K, N = args.N;
-  if (K == 0) out.zero_();  // an empty sum; BLAS is not asked about zero-length inner dimensions
-  const RowPlan plan = plan_rows(M, K, N, out.element_size());
-  const at::Tensor weight = K > 0 ? right_operand(args.weight) : args.weight;
-  if (!plan.blocked && K > 0) at::cpu::mm_out(out, args.x2, weight);
-  T* y = out.mutable_data_ptr<T>();
-  if (bias == nullptr && args.act == Activation::kNone && (!plan.blocked || K == 0)) return;
-  at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * plan.rows, r1 = std::min(M, r0 + plan.rows);
-      if (plan.blocked && K > 0) mm_rows(out, args.x2, weight, r0, r1);
-      epilogue_rows(y, r0, r1, N, bias, args.act);
+void run_tile(const TiledGemm& g, int64_t tile) {
+  const TilePlan& p = g.plan;
+  const int64_t r0 = tile / p.col_tiles * p.rows, c0 = tile % p.col_tiles * p.cols;
+  const int64_t rows = std::min(p.rows, g.out.size(0) - r0), cols = std::min(p.cols, g.out.size(1) - c0);
+  at::Tensor dst = g.out.narrow(0, r0, rows).narrow(1, c0, cols);
+  const at::Tensor a = g.a.narrow(0, r0, rows), b = g.b.narrow(1, c0, cols);
+  const at::Tensor bias = g.bias.defined() ? g.bias.narrow(0, c0, cols) : at::Tensor();
+  if (g.a.size(1) == 0) {  // an empty sum; BLAS is not asked about zero-length inner dimensions
+    dst.zero_();
+    if (bias.defined()) dst.add_(bias);
+  } else if (bias.defined()) {
+    at::cpu::addmm_out(dst, bias, a, b);
+  } else {
+    gemm_into(dst, a, b);
+  }
+  if (g.act == Activation::kRelu) relu_rows(dst.mutable_data_ptr<T>(), dst.stride(0), 0, rows, cols);
+}
+
+// The tiles of every GEMM in `gemms`, in one parallel region.
+template <typename T>
+void run_gemms(std::initializer_list<const TiledGemm*> gemms) {
+  int64_t total = 0;
+  for (const TiledGemm* g : gemms) total += g->plan.count();
+  run_tiles(total, [&](int64_t i) {
+    for (const TiledGemm* g : gemms) {
+      if (i < g->plan.count()) return run_tile<T>(*g, i);
+      i -= g->plan.count();
     }
   });
 }
 
+// Reduced-precision GEMMs run natively about 4x faster than float32 ones: bigger tiles, fewer calls.
+template <typename T>
+constexpr int64_t tile_macs() {
+  return at::vec::is_reduced_floating_point_v<T> ? 4 * kTileMacs : kTileMacs;
+}
+
+template <typename T>
+void forward_in_type(const LinearForward& args, at::Tensor& out) {
+  const at::Tensor weight = args.K > 0 ? right_operand(args.weight) : args.weight;
+  const TiledGemm g = tiled(out, args.x2, weight, args.bias, args.act, tile_macs<T>());
+  run_gemms<T>({&g});
+}
+
 template <typename T>
 void backward_in_type(const LinearBackward& args, LinearGrads& grads, double* partial) {
-  const int64_t M = args.M, N = args.N, K = args.K;
-  at::Tensor& dx = grads.dx;
-  at::Tensor& dw = grads.dw;
-  const bool relu = args.o2.defined(), gemms = dx.defined() || dw.defined();
+  const int64_t M = args.M, N = args.N;
+  const bool relu = args.o2.defined(), gemms = grads.dx.defined() || grads.dw.defined();
   // g' = (out <= 0 ? 0 : g): its own buffer for relu, g itself otherwise.
   const at::Tensor gp = relu && gemms ? cpu::empty({M, N}, args.g2.scalar_type()) : args.g2;
-  const RowPlan plan = plan_rows(M, N, K, args.g2.element_size());  // dX = g' @ W^T: [M, N] x [N, K]
-  const bool fused_dx = dx.defined() && plan.blocked && N > 0;
-  if ((relu && gemms) || partial != nullptr || fused_dx) {
+  if ((relu && gemms) || partial != nullptr) {
     const MaskedGrad<T> src{rows_of<T>(args.g2), rows_of<T>(args.o2), N};
     const Rows<T> gp_rows{gp.is_same(args.g2) ? nullptr : gp.mutable_data_ptr<T>(), N};
-    const at::Tensor wt = fused_dx ? args.weight.t() : at::Tensor();
-    at::parallel_for(0, plan.count, plan.grain, [&](int64_t begin, int64_t end) {
+    const int64_t chunks = ceil_div(M, kChunkRows);
+    const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(kChunkRows * N, 1));
+    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t<T>> scratch(partial != nullptr ? N : 0);
       const ChunkSums<acc_t<T>> sums{partial, scratch.data(), N};
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t r0 = blk * plan.rows, r1 = std::min(M, r0 + plan.rows);
-        mask_and_sum_rows(src, gp_rows, sums, r0, r1);
-        if (fused_dx) mm_rows(dx, gp, wt, r0, r1);
-      }
+      mask_and_sum_rows(src, gp_rows, sums, begin * kChunkRows, std::min(M, end * kChunkRows));
     });
   }
-  if (dx.defined() && !fused_dx) {
-    if (N > 0) at::cpu::mm_out(dx, gp, args.weight.t());
-    else dx.zero_();
-  }
-  if (dw.defined()) {
-    if (M > 0) mm_narrow_out(dw, args.x2.t(), gp);
-    else dw.zero_();
-  }
+  if (!gemms) return;
+  const int64_t macs = tile_macs<T>();
+  TiledGemm dx, dw;  // dX = g' @ W^T: [M, N] x [N, K]; dW = X^T @ g': [K, M] x [M, N]
+  if (grads.dx.defined()) dx = tiled(grads.dx, gp, right_operand(args.weight.t()), {}, Activation::kNone, macs);
+  if (grads.dw.defined()) dw = tiled(grads.dw, args.x2.t(), gp, {}, Activation::kNone, macs);
+  run_gemms<T>({&dx, &dw});
 }
 
 }  // namespace
 
 template <typename T>
-void blas_forward(const LinearForward& args, const acc_t<T>* bias, at::Tensor& out) {
+void blas_forward(const LinearForward& args, at::Tensor& out) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
     if (blas_in_float<T>()) {
       LinearForward wide = args;
       wide.x2 = widened<T>(args.x2);
       wide.weight = widened<T>(args.weight);
+      if (args.bias.defined()) wide.bias = widened<T>(args.bias);
       at::Tensor out_f = float_like(out);
-      forward_in_type<float>(wide, bias, out_f);
+      forward_in_type<float>(wide, out_f);
       return narrowed_into<T>(out_f, out);
     }
   }
-  forward_in_type<T>(args, bias, out);
+  forward_in_type<T>(args, out);
 }
 
 template <typename T>
@@ -177,8 +225,8 @@ void blas_backward(const LinearBackward& args, LinearGrads& grads, double* parti
   backward_in_type<T>(args, grads, partial);
 }
 
-#define CUSTOMLAYERS_INSTANTIATE_BLAS(T)                                                 \
-  template void blas_forward<T>(const LinearForward&, const acc_t<T>*, at::Tensor&); \
+#define CUSTOMLAYERS_INSTANTIATE_BLAS(T)                                 \
+  template void blas_forward<T>(const LinearForward&, at::Tensor&); \
   template void blas_backward<T>(const LinearBackward&, LinearGrads&, double*);
 CUSTOMLAYERS_FOR_FLOATING_TYPES(CUSTOMLAYERS_INSTANTIATE_BLAS)
 

@@ -5,7 +5,7 @@
 //  * Larger weights (linear_act_blas.h): BLAS GEMMs fused by rows with hand-written epilogues.
 // The bias gradient is kept as column sums per fixed 64-row chunk (by either path's mask pass) and the
 // chunks are added here in order, in double: it does not depend on the thread count or the block size.
-// On the hand-written path neither does anything else (the dW blocks depend on the number of rows alone).
+// Neither does anything else, on either path (fixed blocks and tiles, each computed on one thread).
 #include "common/cpu_alloc.h"
 #include "common/linear_act.h"
 #include "cpu/linear_act_blas.h"
@@ -32,6 +32,7 @@ void forward_impl(const LinearForward& args, at::Tensor& out) {
   using A = acc_t<T>;
   const bool narrow = narrow_weight(args.K, args.N);
   const bool small = !narrow && small_weight(args.K, args.N);
+  if (!narrow && !small) return blas_forward<T>(args, out);
   // The bias in the accumulation type, once (loads of float16/bfloat16 need widening otherwise); zero
   // padded to whole tiles for the small-weight kernel.
   std::vector<A> bias;
@@ -42,8 +43,7 @@ void forward_impl(const LinearForward& args, at::Tensor& out) {
   }
   const A* bias_ptr = args.bias.defined() ? bias.data() : nullptr;
   if (narrow) narrow_forward<T>(args, bias_ptr, out);
-  else if (small) small_forward<T>(args, bias_ptr, out);
-  else blas_forward<T>(args, bias_ptr, out);
+  else small_forward<T>(args, bias_ptr, out);
 }
 
 void forward(const LinearForward& args, at::Tensor& out) {

@@ -60,25 +60,25 @@ inline Vectorized<A> bias_act(Vectorized<A> v, const A* bias, Activation act) {
   return act == Activation::kRelu ? at::vec::maximum(v, Vectorized<A>(0)) : v;
 }
 
-// y[r, :] = act(y[r, :] + bias) for rows [r0, r1) of a contiguous [M, N] block.
+// y[r, 0:width) = relu(y[r, 0:width)) for rows [r0, r1) of a block with row stride ld (NaN stays NaN,
+// like torch.relu): the BLAS path's activation, on its GEMM tiles while they are in cache.
 template <typename T>
-void epilogue_rows(T* y, int64_t r0, int64_t r1, int64_t N, const acc_t<T>* bias, Activation act) {
+void relu_rows(T* y, int64_t ld, int64_t r0, int64_t r1, int64_t width) {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
-  constexpr int64_t kW = Vec::size();
   for (int64_t r = r0; r < r1; ++r) {
-    T* row = y + r * N;
+    T* row = y + r * ld;
     Vec v[L::kVecs];
     int64_t c = 0;
-    for (; c + L::kStep <= N; c += L::kStep) {
+    for (; c + L::kStep <= width; c += L::kStep) {
       L::load(row + c, v);
-      for (int j = 0; j < L::kVecs; ++j) v[j] = bias_act(v[j], bias != nullptr ? bias + c + j * kW : nullptr, act);
+      for (auto& u : v) u = at::vec::maximum(u, Vec(0));  // NaN stays NaN
       L::store(row + c, v);
     }
-    for (; c < N; ++c) {
-      acc_t<T> s = static_cast<acc_t<T>>(row[c]) + (bias != nullptr ? bias[c] : acc_t<T>(0));
-      if (act == Activation::kRelu) s = s > 0 || s != s ? s : acc_t<T>(0);
-      row[c] = static_cast<T>(s);
+    if (c < width) {
+      L::load(row + c, width - c, v);
+      for (auto& u : v) u = at::vec::maximum(u, Vec(0));  // NaN stays NaN
+      L::store(row + c, width - c, v);
     }
   }
 }

@@ -10,20 +10,36 @@
 #include "cpu/linear_act_rows.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+#include <string_view>
 
 namespace customlayers::cpu {
 
-// Whether T's BLAS GEMMs run in float32 on this CPU.
+// Whether T's BLAS GEMMs run in float32 on this CPU. CUSTOMLAYERS_CPU_BLAS16=native or =float (read once)
+// forces one way on any CPU, so that tests run both everywhere (native then runs ATen's generic GEMM where
+// the CPU has no 16-bit dot products: slow, but rounded once like the others).
 template <typename T>
 bool blas_in_float() {
+  static const bool in_float = [] {
+    const char* env = std::getenv("CUSTOMLAYERS_CPU_BLAS16");
+    const std::string_view forced = env != nullptr ? env : "";
+    if (forced == "native") return false;
+    if (forced == "float") return true;
+    TORCH_CHECK_VALUE(forced.empty(), "linear_act: CUSTOMLAYERS_CPU_BLAS16 must be 'native' or 'float' (or unset), "
+                      "but got '", std::string(forced), "'");
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool native = std::is_same_v<T, at::BFloat16>
-                                 ? __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16")
-                                 : __builtin_cpu_supports("avx512fp16");
-  return !native;
+    const bool native = std::is_same_v<T, at::BFloat16>
+                            ? __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16")
+                            : __builtin_cpu_supports("avx512fp16");
+    return !native;
 #else
-  return false;  // other compilers and CPUs: BLAS's own float16/bfloat16 GEMMs
+    return false;  // other compilers and CPUs: BLAS's own float16/bfloat16 GEMMs
 #endif
+  }();
+  return in_float;
 }
 
 // dst[i] = float(src[i]) or dst[i] = T(src[i]) for i < n (T float16/bfloat16), vectorized, in parallel.
