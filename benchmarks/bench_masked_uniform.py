@@ -56,7 +56,7 @@ def check_fill(w: torch.Tensor, low: float = LOW, high: float = HIGH, threshold:
     [low, high] (drawn in [low, high), a value may round to high in the dtype, as masked_uniform_
     documents); every value 0 or of magnitude >= threshold (zero exactly where the draw was below it);
     and, within SIGMAS standard deviations (binomial, or of a mean of uniforms), the fraction of
-    nonzeros, the fraction of positives among them and their mean as the distribution predicts."""
+    nonzeros, the fraction of positives among them and their mean magnitude as the distribution predicts."""
     v = w.detach().double().flatten()
     n = v.numel()
     if not n:
@@ -86,9 +86,11 @@ def check_fill(w: torch.Tensor, low: float = LOW, high: float = HIGH, threshold:
     why = off("fraction of positive nonzeros", (nz > 0).sum().item() / m, q, math.sqrt(q * (1 - q) / m) + 1 / m)
     if why:
         return why
-    mean = sum((b - a) * (a + b) / 2 for a, b in parts) / kept_len
+    # the kept intervals lie each on one side of 0 (threshold >= 0), so |v|'s mean is that of |midpoints|
+    mean = sum((b - a) * abs(a + b) / 2 for a, b in parts) / kept_len
     second = sum((b - a) * (a * a + a * b + b * b) / 3 for a, b in parts) / kept_len
-    return off("mean of the nonzeros", nz.mean().item(), mean, math.sqrt(max(second - mean * mean, 0.0) / m))
+    return off("mean magnitude of the nonzeros", nz.abs().mean().item(), mean,
+               math.sqrt(max(second - mean * mean, 0.0) / m))
 
 
 def cases(device: Device, quick: bool = False) -> List[Case]:
