@@ -135,6 +135,7 @@ class Result:
     bytes_moved: Optional[int]
     bandwidth_gbs: Optional[float]
     correctness: str = ""                  # how outputs were judged (see Case)
+    tolerance: Optional[float] = None      # with a float64 reference: tolerance(dtype, k)
     unchecked: List[str] = dataclasses.field(default_factory=list)
 
 
@@ -333,8 +334,9 @@ def _result(case: Case, times: Dict[str, Dict[str, float]], errors: Dict[str, st
     speedup = {name: t["median"] / ours for name, t in times.items() if ours and name != OURS}
     bandwidth = case.bytes_moved / ours / 1e9 if ours and case.bytes_moved else None
     return Result(case.op, case.size, case.label, _dtype_name(case.dtype), case.mode, times, errors,
-                  mismatches, speedup, case.bytes_moved, bandwidth, correctness or _correctness(case),
-                  list(case.unchecked))
+                  mismatches, speedup, case.bytes_moved, bandwidth, correctness=correctness or _correctness(case),
+                  tolerance=tolerance(case.dtype, case.k) if case.reference is not None else None,
+                  unchecked=list(case.unchecked))
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -358,6 +360,26 @@ def _time_cell(r: Result, name: str) -> str:
     if name not in r.times:
         return ""
     return format_time(r.times[name]["median"]) + (" (wrong)" if name in r.mismatches else "")
+
+
+def _correctness_note(results: Sequence[Result]) -> str:
+    """One sentence saying how the outputs in `results` were judged."""
+    tols = {}  # dtype -> tolerances of the reference-checked results
+    for r in results:
+        if r.tolerance is not None:
+            tols.setdefault(r.dtype, set()).add(r.tolerance)
+    rules = []
+    if tols:
+        rules.append("against a float64 reference computed from the same inputs, within "
+                     + ", ".join(f"{'/'.join(f'{t:.3g}' for t in sorted(ts))} ({d})" for d, ts in tols.items())
+                     + " of the reference's largest magnitude")
+    if any(r.correctness == "property check" for r in results):
+        rules.append("random fills: a check of the fill's properties (no two generators draw the same values)")
+    if any(r.correctness == "not checked" for r in results):
+        rules.append("some cases: not checked")
+    unchecked = list(dict.fromkeys(n for r in results for n in r.unchecked))
+    return (f"Correctness: each implementation's output, {OURS}' included, is checked " + "; ".join(rules)
+            + (f"; except {', '.join(f'`{n}`' for n in unchecked)} (only part of the op)" if unchecked else "") + ".")
 
 
 def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> str:
@@ -390,15 +412,10 @@ def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> st
         "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|",
         *("| " + " | ".join(c) + " |" for c in rows),
     ]
-    rules = list(dict.fromkeys(r.correctness for r in results if r.correctness))
-    unchecked = list(dict.fromkeys(n for r in results for n in r.unchecked))
-    lines += ["", "Correctness: every implementation's output, " + OURS + "'s included, is checked ("
-              + "; ".join(rules or ["not checked"]) + ")"
-              + (f", except {', '.join(f'`{n}`' for n in unchecked)} (only part of the op)" if unchecked else "")
-              + "."]
+    lines += ["", _correctness_note(results)]
     if any(r.errors or r.mismatches for r in results):
-        lines += ["", "`failed`: raised an error; `(wrong)`: output outside the tolerance of the float64 reference "
-                  f"(random fills: fails the property check). Details in `{op}.json`."]
+        lines += ["", f"`failed`: raised an error; `(wrong)`: output outside that tolerance (random fills: failing "
+                  f"that check), whichever implementation it is. Details in `{op}.json`."]
     return "\n".join(lines) + "\n"
 
 

@@ -58,6 +58,8 @@ def test_ours_beyond_tolerance_is_flagged(dtype):
     assert set(result.mismatches) == {OURS}  # ours is wrong, the accurate eager is not blamed
     assert "1 of 64 elements" in result.mismatches[OURS]
     md = _markdown([result], "linear_act", _meta())
+    assert f"within {tolerance(dtype):.3g} ({str(dtype).removeprefix('torch.')})" in md
+    assert result.tolerance == tolerance(dtype, 16)
     row = next(line for line in md.splitlines() if line.startswith("| 512 "))  # cells: ours, eager
     assert row.split("|")[4].strip().endswith("(wrong)") and not row.split("|")[5].strip().endswith("(wrong)")
 
