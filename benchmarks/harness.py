@@ -182,15 +182,16 @@ def _measure(fn: Callable[[], object], min_run_time: float) -> Dict[str, float]:
 # Tolerance of an output, as a fraction of the float64 reference's largest magnitude (the absolute part)
 # and of each element (the relative part): long sums (a GEMM's dot products over thousands of terms,
 # summed in different orders by different implementations) differ by rounding relative to their terms,
-# not to each result, which cancellation can make small. float32: 1e-4; float16 and bfloat16 (8 and 11
-# mantissa bits, 2^-9 and 2^-12 unit roundoff, accumulated in float32 by every implementation here):
-# 1e-2 and 2e-2, well above one rounding of the output; float64: 1e-12.
+# not to each result, which cancellation can make small. float32: 1e-4 (about 1,700 unit roundoffs);
+# float16 (unit roundoff 2^-11 ~ 4.9e-4): 1e-2; bfloat16 (2^-8 ~ 3.9e-3): 2e-2; both accumulated in float32
+# by every implementation here, so these are several roundings of the output; float64: 1e-12.
 BASE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # Past some sum length the rounding of the accumulation itself takes over: a k-term sum's rounding error
 # grows like sqrt(k) unit roundoffs of its terms' magnitudes in practice (k in the worst case, which real
 # GEMMs, blocked and summed in float32 or better, stay far from), so the tolerance is at least
 # K_FACTOR * sqrt(k) * u(accumulation dtype). In float32 that passes 1e-4 at k ~ 40,000, beyond every
-# benchmark's size (the longest sum is 8192; measured: eager float32 at 8192x4096->4096 is within ~1e-6).
+# benchmark's size (the longest sum has 8192 terms; eager float32's forward at 8192x4096->4096 is within
+# 2.2e-7 of the scale).
 K_FACTOR = 8.0
 
 
