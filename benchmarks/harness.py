@@ -375,7 +375,8 @@ def _correctness_note(results: Sequence[Result]) -> str:
                      + ", ".join(f"{'/'.join(f'{t:.3g}' for t in sorted(ts))} ({d})" for d, ts in tols.items())
                      + " of the reference's largest magnitude")
     if any(r.correctness == "property check" for r in results):
-        rules.append("random fills: a check of the fill's properties (no two generators draw the same values)")
+        rules.append("for the properties of its random fill (no value reference: no two generators draw the same "
+                     "values)")
     if any(r.correctness == "not checked" for r in results):
         rules.append("some cases: not checked")
     unchecked = list(dict.fromkeys(n for r in results for n in r.unchecked))
