@@ -51,7 +51,7 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], g: Op
     an implementation may legitimately see it on the other side, so those elements' contributions to dx,
     dw and db (|g| through |w|, |x|, or alone) may go either way. "Within rounding": |z| at most sqrt(k)
     unit roundoffs of the accumulation dtype (float32 for float16 and bfloat16) times |x| @ |w| + |b|
-    (harness.tolerance's rule for long sums), i.e. z computed with that accumulation and rounded to the
+    (the sqrt(k) growth harness.tolerance assumes for long sums), i.e. z computed with that accumulation and rounded to the
     dtype at most once, at the end (rounding does not change a sign). An implementation that rounds
     x @ w to float16 or bfloat16 before adding the bias (eager ``relu(x @ w + b)`` in those dtypes) flips
     masks within u(dtype) * |x @ w| of 0, far more of them: its gradients are not excused."""
