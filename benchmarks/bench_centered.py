@@ -2,7 +2,7 @@
 PyTorch and torch.compile. Run: python -m benchmarks.bench_centered [run.py options]."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -20,6 +20,15 @@ def eager(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean()
 
 
+def reference(x: torch.Tensor, g: Optional[torch.Tensor] = None) -> Callable[[], torch.Tensor]:
+    """The float64 truth of the case's output: x - x.mean() (g = None), or its gradient w.r.t. x for the
+    output gradient g, g - g.mean()."""
+    def truth() -> torch.Tensor:
+        v = (x if g is None else g).detach().double()
+        return v - v.mean()
+    return truth
+
+
 def cases(device: Device, quick: bool = False) -> List[Case]:
     """fwd and fwd+bwd cases on 1-D tensors; every implementation of a case shares its inputs."""
     torch.manual_seed(0)
@@ -34,7 +43,8 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
         for mode, inputs, passes in ((FWD, (x,), 3), (FWD_BWD, grad_inputs, 6)):
             fns = {OURS: centered, "eager": eager, "torch.compile": compile_fresh(eager, dynamic=False)}
             out.append(Case(OP, n, dtype, mode, bind(fns, inputs, mode, (g,)),
-                            bytes_moved=passes * n * x.element_size()))
+                            bytes_moved=passes * n * x.element_size(),
+                            reference=reference(x, g if mode == FWD_BWD else None)))
     return out
 
 

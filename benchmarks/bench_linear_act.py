@@ -5,6 +5,7 @@ adds g @ W^T and x^T @ g): the time left above it is what the bias, ReLU, maskin
 and the framework overhead cost. On a GPU, "GEMM" rows time the hand-written GEMM alone against cuBLAS. Run: python -m benchmarks.bench_linear_act [run.py options]."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -12,7 +13,8 @@ import torch
 from customlayers.functional import linear_act
 from customlayers.nn import FusedLinear, MyLinear
 
-from .harness import FWD, FWD_BWD, OURS, Case, Device, bind, compile_fresh
+from .harness import (FWD, FWD_BWD, OURS, Case, Device, Truth, accumulation_dtype, bind, compile_fresh,
+                      unit_roundoff)
 
 OP = "linear_act"
 # (batch, in_features, out_features): the book's MLP layer (batch 256, 20 -> 256), MNIST's first layer,
@@ -40,6 +42,40 @@ def addmm_activation(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch
     return torch._addmm_activation(b, x, w)
 
 
+def reference(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], g: Optional[torch.Tensor] = None,
+              activation: str = "relu") -> Callable[[], object]:
+    """The float64 truth of act(x @ w + b) (g = None) or of its gradients w.r.t. (x, w, b) for the output
+    gradient g, from the case's inputs (the math of customlayers.reference, in float64).
+
+    With a ReLU the gradients have a slack: where the float64 pre-activation z is within rounding of 0,
+    an implementation may legitimately see it on the other side, so those elements' contributions to dx,
+    dw and db (|g| through |w|, |x|, or alone) may go either way. "Within rounding": |z| at most sqrt(k)
+    unit roundoffs of the accumulation dtype (float32 for float16 and bfloat16) times |x| @ |w| + |b|
+    (the sqrt(k) growth harness.tolerance assumes for long sums), i.e. z computed with that accumulation and rounded to the
+    dtype at most once, at the end (rounding does not change a sign). An implementation that rounds
+    x @ w to float16 or bfloat16 before adding the bias (eager ``relu(x @ w + b)`` in those dtypes) flips
+    masks within u(dtype) * |x @ w| of 0, far more of them: its gradients are not excused."""
+    dtype, k = x.dtype, x.shape[-1]
+    x64, w64 = x.detach().double(), w.detach().double()
+    b64 = torch.zeros(w.shape[-1], dtype=torch.float64, device=x.device) if b is None else b.detach().double()
+    relu = activation == "relu"
+
+    def truth():
+        z = x64 @ w64 + b64
+        if g is None:
+            return torch.relu(z) if relu else z
+        g64 = g.double()
+        dz = g64 * (z > 0) if relu else g64
+        dx, dw, db = dz @ w64.T, x64.transpose(-1, -2) @ dz, dz.sum(0)
+        if not relu:
+            return dx, dw, db
+        bound = math.sqrt(k) * unit_roundoff(accumulation_dtype(dtype)) * (x64.abs() @ w64.abs() + b64.abs())
+        loose = g64.abs() * (z.abs() <= bound)
+        return (Truth(dx, loose @ w64.abs().T), Truth(dw, x64.abs().transpose(-1, -2) @ loose),
+                Truth(db, loose.sum(0)))
+    return truth
+
+
 def gemm_floor(x: torch.Tensor, w: torch.Tensor, g: Optional[torch.Tensor]) -> Callable[[], object]:
     """The op's GEMMs alone: 1 mm forward, 3 mm forward+backward (g = None: forward only). dW is
     written in the weight's layout, as the op returns it (for nn.Linear.weight.t(), the layout of
@@ -58,7 +94,8 @@ def gemm_cases(device: torch.device) -> List[Case]:
         x = torch.randn(m, k, device=device, dtype=dtype)
         w = torch.randn(k, n, device=device, dtype=dtype) / k ** 0.5
         impls = {OURS: lambda x=x, w=w: linear_act(x, w, None, "none"), "cuBLAS": lambda x=x, w=w: torch.mm(x, w)}
-        out.append(Case(OP, m * k * n, dtype, FWD, impls, label=f"{m}x{k}->{n} GEMM"))
+        out.append(Case(OP, m * k * n, dtype, FWD, impls, label=f"{m}x{k}->{n} GEMM",
+                        reference=reference(x, w, None, activation="none"), k=k))
     return out
 
 
@@ -75,7 +112,8 @@ def vmap_case(device: torch.device) -> Case:
     flat = xs.reshape(batch * rows, k)
     impls = {OURS: lambda: vmapped(xs, w, b), "one call": lambda: linear_act(flat, w, b).reshape(batch, rows, n),
              "vmap of eager": lambda: torch.vmap(eager, in_dims=(0, None, None))(xs, w, b)}
-    return Case(OP, batch * rows * k * n, torch.float32, FWD, impls, label=f"vmap {batch}x({rows}x{k})->{n}")
+    return Case(OP, batch * rows * k * n, torch.float32, FWD, impls, label=f"vmap {batch}x({rows}x{k})->{n}",
+                reference=reference(xs, w, b), k=k)
 
 
 # Output layers, forward+backward, against nn.Linear with the same parameters: the book's MyLinear(256, 10,
@@ -98,7 +136,14 @@ def output_layer_case(device: torch.device, kind: str, shape: Tuple[int, int, in
         dw, db = torch.autograd.grad(ref(x), (ref.weight, ref.bias), g)
         return (dw.t() if book else dw), db  # in our layer's layout, to be compared
     impls = {OURS: lambda: torch.autograd.grad(ours(x), (ours.weight, ours.bias), g), "nn.Linear": nn_linear}
-    return Case(OP, m * k * n, torch.float32, FWD_BWD, impls, label=f"{kind} {m}x{k}->{n}")
+
+    def truth():  # float64 gradients of x @ W^T + b w.r.t. (W, b), in our layer's layout
+        w64 = ref.weight.detach().double().requires_grad_()
+        b64 = ref.bias.detach().double().requires_grad_()
+        dw, db = torch.autograd.grad(torch.nn.functional.linear(x.double(), w64, b64), (w64, b64), g.double())
+        return (dw.t() if book else dw), db
+    return Case(OP, m * k * n, torch.float32, FWD_BWD, impls, label=f"{kind} {m}x{k}->{n}", reference=truth,
+                k=max(m, k))
 
 
 def cases(device: Device, quick: bool = False) -> List[Case]:
@@ -120,10 +165,12 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
                                         "torch.compile": compile_fresh(eager, dynamic=False)}
             if mode == FWD:
                 fns["_addmm_activation"] = addmm_activation
-            # The floor goes first: it computes only part of the op, so its output is not compared.
+            # The floor computes only part of the op: its output is not checked.
             impls = {"GEMM floor": gemm_floor(x, w, g if mode == FWD_BWD else None),
                      **bind(fns, inputs, mode, (g,))}
-            out.append(Case(OP, m * k * n, dtype, mode, impls, label=f"{m}x{k}->{n}"))
+            out.append(Case(OP, m * k * n, dtype, mode, impls, label=f"{m}x{k}->{n}", unchecked=("GEMM floor",),
+                            reference=reference(x, w, b, g if mode == FWD_BWD else None),
+                            k=k if mode == FWD else max(m, k, n)))
     out += [vmap_case(device)] + [output_layer_case(device, kind, shape) for kind, shape in OUTPUT_LAYERS]
     return out + (gemm_cases(device) if device.type == "cuda" else [])
 

@@ -2,7 +2,8 @@
 whole MLPs: the book's (20 -> 256 -> ReLU -> 10, batch 256) and an MNIST-sized one (784 -> 256 -> ReLU ->
 256 -> ReLU -> 10, batch 256), as ``customlayers.convert()`` makes them (Linear + ReLU fused into
 LinearReLU), native PyTorch and ``torch.compile`` of the native model, in one run. Every implementation
-starts from the same weights and trains on the same batch; the first step's losses are compared.
+starts from the same weights and trains on the same batch; each one's first-step loss is checked against
+the loss of a float64 copy of the model on the same batch.
 Run: python -m benchmarks.bench_mlp [run.py options]."""
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
+def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The float64 truth of the first step's loss: a float64 copy of `model`, taken now (before any
+    implementation trains), on x in float64."""
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+
+    def truth() -> torch.Tensor:
+        with torch.no_grad():
+            return nn.CrossEntropyLoss()(model64(x64), y)
+    return truth
+
+
 def cases(device: Device, quick: bool = False) -> List[Case]:
     torch.manual_seed(0)
     device = torch.device(device)
@@ -56,11 +68,13 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
         native = mlp(widths).to(device)
         x = torch.randn(BATCH, widths[0], device=device)
         y = torch.randint(0, widths[-1], (BATCH,), device=device)
+        truth = reference(native, x, y)  # before convert(), which may share the native model's parameters
         impls = {OURS: train_step(customlayers.convert(native), x, y),
                  "native": train_step(copy.deepcopy(native), x, y),
                  "torch.compile": train_step(torch.compile(copy.deepcopy(native)), x, y)}
         size = BATCH * sum(a * b for a, b in zip(widths, widths[1:]))  # multiply-adds of the forward
-        out.append(Case(OP, size, torch.float32, MODE, impls, label=label))
+        out.append(Case(OP, size, torch.float32, MODE, impls, label=label, reference=truth,
+                        k=max(widths)))
     return out
 
 

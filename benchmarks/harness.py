@@ -1,10 +1,12 @@
-"""Shared benchmark harness: time several implementations of an op on the same inputs, compare them with
-customlayers, and write JSON, markdown and PNG results under benchmarks/results/<device_name>/."""
+"""Shared benchmark harness: time several implementations of an op on the same inputs, check each one's
+output (customlayers' too) against a float64 reference of the case, and write JSON, markdown and PNG
+results under benchmarks/results/<device_name>/."""
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import re
 import shutil
@@ -12,7 +14,7 @@ import statistics
 import sys
 import types
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils import benchmark
@@ -79,9 +81,26 @@ def format_time(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------- cases
 
 @dataclasses.dataclass
+class Truth:
+    """The float64 ground truth of one output tensor, and `slack`: an optional float64 tensor of the same
+    shape, per-element deviations that are not errors on top of the dtype's tolerance (e.g. what ReLU mask
+    flips at pre-activations within rounding of zero may legitimately change in a gradient)."""
+    value: torch.Tensor
+    slack: Optional[torch.Tensor] = None
+
+
+@dataclasses.dataclass
 class Case:
-    """One measurement point: every callable in `impls` takes no argument and runs on the SAME inputs;
-    put customlayers first, the warm-up outputs of the ones after it are checked against its own."""
+    """One measurement point: every callable in `impls` takes no argument and runs on the SAME inputs
+    (customlayers first by convention: it is the one the speedups are relative to).
+
+    Correctness: every implementation's warm-up output, customlayers' included, is judged against the
+    case's float64 `reference` (a zero-argument callable returning the ground truth of the outputs from the
+    same inputs: a tensor, a Truth, or a tuple of them, shaped like each implementation's output) with the
+    dtype's tolerance (`tolerance(dtype, k)`, k: the longest sum in an output, e.g. a GEMM's inner
+    dimension). Ops whose outputs are random have no value reference: `check` (output -> None, or why it
+    is wrong) tests properties instead, again for every implementation. Implementations in `unchecked`
+    compute only part of the op (a GEMM floor, a fill without the mask) and are not judged."""
     op: str
     size: int                              # x axis of the plot (e.g. numel)
     dtype: torch.dtype
@@ -89,9 +108,16 @@ class Case:
     impls: Dict[str, Callable[[], object]]
     bytes_moved: Optional[int] = None      # for customlayers' achieved bandwidth
     label: str = ""                        # defaults to size_label(size)
+    reference: Optional[Callable[[], object]] = None
+    check: Optional[Callable[[object], Optional[str]]] = None
+    k: int = 1
+    unchecked: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.label = self.label or size_label(self.size)
+        unknown = set(self.unchecked) - set(self.impls)
+        if unknown:
+            raise ValueError(f"unchecked names no implementation of the case: {sorted(unknown)}")
 
 
 @dataclasses.dataclass
@@ -104,10 +130,13 @@ class Result:
     mode: str
     times: Dict[str, Dict[str, float]]
     errors: Dict[str, str]                 # implementations that raised (not timed)
-    mismatches: Dict[str, str]             # implementations whose output differs from customlayers'
+    mismatches: Dict[str, str]             # implementations whose output fails the check (ours included)
     speedup: Dict[str, float]
     bytes_moved: Optional[int]
     bandwidth_gbs: Optional[float]
+    correctness: str = ""                  # how outputs were judged (see Case)
+    tolerance: Optional[float] = None      # with a float64 reference: tolerance(dtype, k)
+    unchecked: List[str] = dataclasses.field(default_factory=list)
 
 
 def bind(fns: Dict[str, Callable], inputs: Sequence[torch.Tensor], mode: str,
@@ -148,20 +177,78 @@ def _measure(fn: Callable[[], object], min_run_time: float) -> Dict[str, float]:
             "runs_per_measurement": m.number_per_run}
 
 
-def _mismatch(out: object, ref: object, dtype: torch.dtype) -> Optional[str]:
-    """Why `out` differs from customlayers' `ref` (None when it matches), for tensors or tuples of them.
-    The absolute tolerance scales with the reference's largest magnitude: long float32 sums (a GEMM's
-    dot products over thousands of terms, summed in different orders by different implementations)
-    differ by rounding relative to their terms, not to each result, which cancellation can make small."""
-    tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
-    outs, refs = [v if isinstance(v, (tuple, list)) else (v,) for v in (out, ref)]
-    try:
-        for o, r in zip(outs, refs, strict=True):
-            scale = max(1.0, r.detach().abs().max().item()) if r.numel() else 1.0
-            torch.testing.assert_close(o, r, rtol=tol, atol=tol * scale)
-    except (AssertionError, ValueError) as exc:
-        return "; ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
+# ----------------------------------------------------------------------------------------- correctness
+
+# Tolerance of an output, as a fraction of the float64 reference's largest magnitude (the absolute part)
+# and of each element (the relative part): long sums (a GEMM's dot products over thousands of terms,
+# summed in different orders by different implementations) differ by rounding relative to their terms,
+# not to each result, which cancellation can make small. float32: 1e-4 (about 1,700 unit roundoffs);
+# float16 (unit roundoff 2^-11 ~ 4.9e-4): 1e-2; bfloat16 (2^-8 ~ 3.9e-3): 2e-2; both accumulated in float32
+# by every implementation here, so these are several roundings of the output; float64: 1e-12.
+BASE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# Past some sum length the rounding of the accumulation itself takes over: a k-term sum's rounding error
+# grows like sqrt(k) unit roundoffs of its terms' magnitudes in practice (k in the worst case, which real
+# GEMMs, blocked and summed in float32 or better, stay far from), so the tolerance is at least
+# K_FACTOR * sqrt(k) * u(accumulation dtype). In float32 that passes 1e-4 at k ~ 40,000, beyond every
+# benchmark's size (the longest sum has 8192 terms; eager float32's forward at 8192x4096->4096 is within
+# 2.2e-7 of the scale).
+K_FACTOR = 8.0
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of `dtype` values are accumulated in: float32 for float16 and bfloat16."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def tolerance(dtype: torch.dtype, k: int = 1) -> float:
+    """The tolerance of an output of `dtype` whose elements are sums of up to k terms (see BASE_TOLERANCE)."""
+    base = BASE_TOLERANCE.get(dtype, 1e-4)
+    return max(base, K_FACTOR * math.sqrt(max(k, 1)) * unit_roundoff(accumulation_dtype(dtype)))
+
+
+def _as_tuple(v: object) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _mismatch(out: object, truth: object, dtype: torch.dtype, k: int = 1) -> Optional[str]:
+    """Why `out` (a tensor or a tuple of them) is wrong against the float64 `truth` (tensors or Truths,
+    shaped alike), None when it is right: each element must be within
+    tol * max|truth| + tol * |truth| + slack of the truth, tol = tolerance(dtype, k)."""
+    tol = tolerance(dtype, k)
+    outs, truths = _as_tuple(out), _as_tuple(truth)
+    if len(outs) != len(truths):
+        return f"{len(outs)} outputs, expected {len(truths)}"
+    for i, (o, t) in enumerate(zip(outs, truths)):
+        t = t if isinstance(t, Truth) else Truth(t)
+        where = f"output {i}: " if len(outs) > 1 else ""
+        if not isinstance(o, torch.Tensor):
+            return f"{where}{type(o).__name__}, expected a tensor"
+        if tuple(o.shape) != tuple(t.value.shape):
+            return f"{where}shape {tuple(o.shape)}, expected {tuple(t.value.shape)}"
+        if not o.numel():
+            continue
+        ref = t.value.detach().to(device=o.device, dtype=torch.float64)
+        err = (o.detach().to(torch.float64) - ref).abs()
+        scale = ref.abs().max().item() or 1.0
+        allowed = tol * scale + tol * ref.abs()
+        if t.slack is not None:
+            allowed = allowed + t.slack.to(device=o.device, dtype=torch.float64)
+        bad = ~(err <= allowed)  # NaN counts as wrong
+        if bad.any():
+            n_bad, worst = int(bad.sum()), err.nan_to_num(math.inf).max().item()
+            return (f"{where}{n_bad} of {o.numel()} elements beyond tolerance, off by up to {worst / scale:.3g} "
+                    f"of the reference's largest magnitude {scale:.4g} (tolerance {tol:.3g} of it)")
     return None
+
+
+def _correctness(case: Case) -> str:
+    if case.reference is not None:
+        return f"float64 reference, tolerance {tolerance(case.dtype, case.k):.3g} of its largest magnitude"
+    return "property check" if case.check is not None else "not checked"
 
 
 # Each implementation is timed in ROUNDS interleaved rounds (ours, baseline, ..., ours, baseline, ...)
@@ -181,7 +268,7 @@ def _combine(rounds: List[Dict[str, float]]) -> Dict[str, float]:
 
 def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True) -> List[Result]:
     """Time every implementation of every case, after one warm-up call (which compiles torch.compile
-    and whose output is checked against customlayers'), in ROUNDS interleaved rounds."""
+    and whose output is checked as Case describes, customlayers' too), in ROUNDS interleaved rounds."""
     total, done = sum(len(c.impls) for c in cases) * ROUNDS, 0
     results = []
     for case in cases:
@@ -195,20 +282,30 @@ def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True)
             rounds.pop(name, None)
             print(f"\n{where} {name} failed: {errors[name]}", file=sys.stderr)
 
-        ref = None
+        truth, judged = None, case.reference is not None or case.check is not None
+        if case.reference is not None:
+            try:
+                truth = case.reference()
+            except Exception as exc:
+                judged = False
+                print(f"\n{where} reference failed, outputs not checked: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
         for name, fn in case.impls.items():
             try:
                 out = fn()
-                if name == OURS:
-                    ref = out
-                elif ref is not None and (why := _mismatch(out, ref, case.dtype)):
-                    mismatches[name] = why
-                    print(f"\n{where} {name}: output differs from {OURS}: {why}", file=sys.stderr)
+                if judged and name not in case.unchecked:
+                    try:
+                        why = case.check(out) if truth is None else _mismatch(out, truth, case.dtype, case.k)
+                    except Exception as exc:  # an output the check cannot read is wrong, not a failed run
+                        why = f"check raised {type(exc).__name__}: {exc}".splitlines()[0]
+                    if why:
+                        mismatches[name] = why
+                        print(f"\n{where} {name}: wrong output: {why}", file=sys.stderr)
                 del out
                 rounds[name] = []
             except Exception as exc:  # e.g. no compiler for torch.compile
                 fail(name, exc)
-        del ref
+        del truth
         for _ in range(ROUNDS):
             for name, fn in case.impls.items():
                 if progress:
@@ -221,7 +318,7 @@ def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True)
                 except Exception as exc:
                     fail(name, exc)
         times = {name: _combine(r) for name, r in rounds.items() if r}
-        results.append(_result(case, times, errors, mismatches))
+        results.append(_result(case, times, errors, mismatches, _correctness(case) if judged else "not checked"))
     if progress:
         _progress(done, total, "done")
         sys.stderr.write("\n")
@@ -233,12 +330,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _result(case: Case, times: Dict[str, Dict[str, float]], errors: Dict[str, str],
-            mismatches: Dict[str, str]) -> Result:
+            mismatches: Dict[str, str], correctness: str = "") -> Result:
     ours = times.get(OURS, {}).get("median")
     speedup = {name: t["median"] / ours for name, t in times.items() if ours and name != OURS}
     bandwidth = case.bytes_moved / ours / 1e9 if ours and case.bytes_moved else None
     return Result(case.op, case.size, case.label, _dtype_name(case.dtype), case.mode, times, errors,
-                  mismatches, speedup, case.bytes_moved, bandwidth)
+                  mismatches, speedup, case.bytes_moved, bandwidth, correctness=correctness or _correctness(case),
+                  tolerance=tolerance(case.dtype, case.k) if case.reference is not None else None,
+                  unchecked=list(case.unchecked))
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -262,6 +361,27 @@ def _time_cell(r: Result, name: str) -> str:
     if name not in r.times:
         return ""
     return format_time(r.times[name]["median"]) + (" (wrong)" if name in r.mismatches else "")
+
+
+def _correctness_note(results: Sequence[Result]) -> str:
+    """One sentence saying how the outputs in `results` were judged."""
+    tols = {}  # dtype -> tolerances of the reference-checked results
+    for r in results:
+        if r.tolerance is not None:
+            tols.setdefault(r.dtype, set()).add(r.tolerance)
+    rules = []
+    if tols:
+        rules.append("against a float64 reference computed from the same inputs, within "
+                     + ", ".join(f"{'/'.join(f'{t:.3g}' for t in sorted(ts))} ({d})" for d, ts in tols.items())
+                     + " of the reference's largest magnitude")
+    if any(r.correctness == "property check" for r in results):
+        rules.append("for the properties of its random fill (no value reference: no two generators draw the same "
+                     "values)")
+    if any(r.correctness == "not checked" for r in results):
+        rules.append("some cases: not checked")
+    unchecked = list(dict.fromkeys(n for r in results for n in r.unchecked))
+    return (f"Correctness: each implementation's output, {OURS}' included, is checked " + "; ".join(rules)
+            + (f"; except {', '.join(f'`{n}`' for n in unchecked)} (only part of the op)" if unchecked else "") + ".")
 
 
 def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> str:
@@ -294,8 +414,10 @@ def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> st
         "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|",
         *("| " + " | ".join(c) + " |" for c in rows),
     ]
+    lines += ["", _correctness_note(results)]
     if any(r.errors or r.mismatches for r in results):
-        lines += ["", f"`failed`: raised an error; `(wrong)`: output differs from {OURS}. Details in `{op}.json`."]
+        lines += ["", f"`failed`: raised an error; `(wrong)`: output outside that tolerance (random fills: failing "
+                  f"that check), whichever implementation it is. Details in `{op}.json`."]
     return "\n".join(lines) + "\n"
 
 
@@ -314,8 +436,13 @@ def _plot(results: Sequence[Result], op: str, meta: Dict[str, object], path: Pat
         points = sorted((r for r in results if r.dtype == dtype and r.mode == mode), key=lambda r: r.size)
         for name in names:
             timed = [r for r in points if name in r.times]
-            ax.plot([r.size for r in timed], [r.times[name]["median"] * 1e6 for r in timed], marker="o",
-                    label=name, linewidth=2.5 if name == OURS else 1.5)
+            line, = ax.plot([r.size for r in timed], [r.times[name]["median"] * 1e6 for r in timed], marker="o",
+                            label=name, linewidth=2.5 if name == OURS else 1.5)
+            wrong = [r for r in timed if name in r.mismatches]
+            if wrong:  # wrong outputs: a large cross over the point, in the line's colour
+                ax.scatter([r.size for r in wrong], [r.times[name]["median"] * 1e6 for r in wrong], marker="X",
+                           s=140, color=line.get_color(), edgecolors="black", zorder=3,
+                           label=f"{name}: wrong output")
         ax.set(xscale="log", yscale="log", title=f"{mode}, {dtype}", xlabel="size",
                ylabel="median time per call (µs)")
         ax.set_xticks([r.size for r in points], [r.label for r in points], rotation=40, ha="right", fontsize=8)
