@@ -155,7 +155,12 @@ macro(_customlayers_choose_cuda_archs)
         string(REGEX REPLACE "[af]$" "" _cl_compute_base "${_cl_compute}")
         if(_cl_compute AND NOT _cl_compute_base IN_LIST _cl_nvcc_archs)
           string(REPLACE ";" " " _cl_listed "${_cl_nvcc_archs}")
-          message(FATAL_ERROR "customlayers: GPU architecture ${_cl_arch} (TORCH_CUDA_ARCH_LIST / "
+          set(_cl_level FATAL_ERROR)
+          string(TOUPPER "${CUSTOMLAYERS_WITH_CUDA}" _cl_with_cuda)
+          if(_cl_with_cuda STREQUAL "OFF")  # nothing is compiled for it
+            set(_cl_level WARNING)
+          endif()
+          message(${_cl_level} "customlayers: GPU architecture ${_cl_arch} (TORCH_CUDA_ARCH_LIST / "
                   "CMAKE_CUDA_ARCHITECTURES) is not supported by ${CMAKE_CUDA_COMPILER}, which supports: "
                   "${_cl_listed}")
         endif()
