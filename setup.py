@@ -16,10 +16,27 @@ import sysconfig
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_module(name, filename):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "customlayers", filename))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Before torch is imported: a missing torch, ninja or bdist_wheel (pip install --no-build-isolation with an
+# old setuptools and no wheel) stops here with the pip command that installs them.
+_build_check = _load_module("_customlayers_build_check", "_build_check.py")
+_build_check.check_prerequisites()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+# pip's isolated build (pip install . without --no-build-isolation) compiles against the torch it fetched:
+# refused when the target environment has another one, which the extension could not load with.
+_build_check.check_target_torch(torch.__version__, torch.__file__)
 # Default targets when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Ampere, Ada, Hopper, plus
 # PTX for the newest so later GPUs can JIT it.
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
@@ -73,14 +90,7 @@ def _want_cuda():
     return False, reason
 
 
-def _load_cpu_module():
-    spec = importlib.util.spec_from_file_location("_customlayers_cpu", os.path.join(ROOT, "customlayers", "_cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_cpu = _load_cpu_module()
+_cpu = _load_module("_customlayers_cpu", "_cpu.py")
 
 
 def _cpu_isa():
@@ -118,6 +128,14 @@ def _build_info_text(cuda_version, cpu_isa, cuda_arch_list=None):
     )
 
 
+def _run_ninja_build(build_directory, verbose, error_prefix):
+    """torch.utils.cpp_extension's ninja run, printing one short line per compiled file (_build_check.run_ninja)."""
+    _build_check.run_ninja(build_directory, cpp_extension._get_num_workers(verbose), error_prefix, ROOT)
+
+
+cpp_extension._run_ninja_build = _run_ninja_build
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """Writes the build record (customlayers/_build_info.py) beside the library it describes, once that
     library is built: in the source tree for --inplace and editable builds, in build_lib for a wheel. Other
@@ -153,7 +171,8 @@ def _extension():
     define_macros = [("CUSTOMLAYERS_BUILDING_LIBRARY", None)]  # exports the public C++ API (customlayers.h)
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
-        print(f"customlayers: building CPU kernels only ({detail}); CPU ISA {cpu_isa}")
+        print(f"customlayers: building CPU kernels only ({detail}); CPU ISA {cpu_isa}; "
+              f"{len(_sources(False))} C++ files (about 6-7 minutes on 2 cores)")
         BuildExtension.build_info = _build_info_text(None, cpu_isa)
         return cpp_extension.CppExtension(
             "customlayers._C", _sources(False), include_dirs=include_dirs,
@@ -166,7 +185,9 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     nvcc_version = _nvcc_version(cuda_home)
     print(f"customlayers: building CPU + CUDA kernels (nvcc {nvcc_version} at {cuda_home}, "
-          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})")
+          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')}); CPU ISA {cpu_isa}; "
+          f"{len(_sources(False))} C++ and {len(_sources(True)) - len(_sources(False))} CUDA files "
+          "(about 15 minutes on 2 cores)")
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(sorted(
         {"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
     BuildExtension.build_info = _build_info_text(nvcc_version, cpu_isa, arch_list)

@@ -116,6 +116,75 @@ function(_customlayers_locate_cuda_toolkit cuda_version out)
   set(${out} "" PARENT_SCOPE)
 endfunction()
 
+# The GPU architectures torch's package compiles for (TORCH_CUDA_ARCH_LIST, "8.0;8.6;9.0+PTX"). Given
+# (environment, -D, or CMAKE_CUDA_ARCHITECTURES), each entry is checked against what the toolkit's nvcc
+# supports (`nvcc --list-gpu-arch`), so that a wrong one fails here, with the supported list, rather than in
+# nvcc. Not given: CUSTOMLAYERS_DEFAULT_CUDA_ARCHS (setup.py's default, Ampere, Ada, Hopper + PTX) less what
+# nvcc does not support. torch's own default would be the visible GPUs, else every architecture torch was
+# built for, which includes some (sm_50) that a newer nvcc has dropped.
+set(CUSTOMLAYERS_DEFAULT_CUDA_ARCHS "8.0;8.6;8.9;9.0+PTX")
+
+function(_customlayers_nvcc_archs nvcc out)
+  set(archs "")
+  execute_process(COMMAND "${nvcc}" --list-gpu-arch OUTPUT_VARIABLE listed ERROR_QUIET RESULT_VARIABLE rc)
+  if(rc EQUAL 0)
+    string(REGEX MATCHALL "compute_[0-9]+[a-z]?" archs "${listed}")
+  endif()
+  set(${out} "${archs}" PARENT_SCOPE)
+endfunction()
+
+# "9.0+PTX" -> compute_90, "12.0a" -> compute_120a; "" for names nvcc does not list (Ampere, All, ...).
+function(_customlayers_arch_to_compute arch out)
+  if(arch MATCHES "^([0-9]+)\\.([0-9])([a-z]?)(\\+PTX)?$")
+    set(${out} "compute_${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}" PARENT_SCOPE)
+  else()
+    set(${out} "" PARENT_SCOPE)
+  endif()
+endfunction()
+
+macro(_customlayers_choose_cuda_archs)
+  _customlayers_nvcc_archs("${CMAKE_CUDA_COMPILER}" _cl_nvcc_archs)
+  if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+    set(TORCH_CUDA_ARCH_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
+  endif()
+  if(DEFINED TORCH_CUDA_ARCH_LIST AND NOT TORCH_CUDA_ARCH_LIST STREQUAL "")
+    string(REPLACE " " ";" TORCH_CUDA_ARCH_LIST "${TORCH_CUDA_ARCH_LIST}")
+    if(_cl_nvcc_archs)
+      foreach(_cl_arch IN LISTS TORCH_CUDA_ARCH_LIST)
+        _customlayers_arch_to_compute("${_cl_arch}" _cl_compute)
+        string(REGEX REPLACE "[af]$" "" _cl_compute_base "${_cl_compute}")
+        if(_cl_compute AND NOT _cl_compute_base IN_LIST _cl_nvcc_archs)
+          string(REPLACE ";" " " _cl_listed "${_cl_nvcc_archs}")
+          set(_cl_level FATAL_ERROR)
+          string(TOUPPER "${CUSTOMLAYERS_WITH_CUDA}" _cl_with_cuda)
+          if(_cl_with_cuda STREQUAL "OFF")  # nothing is compiled for it
+            set(_cl_level WARNING)
+          endif()
+          message(${_cl_level} "customlayers: GPU architecture ${_cl_arch} (TORCH_CUDA_ARCH_LIST / "
+                  "CMAKE_CUDA_ARCHITECTURES) is not supported by ${CMAKE_CUDA_COMPILER}, which supports: "
+                  "${_cl_listed}")
+        endif()
+      endforeach()
+    endif()
+    set(_cl_arch_origin "given")
+  else()
+    set(TORCH_CUDA_ARCH_LIST "")
+    foreach(_cl_arch IN LISTS CUSTOMLAYERS_DEFAULT_CUDA_ARCHS)
+      _customlayers_arch_to_compute("${_cl_arch}" _cl_compute)
+      if(NOT _cl_nvcc_archs OR _cl_compute IN_LIST _cl_nvcc_archs)
+        list(APPEND TORCH_CUDA_ARCH_LIST "${_cl_arch}")
+      endif()
+    endforeach()
+    if(NOT TORCH_CUDA_ARCH_LIST)
+      message(FATAL_ERROR "customlayers: ${CMAKE_CUDA_COMPILER} supports none of the default GPU architectures "
+              "(${CUSTOMLAYERS_DEFAULT_CUDA_ARCHS}): set TORCH_CUDA_ARCH_LIST, or -DCUSTOMLAYERS_WITH_CUDA=OFF")
+    endif()
+    set(_cl_arch_origin "default")
+  endif()
+  set(CUSTOMLAYERS_CUDA_ARCH_LIST "${TORCH_CUDA_ARCH_LIST}" CACHE INTERNAL "GPU architectures compiled for")
+  message(STATUS "customlayers: GPU architectures ${TORCH_CUDA_ARCH_LIST} (${_cl_arch_origin})")
+endmacro()
+
 macro(customlayers_prepare_torch)
   _customlayers_locate_torch_dir(Torch_DIR)
   set(Torch_DIR "${Torch_DIR}" CACHE PATH "Directory of TorchConfig.cmake" FORCE)
@@ -178,6 +247,15 @@ macro(customlayers_prepare_torch)
       endif()
     endforeach()
   endif()
+  if(TORCH_CUDA_VERSION)
+    _customlayers_choose_cuda_archs()
+    # torch's package adds the -gencode flags itself; CMake's own default (its compiler's, e.g. 75), cached by
+    # enable_language(CUDA), would otherwise be taken for the user's choice on the next configure.
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES OFF CACHE STRING "GPU architectures: TORCH_CUDA_ARCH_LIST decides (torch's package)")
+    endif()
+  endif()
+
   # torch's package compiles a CUDA probe with CMAKE_CUDA_STANDARD (default: the C++ standard), and
   # CMake before 3.26 has no C++20 dialect flag for nvcc; the library's own .cu files get C++20 anyway.
   if(NOT DEFINED CMAKE_CUDA_STANDARD)
