@@ -11,16 +11,20 @@
 // Narrow outputs (few columns, long rows: an output layer such as 256 -> 10) would waste most of a tile's
 // columns on padding, so there:
 //  * forward: dot_tile, kDotRows x kDotCols dot products of rows of x with rows of W^T (packed [N, K]),
-//    vectorized along K, each reduced once at the end;
+//    vectorized along K, each reduced once at the end; a result that is not finite is recomputed in double
+//    (dot_recomputed), so lanes overflowing to +inf and -inf never give NaN;
 //  * backward: dX as above (its inner dimension is N); dW is computed transposed, dW^T = g'^T X: tile rows
 //    are g''s columns (broadcast), tile columns x's (rows of the chunk of x), so no column is padding
 //    but the last partial tile's.
+// dW's entries that are not finite (partial sums reaching +inf and -inf) are recomputed in double.
 #include "cpu/linear_act_small.h"
 
 #include "common/cpu_alloc.h"
 #include "cpu/linear_act_rows.h"
 
 #include <ATen/Parallel.h>
+
+#include <cmath>
 
 namespace customlayers::cpu {
 namespace {
@@ -193,6 +197,25 @@ inline void dot_tile(const A* const (&xr)[R], const A* w, int64_t ldw, int64_t K
     for (int c = 0; c < C; ++c) out[r][c] = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc[r][c]);
 }
 
+// act(x . w + bias) for one row of x and one row w of W^T (K values each; bias: one value or null),
+// recomputed where dot_tile's result is not finite. Its lanes may overflow to +inf and -inf where the
+// exact sum is finite or of one sign (inf + -inf = NaN). float (float32, bfloat16 and float16 inputs):
+// products of finite floats never overflow a double, so they are summed in double and rounded once;
+// double: a sequential fused sum, which stays finite or one infinity while the inputs are finite. Either
+// way NaN or inf appear as a sequential sum gives them: from NaN or inf inputs, or a result beyond the dtype.
+template <typename A>
+A dot_recomputed(const A* x, const A* w, int64_t K, const A* bias, Activation act) {
+  double s = 0.0;
+  if constexpr (std::is_same_v<A, double>) {
+    for (int64_t k = 0; k < K; ++k) s = std::fma(x[k], w[k], s);
+  } else {
+    for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[k]) * static_cast<double>(w[k]);
+  }
+  if (bias != nullptr) s += static_cast<double>(*bias);
+  if (act == Activation::kRelu && !(s > 0 || s != s)) s = 0.0;
+  return static_cast<A>(s);
+}
+
 // Narrow forward rows [r0, r1); xs: kDotRows * K acc_t values of scratch (x converted a tile of rows at a
 // time unless x_direct).
 template <typename T>
@@ -215,7 +238,9 @@ void narrow_rows(const ForwardTask<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1) 
       for (int64_t r = 0; r < nq; ++r)
         for (int64_t c = 0; c < nc; ++c) {
           A v = s[r][c] + (f.bias != nullptr ? f.bias[n0 + c] : A(0));
-          if (f.act == Activation::kRelu && !(v > 0 || v != v)) v = A(0);
+          if (!std::isfinite(v))
+            v = dot_recomputed(xr[r], f.wp + (n0 + c) * K, K, f.bias != nullptr ? f.bias + n0 + c : nullptr, f.act);
+          else if (f.act == Activation::kRelu && !(v > 0)) v = A(0);
           f.y[(q0 + r) * N + n0 + c] = static_cast<T>(v);
         }
     }
@@ -374,6 +399,31 @@ int64_t dw_block_rows(int64_t M) {
   return std::max<int64_t>(kMinDwBlockRows, (per_block + kChunkRows - 1) / kChunkRows * kChunkRows);
 }
 
+// dW's entries that are not finite, recomputed in double from x and the masked gradient: the chunk, block
+// and partial sums (each sequential in acc_t) may reach +inf and -inf where the exact sum is finite or of
+// one sign, and inf + -inf = NaN. As in dot_recomputed, float products are summed in double (double: a
+// sequential fused sum), so NaN stays only where an input or gradient is NaN or inf.
+template <typename T>
+void recompute_nonfinite_dw(const MaskedGrad<T>& src, Strided<const T> x, int64_t M, int64_t K, Strided<T> dw) {
+  const int64_t N = src.N;
+  at::parallel_for(0, K, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, N)), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        T& d = dw.data[k * dw.rs + n * dw.cs];
+        if (std::isfinite(static_cast<double>(d))) continue;
+        double s = 0.0;
+        for (int64_t m = 0; m < M; ++m) {
+          if (src.o && static_cast<double>(src.o.row(m)[n]) <= 0) continue;  // relu's mask: +0 there
+          const double xv = static_cast<double>(x.data[m * x.rs + k * x.cs]);
+          const double gv = static_cast<double>(src.g.row(m)[n]);
+          if constexpr (std::is_same_v<T, double>) s = std::fma(xv, gv, s);
+          else s += xv * gv;
+        }
+        d = static_cast<T>(s);
+      }
+  });
+}
+
 }  // namespace
 
 bool small_weight(int64_t K, int64_t N) { return K > 0 && N > 0 && K <= kSmallK && K * N <= kSmallWeight; }
@@ -468,6 +518,7 @@ void small_backward(const LinearBackward& args, LinearGrads& grads, double* part
   const int64_t rows = narrow ? N : K;
   at::parallel_for(0, rows, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, blocks * parts.ld)),
                    [&](int64_t k0, int64_t k1) { finish_dw_rows(parts, k0, k1, narrow ? K : N, dst); });
+  recompute_nonfinite_dw(p.src, p.x, M, K, dw);
 }
 
 #define CUSTOMLAYERS_INSTANTIATE_SMALL(T)                                                        \
