@@ -2,7 +2,8 @@
 // tile_product, computes a kTileRows x (kTileVecs vectors) tile of C = A @ B in registers, B being an
 // acc_t panel with its columns zero-padded to whole tiles:
 //  * forward: one parallel pass over rows; A = rows of x (acc_t copies), B = W packed as [K, Np]; bias +
-//    activation applied to the tile before it is stored;
+//    activation applied to the tile before it is stored; an output that is not finite is recomputed in
+//    double (dot_recomputed), so a sum overflowing on the way is not taken for the answer;
 //  * backward: one parallel pass over fixed blocks of rows; per 64-row chunk it makes the masked gradient
 //    g', its bias-gradient column sums, dX = g' W^T (A = rows of the chunk of g', B = W^T packed as
 //    [N, Kp]) and the block's share of dW = X^T g' (A = X^T of the chunk, B = the chunk of g'), all while
@@ -16,7 +17,8 @@
 //  * backward: dX as above (its inner dimension is N); dW is computed transposed, dW^T = g'^T X: tile rows
 //    are g''s columns (broadcast), tile columns x's (rows of the chunk of x), so no column is padding
 //    but the last partial tile's.
-// dW's entries that are not finite (partial sums reaching +inf and -inf) are recomputed in double.
+// dX's and dW's entries that are not finite (partial sums reaching ±inf on the way, or +inf and -inf
+// meeting) are recomputed in double.
 #include "cpu/linear_act_small.h"
 
 #include "common/cpu_alloc.h"
@@ -143,6 +145,26 @@ struct ForwardTask {
   Activation act;
 };
 
+// act(x . w + bias) for one row of x and a column w of W (K values, w's with stride ws; bias: one value
+// or null), recomputed where the kernels' float result is not finite: dot_tile's lanes may overflow to
+// +inf and -inf where the exact sum is finite or of one sign (inf + -inf = NaN), a sequential sum
+// (tile_product) to ±inf where the exact one is finite or of the other sign. float (float32, bfloat16 and float16 inputs):
+// products of finite floats never overflow a double, so they are summed in double and rounded once;
+// double: a sequential fused sum, which stays finite or one infinity while the inputs are finite. Either
+// way NaN or inf appear as a sequential sum gives them: from NaN or inf inputs, or a result beyond the dtype.
+template <typename A>
+A dot_recomputed(const A* x, const A* w, int64_t ws, int64_t K, const A* bias, Activation act) {
+  double s = 0.0;
+  if constexpr (std::is_same_v<A, double>) {
+    for (int64_t k = 0; k < K; ++k) s = std::fma(x[k], w[k * ws], s);
+  } else {
+    for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[k]) * static_cast<double>(w[k * ws]);
+  }
+  if (bias != nullptr) s += static_cast<double>(*bias);
+  if (act == Activation::kRelu && !(s > 0 || s != s)) s = 0.0;
+  return static_cast<A>(s);
+}
+
 // Forward rows [r0, r1).
 template <typename T>
 void forward_rows(const ForwardTask<T>& f, int64_t r0, int64_t r1) {
@@ -157,9 +179,26 @@ void forward_rows(const ForwardTask<T>& f, int64_t r0, int64_t r1) {
     for (int64_t c0 = 0; c0 < N; c0 += tile_cols<T>()) {
       Tile<A> t = tile_product(Strided<const A>{xs, K, 1}, nq, w, c0, 0, K);
       for (int64_t i = 0; i < nq; ++i) {
+        // v - v is NaN exactly where v is not finite: a sum that may have overflowed on the way (ReLU would
+        // hide a -inf), recomputed once the row is stored.
+        Vectorized<A> d(0);
+        for (int j = 0; j < kTileVecs; ++j) d = d + (t.v[i][j] - t.v[i][j]);
+        A chk[kW], raw[kTileVecs * kW];
+        d.store(chk);
+        bool overflow = false;
+        for (int64_t l = 0; l < kW; ++l) overflow |= chk[l] != chk[l];
+        if (overflow)
+          for (int j = 0; j < kTileVecs; ++j) t.v[i][j].store(raw + j * kW);
         for (int j = 0; j < kTileVecs; ++j)
           t.v[i][j] = bias_act(t.v[i][j], f.bias != nullptr ? f.bias + c0 + j * kW : nullptr, f.act);
-        store_tile_row(t.v[i], std::min(tile_cols<T>(), N - c0), f.y + (q0 + i) * N + c0);
+        const int64_t nc = std::min(tile_cols<T>(), N - c0);
+        T* yr = f.y + (q0 + i) * N + c0;
+        store_tile_row(t.v[i], nc, yr);
+        if (!overflow) continue;
+        for (int64_t c = 0; c < nc; ++c)
+          if (!std::isfinite(raw[c]))
+            yr[c] = static_cast<T>(dot_recomputed(xs + i * K, w.data + c0 + c, w.ld, K,
+                                                  f.bias != nullptr ? f.bias + c0 + c : nullptr, f.act));
       }
     }
   }
@@ -197,25 +236,6 @@ inline void dot_tile(const A* const (&xr)[R], const A* w, int64_t ldw, int64_t K
     for (int c = 0; c < C; ++c) out[r][c] = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc[r][c]);
 }
 
-// act(x . w + bias) for one row of x and one row w of W^T (K values each; bias: one value or null),
-// recomputed where dot_tile's result is not finite. Its lanes may overflow to +inf and -inf where the
-// exact sum is finite or of one sign (inf + -inf = NaN). float (float32, bfloat16 and float16 inputs):
-// products of finite floats never overflow a double, so they are summed in double and rounded once;
-// double: a sequential fused sum, which stays finite or one infinity while the inputs are finite. Either
-// way NaN or inf appear as a sequential sum gives them: from NaN or inf inputs, or a result beyond the dtype.
-template <typename A>
-A dot_recomputed(const A* x, const A* w, int64_t K, const A* bias, Activation act) {
-  double s = 0.0;
-  if constexpr (std::is_same_v<A, double>) {
-    for (int64_t k = 0; k < K; ++k) s = std::fma(x[k], w[k], s);
-  } else {
-    for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[k]) * static_cast<double>(w[k]);
-  }
-  if (bias != nullptr) s += static_cast<double>(*bias);
-  if (act == Activation::kRelu && !(s > 0 || s != s)) s = 0.0;
-  return static_cast<A>(s);
-}
-
 // Narrow forward rows [r0, r1); xs: kDotRows * K acc_t values of scratch (x converted a tile of rows at a
 // time unless x_direct).
 template <typename T>
@@ -239,7 +259,8 @@ void narrow_rows(const ForwardTask<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1) 
         for (int64_t c = 0; c < nc; ++c) {
           A v = s[r][c] + (f.bias != nullptr ? f.bias[n0 + c] : A(0));
           if (!std::isfinite(v))
-            v = dot_recomputed(xr[r], f.wp + (n0 + c) * K, K, f.bias != nullptr ? f.bias + n0 + c : nullptr, f.act);
+            v = dot_recomputed(xr[r], f.wp + (n0 + c) * K, 1, K, f.bias != nullptr ? f.bias + n0 + c : nullptr,
+                               f.act);
           else if (f.act == Activation::kRelu && !(v > 0)) v = A(0);
           f.y[(q0 + r) * N + n0 + c] = static_cast<T>(v);
         }
@@ -333,8 +354,15 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
         const int64_t nq = std::min(kTileRows, rows - q);
         for (int64_t kb = 0; kb < K; kb += tile_cols<T>()) {
           const Tile<A> t = tile_product(Strided<const A>{gp.row(q), ldp, 1}, nq, Rows<const A>{p.wt, ldk}, kb, 0, N);
-          for (int64_t i = 0; i < nq; ++i)
-            store_tile_row(t.v[i], std::min(tile_cols<T>(), K - kb), p.dx + (c0 + q + i) * K + kb);
+          const int64_t nk = std::min(tile_cols<T>(), K - kb);
+          for (int64_t i = 0; i < nq; ++i) {
+            T* dxr = p.dx + (c0 + q + i) * K + kb;
+            store_tile_row(t.v[i], nk, dxr);
+            for (int64_t c = 0; c < nk; ++c)  // a sum that overflowed on the way: recomputed in double
+              if (!std::isfinite(static_cast<A>(dxr[c])))
+                dxr[c] = static_cast<T>(dot_recomputed(gp.row(q + i), p.wt + kb + c, ldk, N, static_cast<const A*>(nullptr),
+                                                       Activation::kNone));
+          }
         }
       }
     }
