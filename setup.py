@@ -94,8 +94,9 @@ _cpu = _load_module("_customlayers_cpu", "_cpu.py")
 
 
 def _cpu_isa():
-    """'avx2' when building on an x86-64 CPU with AVX2/FMA/F16C (the CPU kernels then use at::vec's
-    AVX2 vectors, and import checks that the running CPU has them too), else 'default'.
+    """'avx2' when building on an x86-64 CPU with AVX2/FMA/F16C as CPUID reports them through torch
+    (customlayers/_cpu.py; the CPU kernels then use at::vec's AVX2 vectors, and import checks the running
+    CPU the same way), else 'default'.
     CUSTOMLAYERS_CPU_ISA=default|avx2 overrides."""
     isa = os.environ.get("CUSTOMLAYERS_CPU_ISA", "").strip().lower()
     if isa in ("default", "avx2"):

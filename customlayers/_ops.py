@@ -84,7 +84,8 @@ def _load_library() -> Optional[str]:
                     f"CUDA {torch.version.cuda}")
     elif _build_info.CPU_ISA_FLAGS and not _cpu.has_avx2():
         mismatch = (f"it was built for CPUs with {', '.join(_build_info.CPU_ISA_FLAGS)}, which this CPU "
-                    "lacks (rebuild here, or with CUSTOMLAYERS_CPU_ISA=default for a portable build)")
+                    "lacks as CPUID reports it (rebuild here, or with CUSTOMLAYERS_CPU_ISA=default for a "
+                    "portable build)")
     if mismatch is None:
         try:
             torch.ops.load_library(spec.origin)

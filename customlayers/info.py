@@ -42,7 +42,9 @@ def _running_lines() -> List[str]:
     else:
         lines.append("GPUs:            none visible")
     avx2 = "yes" if _cpu.has_avx2() else "no"
-    lines.append(f"CPU:             {platform.machine()}, AVX2/FMA/F16C {avx2}, "
+    listed = sorted(set(_cpu.AVX2_FLAGS) & _cpu.cpu_flags())
+    lines.append(f"CPU:             {platform.machine()}, AVX2/FMA/F16C {avx2} (CPUID via torch: decides whether an "
+                 f"AVX2 build loads; /proc/cpuinfo lists {', '.join(listed) or 'none of them'}), "
                  f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
     return lines
 

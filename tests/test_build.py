@@ -1,5 +1,6 @@
 """The build, the backend report and the automatic fallback."""
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,92 @@ def test_cpu_without_build_isa_falls_back_with_message():
     """)
     assert "fallback" in out.splitlines()
     assert "which this CPU lacks" in out and "CUSTOMLAYERS_CPU_ISA=default" in out
+
+
+def _load_cpu_module():
+    """customlayers/_cpu.py loaded standalone, as setup.py loads it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_cpu_standalone", os.path.join(ROOT, "customlayers", "_cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpuid_alone_decides_avx2(monkeypatch):
+    """setup.py (which ISA to build) and the loader (whether this CPU runs the build) ask the same
+    question: CPUID, as torch reads it. /proc/cpuinfo's flags do not count."""
+    cpu = _load_cpu_module()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: set(cpu.AVX2_FLAGS) | {"sse2"})
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: False)
+    assert not cpu.has_avx2()
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "fma3": True, "f16c": False})
+    assert not cpu.has_avx2()  # an AVX2 build also needs F16C
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "fma3": True, "f16c": True})
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: set())
+    assert cpu.has_avx2()
+
+
+def test_aten_cpu_capability_does_not_change_the_cpuid_answer():
+    out = run_python("""
+        import torch
+        print(torch.backends.cpu.get_cpu_capability(), torch.cpu._is_avx2_supported())
+    """, ATEN_CPU_CAPABILITY="default")
+    capability, avx2 = out.split()[:2]
+    assert capability == "DEFAULT"
+    assert avx2 == str(torch.cpu._is_avx2_supported())
+
+
+@requires_extension()
+def test_cpuid_without_avx2_refuses_the_avx2_build_whatever_proc_cpuinfo_says():
+    """CPUID says no AVX2 while /proc/cpuinfo lists it (as under qemu-user emulating an older CPU): the
+    AVX2 build is refused with the reason, and the fallback serves (loading it would die of SIGILL)."""
+    if not customlayers._build_info.CPU_ISA_FLAGS:
+        pytest.skip("this is a portable (CUSTOMLAYERS_CPU_ISA=default) build: it runs on any CPU")
+    if not set(customlayers._cpu.AVX2_FLAGS) <= customlayers._cpu.cpu_flags():
+        pytest.skip("/proc/cpuinfo does not list avx2, fma and f16c here")
+    out = run_python("""
+        import torch
+        torch.cpu._is_avx2_supported = lambda: False
+        import customlayers
+        print(customlayers.backend())
+        print(customlayers.functional.centered(torch.tensor([1.0, 3.0])).tolist())
+    """)
+    assert "fallback" in out.splitlines() and "[-1.0, 1.0]" in out
+    assert "built for CPUs with avx2, fma, f16c, which this CPU lacks as CPUID reports it" in out
+    assert "Falling back to pure-PyTorch implementations" in out
+
+
+@requires_extension()
+def test_aten_cpu_capability_default_keeps_the_avx2_build():
+    """ATEN_CPU_CAPABILITY=default lowers torch's own kernels; the CPU still runs AVX2, so the build loads."""
+    if not customlayers._cpu.has_avx2():
+        pytest.skip("this CPU has no AVX2 (CPUID)")
+    out = run_python("""
+        import customlayers
+        print(customlayers.backend())
+    """, ATEN_CPU_CAPABILITY="default")
+    assert out.splitlines()[0] == "extension", out
+
+
+@pytest.mark.slow
+def test_import_under_qemu_without_avx2_falls_back():
+    """Under qemu-user emulating a CPU without AVX2 (Nehalem), import picks the fallback and exits 0
+    (/proc/cpuinfo still shows the host's flags there). Slow: about a minute under emulation."""
+    import shutil
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 is not installed (apt-get install qemu-user)")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("not an x86-64 machine")
+    env = {k: v for k, v in os.environ.items() if k != "CUSTOMLAYERS_FORCE_FALLBACK"}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    out = subprocess.run([qemu, "-cpu", "Nehalem", sys.executable, "-c",
+                          "import customlayers, torch; print(customlayers.backend(), torch.cpu._is_avx2_supported())"],
+                         env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    expected = "extension" if customlayers._ops.loaded() and not customlayers._build_info.CPU_ISA_FLAGS else "fallback"
+    assert out.stdout.split()[:2] == [expected, "False"], out.stdout
 
 
 def test_compile_before_any_eager_call():

@@ -251,3 +251,40 @@ def test_runs_on_current_stream():
         y = F.centered(x, 0)
     s.synchronize()
     check_against_reference(x, 0, y)
+
+
+# Constant values per dtype: small, negative, and near the dtype's maximum. float64 sums are exact (and so
+# the outputs 0) only where value * count needs at most 53 bits: values of few bits there; 1e-3 gives
+# ~1e-19 (x - x.mean() does not give 0 either).
+CONSTANTS = {torch.float32: (1e-3, -3.3, 1e38), torch.float64: (2.0 ** -10, -3.25, 2.0 ** 1000),
+             torch.float16: (1e-3, -3.3, 65504.0), torch.bfloat16: (1e-3, -3.3, 3.3e38)}
+
+
+@requires_extension()
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_constant_gives_exact_zero(dtype):
+    """The CPU kernels sum every dtype in double: a constant float32, float16 or bfloat16 tensor's sum is
+    exact (below 2^29 elements), its mean is the value and the output exactly 0 (as x - x.mean() gives for float32), on every path: the global mean of several
+    sizes, reductions over inner and outer dims (PATH_SHAPES), and strided, transposed and expanded inputs."""
+    for value in CONSTANTS[dtype]:
+        cases = [(torch.full((n,), value, dtype=dtype), None) for n in (1, 17, 1000, 100003, (1 << 20) + 3)]
+        cases += [(torch.full(shape, value, dtype=dtype), dim) for shape, dim in PATH_SHAPES]
+        base = torch.full((6, 10, 12, 8), value, dtype=dtype)
+        cases += [(x, dim) for x in (base.transpose(1, 3), base[:, ::2, 1:, ::3], base.permute(2, 0, 3, 1),
+                                     base.contiguous(memory_format=torch.channels_last),
+                                     torch.full((6, 1, 12, 1), value, dtype=dtype).expand(6, 10, 12, 8))
+                  for dim in (None, 0, 1, 3, (2, 3), (0, 2), (1, 3))]
+        cases += [(torch.full((3000, 40), value, dtype=dtype).t(), 1), (torch.full((3000, 40), value, dtype=dtype).t(), 0)]
+        for x, dim in cases:
+            y = F.centered(x, dim)
+            assert torch.equal(y, torch.zeros_like(y)), (value, tuple(x.shape), x.stride(), dim, y.abs().max().item())
+
+
+def test_constant_float32_issue_cases():
+    """The issue's cases (once 6.8e-12 and -6e29): exactly 0. Native x - x.mean() gives 0 for 1e-3; for 1e38
+    its float32 sum overflows (-inf), as the fallback's does."""
+    for value in (1e-3, 1e38):
+        x = torch.full((17,), value)
+        assert torch.equal(F.centered(x), torch.zeros(17)) or not customlayers._ops.has_kernel("centered", "cpu")
+    x = torch.full((17,), 1e-3)
+    assert torch.equal(x - x.mean(), torch.zeros(17))

@@ -613,3 +613,92 @@ def test_cuda_gemm_paths(dtype, transposed, shape):
     again = torch.autograd.grad(F.linear_act(x, w, b), (x, w, b), g)
     for a, c in zip(got, again):  # split-K sums are added in a fixed order
         assert torch.equal(a, c)
+
+
+def _huge_case(shape, k, n, dtype, transposed, bias, seed=0):
+    """Inputs around 1.8e19 (products near the float32 maximum): many sums overflow, some cancel."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.8e19).to(dtype)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) * 1.8e19
+    w = (w.t() if transposed else w.t().contiguous()).to(dtype)
+    b = (torch.randn(n, generator=g, dtype=torch.float64) * 1.8e19).to(dtype) if bias else None
+    return x, w, b
+
+
+def check_huge(y, x, w, b, act):
+    """y against act(x @ w + b) in float64: NaN only where it is NaN; ±inf where it rounds to ±inf in y's
+    dtype; elsewhere finite and close (ReLU's zeros exactly)."""
+    ref = x.double() @ w.double() + (b.double() if b is not None else 0)
+    if act == "relu":
+        ref = ref.relu()
+    assert not (y.isnan() & ~ref.isnan()).any(), f"{int((y.isnan() & ~ref.isnan()).sum())} NaN"
+    rounded = ref.to(y.dtype)
+    over = torch.isinf(rounded)
+    assert torch.equal(y[over], rounded[over])
+    fin = torch.isfinite(rounded)
+    assert torch.isfinite(y[fin]).all()
+    if act == "relu":
+        assert torch.equal(y[rounded == 0], rounded[rounded == 0])
+    if fin.any():
+        check_close(y[fin], ref[fin], y.dtype, x.shape[-1])
+
+
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# The issue's (33, 65) -> 9, then the narrow-output kernel's edges: one output, 16 outputs, longest rows;
+# then small weights (sequential sums that may overflow on the way, a -inf that ReLU would turn into 0).
+@pytest.mark.parametrize("shape", [((33, 65), 65, 9), ((3, 43, 32), 32, 1), ((130, 100), 100, 16),
+                                   ((5, 8192), 8192, 3), ((200, 20), 20, 9), ((7, 5), 5, 3), ((70, 64), 64, 40)],
+                         ids=str)
+def test_huge_inputs_no_nan_where_exact_has_none(act, transposed, bias, dtype, shape):
+    """Vector lanes of one dot product can overflow to +inf and -inf (inf + -inf = NaN), a sequential sum to
+    ±inf, where the exact sum is finite, the other infinity, or 0 after ReLU: such outputs are recomputed in
+    double. As an nn.Linear weight (weight_t=True) too."""
+    x, w, b = _huge_case(*shape, dtype, transposed, bias)
+    y = F.linear_act(x, w, b, act)
+    check_huge(y, x, w, b, act)
+    weight = w.t().contiguous() if not transposed else w.t()
+    yt = F.linear_act(x, weight, b, act, weight_t=True)
+    check_huge(yt, x, w, b, act)
+    assert torch.equal(yt, F.linear_act(x, weight.t(), b, act))
+
+
+def test_huge_inputs_issue_reproducer():
+    """The issue's shape: |values| in [1.7e19, 1.9e19] (no single product overflows float32), x (33, 65),
+    9 outputs: every output was NaN (the exact ones: finite, ±inf, or 0 after ReLU); now none is."""
+    g = torch.Generator().manual_seed(1)
+    def huge(*size):
+        sign = torch.randint(0, 2, size, generator=g) * 2 - 1
+        return sign * (1.7e19 + 2e18 * torch.rand(size, generator=g))
+    x, w, b = huge(33, 65), huge(65, 9), huge(9)
+    for weight, weight_t in ((w, False), (w.t().contiguous(), True)):
+        ours = F.linear_act(x, weight, b, "relu", weight_t=weight_t)
+        assert not ours.isnan().any()
+        check_huge(ours, x, w, b, "relu")
+
+
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Narrow outputs and small weights, with rows past one 64-row chunk (dW's chunk partials then meet).
+@pytest.mark.parametrize("shape", [((130, 100), 100, 16), ((200, 20), 20, 9), ((300, 40), 40, 3)], ids=str)
+def test_huge_inputs_backward_no_nan_where_exact_has_none(act, transposed, dtype, shape):
+    """Huge inputs and gradients: dW's partial sums may reach +inf and -inf (once NaN where float64 is finite
+    or ±inf), dX's sums ±inf on the way; such entries are recomputed in double. No gradient is NaN where
+    float64's is not, the infinities are float64's rounded, the rest close."""
+    x, w, b = _huge_case(*shape, dtype, transposed, True)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    g = (torch.randn(*shape[0][:-1], shape[2], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+         * 1.8e19).to(dtype)
+    ours = torch.autograd.grad(F.linear_act(x, w, b, act), (x, w, b), g)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.autograd.grad(reference.linear_act(xd, wd, bd, act), (xd, wd, bd), g.double())
+    for o, r in zip(ours, ref):
+        assert not (o.isnan() & ~r.isnan()).any(), f"{int((o.isnan() & ~r.isnan()).sum())} NaN"
+    for o, r, k in zip(ours, ref, (shape[2], shape[0][0], shape[0][0])):
+        rounded = r.to(dtype).double()
+        fin = rounded.isfinite()
+        assert torch.equal(o.double()[~fin], rounded[~fin])  # the same infinities
+        check_close(o[fin], r[fin], dtype, k)

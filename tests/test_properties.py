@@ -216,6 +216,25 @@ def test_centered_near_max_does_not_overflow():
     assert_close_to(F.centered(x), torch.zeros(1000, dtype=torch.float64), CENTERED_TOL[torch.float32] * 1e37)
 
 
+# The CPU kernels sum in double: a constant tensor's sum is exact (for float64 too when the value times the
+# count needs no more bits: small integers times powers of two here), its mean is the value, the output 0.
+@given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES))
+def test_centered_constant_gives_exact_zero(data, dtype):
+    shape = data.draw(shapes(max_dims=3, max_side=40), "shape")  # up to 64,000 elements
+    info = torch.finfo(dtype)
+    if dtype == torch.float64:
+        value = data.draw(st.integers(-2 ** 20, 2 ** 20), "m") * 2.0 ** data.draw(st.integers(-60, 60), "e")
+    else:
+        value = data.draw(st.sampled_from([1e-3, -3.3, 0.1, -1 / 3, 1e38, -65504.0]).map(lambda v: max(-info.max, min(info.max, v)))
+                          | st.floats(-info.max, info.max, allow_nan=False, allow_infinity=False), "value")
+    v = torch.full(shape, value, dtype=torch.float64).to(dtype)
+    x = data.draw(layouts(v), "x")
+    dim = data.draw(dims(x.dim()), "dim")
+    note(f"{dtype} {value} shape {tuple(x.shape)} strides {x.stride()} dim {dim}")
+    y = F.centered(x, dim)
+    assert torch.equal(y, torch.zeros_like(y)), y.abs().max()
+
+
 def test_centered_scalar_repeated_dim():
     x = torch.tensor(1.0)
     expected = raised(lambda: reference.centered(x, [0, 0]))
@@ -320,6 +339,43 @@ def test_linear_act_backward(data, dtype, act):
         assert_close_to(ref_grad, expected, bound)
     if w.numel() > 1:  # the weight's gradient in the weight's layout, as the reference gives it
         assert direct[1].stride() == ref[1].stride()
+
+
+@st.composite
+def huge_linear_inputs(draw, dtype):
+    """x (m, k), weight (k, n) or its (n, k) transpose for weight_t, bias or None, around 1.8e19: products
+    near the float32 maximum, many sums overflowing and some cancelling. k and n span the small-weight
+    (k <= 64) and narrow-output (n <= 16, 32 <= k) kernels."""
+    m, k, n = draw(st.integers(1, 40), "m"), draw(st.integers(1, 100), "k"), draw(st.integers(1, 16), "n")
+    seed = draw(st.integers(0, 2 ** 32 - 1), "seed")
+    gen = torch.Generator().manual_seed(seed)
+    scale = 1.8e19 * draw(st.sampled_from([0.5, 1.0, 1.05]), "scale")
+    x, w, b, g = (torch.randn(size, generator=gen, dtype=torch.float64).mul(scale).to(dtype)
+                  for size in ((m, k), (k, n), (n,), (m, n)))
+    return x, w, (b if draw(st.booleans(), "bias") else None), g
+
+
+# Huge finite inputs (1.8e19: products near the float32 maximum). Forward: NaN only where float64 is NaN
+# (vector lanes overflowing to +inf and -inf once gave NaN where the exact output was finite or 0),
+# the same infinities as float64 rounded to the dtype, close elsewhere. Backward: dW and the bias gradient
+# never NaN where float64 is not (dW's partial sums once met as inf + -inf); dX neither.
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       act=st.sampled_from(["relu", "none"]), weight_t=st.booleans())
+def test_linear_act_huge_inputs(data, dtype, act, weight_t):
+    x, w, b, g = data.draw(huge_linear_inputs(dtype))
+    weight = w.t().contiguous() if weight_t else w
+    xr, wr, br = (t if t is None else t.detach().requires_grad_() for t in (x, weight, b))
+    y = F.linear_act(xr, wr, br, act, weight_t=weight_t)
+    truth, abs_sum = linear_truth(x, w, b, act)
+    rounded = truth.to(dtype).double()
+    assert_close_to(y, torch.where(rounded.isinf(), rounded, truth), gemm_bound(abs_sum, x.shape[-1], dtype))
+    grads = torch.autograd.grad(y, [t for t in (xr, wr, br) if t is not None], g)
+    td = [t.double().requires_grad_() for t in (x, weight, b) if t is not None]
+    expected = torch.autograd.grad(reference.linear_act(*td[:2], td[2] if len(td) > 2 else None, act,
+                                                        weight_t=weight_t), td, g.double())
+    for got, want in zip(grads, expected):
+        nan = got.isnan() & ~want.isnan()
+        assert not nan.any(), f"NaN where float64 has none at {_where(nan, got, want)}"
 
 
 @st.composite

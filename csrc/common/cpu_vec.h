@@ -1,5 +1,5 @@
 // Vectorized CPU building blocks (at::vec) shared by the CPU kernels: loading any supported dtype as
-// vectors of its accumulation type, deterministic blocked sums, and column accumulation.
+// vectors of its accumulation type (or of double), deterministic sums and column sums in double.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -51,65 +51,116 @@ struct Lanes<T, true> {  // float16 / bfloat16: widened to two float vectors
 template <typename T>
 using acc_t = typename Lanes<T>::acc_t;
 
-// Sum of p[0..n) in double. Elements are added in acc_t (four independent vector accumulators) over
-// blocks of kSumBlock, and the block sums in double, so float32 keeps ~double accuracy at vector speed.
-// The order of additions depends only on n: results are reproducible bit for bit.
-constexpr int64_t kSumBlock = 512;
+// Widening to double. A float vector (at::vec's AVX2 build: 8 lanes) as two double vectors: lanes
+// [0, kW/2) in lo, the rest in hi.
+static_assert(Vectorized<float>::size() == 2 * Vectorized<double>::size());
+inline void widen(const Vectorized<float>& v, Vectorized<double>& lo, Vectorized<double>& hi) {
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+  const __m256 f = v;
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+#else
+  constexpr int64_t kW = Vectorized<float>::size(), kD = Vectorized<double>::size();
+  float f[kW];
+  double d[kW];
+  v.store(f);
+  for (int64_t i = 0; i < kW; ++i) d[i] = static_cast<double>(f[i]);
+  lo = Vectorized<double>::loadu(d);
+  hi = Vectorized<double>::loadu(d + kD);
+#endif
+}
 
+// DoubleLanes<T>: T elements read as vectors of double (exactly: every float, float16 and bfloat16 is a
+// double). One step covers kStep elements of T, held in kVecs double vectors, in element order.
+template <typename T>
+struct DoubleLanes {
+  using L = Lanes<T>;
+  using DVec = Vectorized<double>;
+  static constexpr bool kWiden = !std::is_same_v<T, double>;
+  static constexpr int kVecs = L::kVecs * (kWiden ? 2 : 1);
+  static constexpr int64_t kStep = L::kStep;
+  static inline void widen_all(const typename L::Vec* v, DVec* d) {
+    if constexpr (kWiden) {
+      for (int j = 0; j < L::kVecs; ++j) widen(v[j], d[2 * j], d[2 * j + 1]);
+    } else {
+      d[0] = v[0];
+    }
+  }
+  static inline void load(const T* p, DVec* d) {
+    typename L::Vec v[L::kVecs];
+    L::load(p, v);
+    widen_all(v, d);
+  }
+  static inline void load(const T* p, int64_t n, DVec* d) {  // zero-fills the missing lanes
+    typename L::Vec v[L::kVecs];
+    L::load(p, n, v);
+    widen_all(v, d);
+  }
+};
+
+// Sum of p[0..n) in double: every element is added in double lanes (eight independent vector
+// accumulators), the accumulators and then their lanes added in a fixed order. float32, float16 and
+// bfloat16 sums thus never overflow, and a constant tensor's sum is exact (n * v needs 24 + log2(n) bits:
+// below 2^29 elements it fits a double), so its mean is v exactly. The order of additions depends only on
+// n: results are reproducible bit for bit.
 template <typename T>
 inline double sum_contiguous(const T* p, int64_t n) {
-  using L = Lanes<T>;
-  using Vec = typename L::Vec;
-  constexpr int64_t kStep = L::kStep;
-  double total = 0.0;
-  for (int64_t b = 0; b < n; b += kSumBlock) {
-    const int64_t e = std::min(n, b + kSumBlock);
-    Vec acc[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
-    Vec v[L::kVecs];
-    int64_t i = b;
-    for (; i + 4 * kStep <= e; i += 4 * kStep) {
-      for (int k = 0; k < 4; ++k) {
-        L::load(p + i + k * kStep, v);
-        for (int j = 0; j < L::kVecs; ++j) acc[k] = acc[k] + v[j];
-      }
+  using D = DoubleLanes<T>;
+  using DVec = Vectorized<double>;
+  constexpr int kUnroll = std::max(1, 8 / D::kVecs);
+  constexpr int64_t kStep = D::kStep;
+  DVec acc[kUnroll][D::kVecs];
+  for (auto& a : acc)
+    for (auto& v : a) v = DVec(0);
+  DVec v[D::kVecs];
+  int64_t i = 0;
+  for (; i + kUnroll * kStep <= n; i += kUnroll * kStep) {
+    for (int k = 0; k < kUnroll; ++k) {
+      D::load(p + i + k * kStep, v);
+      for (int j = 0; j < D::kVecs; ++j) acc[k][j] = acc[k][j] + v[j];
     }
-    for (; i < e; i += kStep) {
-      L::load(p + i, std::min(kStep, e - i), v);  // zero-fills the missing lanes
-      for (int j = 0; j < L::kVecs; ++j) acc[0] = acc[0] + v[j];
-    }
-    const Vec s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    typename L::acc_t lanes[Vec::size()];
-    s.store(lanes);
-    for (int64_t k = 0; k < Vec::size(); ++k) total += static_cast<double>(lanes[k]);
   }
+  for (; i < n; i += kStep) {
+    D::load(p + i, std::min(kStep, n - i), v);
+    for (int j = 0; j < D::kVecs; ++j) acc[0][j] = acc[0][j] + v[j];
+  }
+  DVec s(0);
+  for (int k = 0; k < kUnroll; ++k)
+    for (int j = 0; j < D::kVecs; ++j) s = s + acc[k][j];
+  double lanes[DVec::size()];
+  s.store(lanes);
+  double total = 0.0;
+  for (int64_t k = 0; k < DVec::size(); ++k) total += lanes[k];
   return total;
 }
 
-// Column sums of a row-major [rows, cols] block with row stride `ld`, added into out[0..cols) (double).
-// Rows are added in acc_t, flushed to double every kColFlush rows. `scratch` holds cols acc_t values.
-constexpr int64_t kColFlush = 64;
-
+// Column sums of a row-major [rows, cols] block with row stride `ld`, added into out[0..cols): each
+// column's values added in double, in row order (four rows per pass over out).
 template <typename T>
-inline void add_column_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, double* out,
-                            acc_t<T>* scratch) {
-  using L = Lanes<T>;
-  using Vec = typename L::Vec;
-  constexpr int64_t kStep = L::kStep;
-  constexpr int64_t kW = Vec::size();
-  for (int64_t r0 = 0; r0 < rows; r0 += kColFlush) {
-    const int64_t r1 = std::min(rows, r0 + kColFlush);
-    std::fill(scratch, scratch + cols, acc_t<T>(0));
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = p + r * ld;
-      Vec v[L::kVecs];
-      int64_t c = 0;
-      for (; c + kStep <= cols; c += kStep) {
-        L::load(row + c, v);
-        for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(scratch + c + j * kW) + v[j]).store(scratch + c + j * kW);
+inline void add_column_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, double* out) {
+  using D = DoubleLanes<T>;
+  using DVec = Vectorized<double>;
+  constexpr int64_t kStep = D::kStep;
+  constexpr int64_t kW = DVec::size();
+  constexpr int64_t kRows = 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const int64_t nr = std::min(kRows, rows - r0);
+    const T* row = p + r0 * ld;
+    int64_t c = 0;
+    for (; c + kStep <= cols; c += kStep) {
+      DVec acc[D::kVecs], v[D::kVecs];
+      for (int j = 0; j < D::kVecs; ++j) acc[j] = DVec::loadu(out + c + j * kW);
+      for (int64_t r = 0; r < nr; ++r) {
+        D::load(row + r * ld + c, v);
+        for (int j = 0; j < D::kVecs; ++j) acc[j] = acc[j] + v[j];
       }
-      for (; c < cols; ++c) scratch[c] += static_cast<acc_t<T>>(row[c]);
+      for (int j = 0; j < D::kVecs; ++j) acc[j].store(out + c + j * kW);
     }
-    for (int64_t c = 0; c < cols; ++c) out[c] += static_cast<double>(scratch[c]);
+    for (; c < cols; ++c) {
+      double acc = out[c];
+      for (int64_t r = 0; r < nr; ++r) acc += static_cast<double>(row[r * ld + c]);
+      out[c] = acc;
+    }
   }
 }
 

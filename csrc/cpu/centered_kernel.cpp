@@ -7,9 +7,10 @@
 // short strip is still in cache for the subtraction. Only when strips cannot occupy the threads and
 // rows are long are rows split between tasks, with partial sums per (mean, chunk) combined in order
 // (then at most ~3% of the output). Every sum is taken over the same fixed chunks either way, so results are bit-identical for
-// any thread count. Sums are added in acc_t lanes, then in double; a sum that overflows acc_t (float32
-// values near its max) is redone in double from the first element, so only inf or NaN inputs (or a
-// mean beyond the dtype) give a non-finite mean, as for x - x.mean().
+// any thread count. Every dtype's sums are added in double lanes (cpu_vec.h), so float32, float16 and
+// bfloat16 sums never overflow and a constant tensor's mean is its value exactly (its output exactly 0);
+// a float64 sum that overflows is redone sequentially from the first element, so only inf or NaN inputs
+// (or a mean beyond the dtype) give a non-finite mean, as for x - x.mean().
 #include "common/checks.h"
 #include "common/cpu_alloc.h"
 #include "common/cpu_vec.h"
@@ -31,7 +32,7 @@ constexpr int64_t kColBlock = 2048;     // columns per strip when rows are long 
 constexpr int64_t kMinCols = 64;        // the narrowest strip
 constexpr int64_t kSubGrain = 32768;    // elements per task when subtracting
 
-// Sum of p[0..n) in double (sum_contiguous), redone in double from the first element if acc_t overflowed.
+// Sum of p[0..n) in double (sum_contiguous), redone sequentially from the first element if it overflowed.
 template <typename T>
 double row_sum(const T* p, int64_t n) {
   const double s = sum_contiguous(p, n);
@@ -42,11 +43,11 @@ double row_sum(const T* p, int64_t n) {
 }
 
 // out[0..cols) = column sums of a row-major [rows, cols] block with row stride ld (add_column_sums),
-// each redone in double from the first row if acc_t overflowed.
+// each that is not finite redone sequentially from the first row (the same order: only NaN and inf stay).
 template <typename T>
-void column_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, double* out, acc_t<T>* scratch) {
+void column_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, double* out) {
   std::fill(out, out + cols, 0.0);
-  add_column_sums(p, rows, cols, ld, out, scratch);
+  add_column_sums(p, rows, cols, ld, out);
   for (int64_t c = 0; c < cols; ++c) {
     if (std::isfinite(out[c])) continue;
     double exact = 0.0;
@@ -94,11 +95,10 @@ inline void subtract_row(const T* x, T* y, int64_t n, const acc_t<T>* hi, const 
 // Sums of the strip [0, reduce) x [c0, c0 + nc) of one outer slice xs into total[0..nc): kRowChunk rows at
 // a time, the chunks added in order.
 template <typename T>
-void strip_sums(const T* xs, int64_t reduce, int64_t inner, int64_t c0, int64_t nc, double* total, double* chunk,
-                acc_t<T>* scratch) {
+void strip_sums(const T* xs, int64_t reduce, int64_t inner, int64_t c0, int64_t nc, double* total, double* chunk) {
   std::fill(total, total + nc, 0.0);
   for (int64_t r0 = 0; r0 < reduce; r0 += kRowChunk) {
-    column_sums(xs + r0 * inner + c0, std::min(reduce - r0, kRowChunk), nc, inner, chunk, scratch);
+    column_sums(xs + r0 * inner + c0, std::min(reduce - r0, kRowChunk), nc, inner, chunk);
     for (int64_t c = 0; c < nc; ++c) total[c] += chunk[c];
   }
 }
@@ -113,7 +113,7 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
     const int64_t grain = std::max<int64_t>(1, kSubGrain / block);
     at::parallel_for(0, outer, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> sums(inner > 1 ? inner : 0);
-      std::vector<A> scratch(sums.size()), hi(sums.size()), lo(sums.size());
+      std::vector<A> hi(sums.size()), lo(sums.size());
       for (int64_t o = begin; o < end; ++o) {
         const T* xs = x + o * block;
         T* ys = y + o * block;
@@ -121,7 +121,7 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
           subtract_scalar(xs, ys, reduce, SplitValue<A>(row_sum(xs, reduce) / reduce));
           continue;
         }
-        column_sums(xs, reduce, inner, inner, sums.data(), scratch.data());
+        column_sums(xs, reduce, inner, inner, sums.data());
         for (int64_t i = 0; i < inner; ++i) {
           const SplitValue<A> m(sums[i] / reduce);
           hi[i] = m.hi;
@@ -169,11 +169,11 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
     const int64_t col_blocks = (inner + cols - 1) / cols;
     at::parallel_for(0, outer * col_blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> total(cols), chunk(cols);
-      std::vector<A> scratch(cols), hi(cols), lo(cols);
+      std::vector<A> hi(cols), lo(cols);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t o = t / col_blocks, c0 = (t % col_blocks) * cols, nc = std::min(inner - c0, cols);
         const T* xs = x + o * block;
-        strip_sums(xs, reduce, inner, c0, nc, total.data(), chunk.data(), scratch.data());
+        strip_sums(xs, reduce, inner, c0, nc, total.data(), chunk.data());
         for (int64_t c = 0; c < nc; ++c) {
           const SplitValue<A> m(total[c] / reduce);
           hi[c] = m.hi;
@@ -191,11 +191,10 @@ void centered_block(const T* x, T* y, int64_t outer, int64_t reduce, int64_t inn
   // one acc_t per mean: at most 8 / (kRowChunk * sizeof(T)) + 8 / (reduce * sizeof(T)) of the output.
   std::vector<double> partial(outer * chunks * inner);
   at::parallel_for(0, outer * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(inner);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t / chunks, r0 = (t % chunks) * kRowChunk;
       column_sums(x + o * block + r0 * inner, std::min(reduce - r0, kRowChunk), inner, inner,
-                  partial.data() + t * inner, scratch.data());
+                  partial.data() + t * inner);
     }
   });
   std::vector<A> hi(outer * inner), lo(outer * inner);

@@ -2,7 +2,8 @@
 // tile_product, computes a kTileRows x (kTileVecs vectors) tile of C = A @ B in registers, B being an
 // acc_t panel with its columns zero-padded to whole tiles:
 //  * forward: one parallel pass over rows; A = rows of x (acc_t copies), B = W packed as [K, Np]; bias +
-//    activation applied to the tile before it is stored;
+//    activation applied to the tile before it is stored; an output that is not finite is recomputed in
+//    double (dot_recomputed), so a sum overflowing on the way is not taken for the answer;
 //  * backward: one parallel pass over fixed blocks of rows; per 64-row chunk it makes the masked gradient
 //    g', its bias-gradient column sums, dX = g' W^T (A = rows of the chunk of g', B = W^T packed as
 //    [N, Kp]) and the block's share of dW = X^T g' (A = X^T of the chunk, B = the chunk of g'), all while
@@ -11,16 +12,21 @@
 // Narrow outputs (few columns, long rows: an output layer such as 256 -> 10) would waste most of a tile's
 // columns on padding, so there:
 //  * forward: dot_tile, kDotRows x kDotCols dot products of rows of x with rows of W^T (packed [N, K]),
-//    vectorized along K, each reduced once at the end;
+//    vectorized along K, each reduced once at the end; a result that is not finite is recomputed in double
+//    (dot_recomputed), so lanes overflowing to +inf and -inf never give NaN;
 //  * backward: dX as above (its inner dimension is N); dW is computed transposed, dW^T = g'^T X: tile rows
 //    are g''s columns (broadcast), tile columns x's (rows of the chunk of x), so no column is padding
 //    but the last partial tile's.
+// dX's and dW's entries that are not finite (partial sums reaching ±inf on the way, or +inf and -inf
+// meeting) are recomputed in double.
 #include "cpu/linear_act_small.h"
 
 #include "common/cpu_alloc.h"
 #include "cpu/linear_act_rows.h"
 
 #include <ATen/Parallel.h>
+
+#include <cmath>
 
 namespace customlayers::cpu {
 namespace {
@@ -139,6 +145,26 @@ struct ForwardTask {
   Activation act;
 };
 
+// act(x . w + bias) for one row of x and a column w of W (K values, w's with stride ws; bias: one value
+// or null), recomputed where the kernels' float result is not finite: dot_tile's lanes may overflow to
+// +inf and -inf where the exact sum is finite or of one sign (inf + -inf = NaN), a sequential sum
+// (tile_product) to ±inf where the exact one is finite or of the other sign. float (float32, bfloat16 and float16 inputs):
+// products of finite floats never overflow a double, so they are summed in double and rounded once;
+// double: a sequential fused sum, which stays finite or one infinity while the inputs are finite. Either
+// way NaN or inf appear as a sequential sum gives them: from NaN or inf inputs, or a result beyond the dtype.
+template <typename A>
+A dot_recomputed(const A* x, const A* w, int64_t ws, int64_t K, const A* bias, Activation act) {
+  double s = 0.0;
+  if constexpr (std::is_same_v<A, double>) {
+    for (int64_t k = 0; k < K; ++k) s = std::fma(x[k], w[k * ws], s);
+  } else {
+    for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[k]) * static_cast<double>(w[k * ws]);
+  }
+  if (bias != nullptr) s += static_cast<double>(*bias);
+  if (act == Activation::kRelu && !(s > 0 || s != s)) s = 0.0;
+  return static_cast<A>(s);
+}
+
 // Forward rows [r0, r1).
 template <typename T>
 void forward_rows(const ForwardTask<T>& f, int64_t r0, int64_t r1) {
@@ -153,9 +179,26 @@ void forward_rows(const ForwardTask<T>& f, int64_t r0, int64_t r1) {
     for (int64_t c0 = 0; c0 < N; c0 += tile_cols<T>()) {
       Tile<A> t = tile_product(Strided<const A>{xs, K, 1}, nq, w, c0, 0, K);
       for (int64_t i = 0; i < nq; ++i) {
+        // v - v is NaN exactly where v is not finite: a sum that may have overflowed on the way (ReLU would
+        // hide a -inf), recomputed once the row is stored.
+        Vectorized<A> d(0);
+        for (int j = 0; j < kTileVecs; ++j) d = d + (t.v[i][j] - t.v[i][j]);
+        A chk[kW], raw[kTileVecs * kW];
+        d.store(chk);
+        bool overflow = false;
+        for (int64_t l = 0; l < kW; ++l) overflow |= chk[l] != chk[l];
+        if (overflow)
+          for (int j = 0; j < kTileVecs; ++j) t.v[i][j].store(raw + j * kW);
         for (int j = 0; j < kTileVecs; ++j)
           t.v[i][j] = bias_act(t.v[i][j], f.bias != nullptr ? f.bias + c0 + j * kW : nullptr, f.act);
-        store_tile_row(t.v[i], std::min(tile_cols<T>(), N - c0), f.y + (q0 + i) * N + c0);
+        const int64_t nc = std::min(tile_cols<T>(), N - c0);
+        T* yr = f.y + (q0 + i) * N + c0;
+        store_tile_row(t.v[i], nc, yr);
+        if (!overflow) continue;
+        for (int64_t c = 0; c < nc; ++c)
+          if (!std::isfinite(raw[c]))
+            yr[c] = static_cast<T>(dot_recomputed(xs + i * K, w.data + c0 + c, w.ld, K,
+                                                  f.bias != nullptr ? f.bias + c0 + c : nullptr, f.act));
       }
     }
   }
@@ -215,7 +258,10 @@ void narrow_rows(const ForwardTask<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1) 
       for (int64_t r = 0; r < nq; ++r)
         for (int64_t c = 0; c < nc; ++c) {
           A v = s[r][c] + (f.bias != nullptr ? f.bias[n0 + c] : A(0));
-          if (f.act == Activation::kRelu && !(v > 0 || v != v)) v = A(0);
+          if (!std::isfinite(v))
+            v = dot_recomputed(xr[r], f.wp + (n0 + c) * K, 1, K, f.bias != nullptr ? f.bias + n0 + c : nullptr,
+                               f.act);
+          else if (f.act == Activation::kRelu && !(v > 0)) v = A(0);
           f.y[(q0 + r) * N + n0 + c] = static_cast<T>(v);
         }
     }
@@ -308,8 +354,15 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
         const int64_t nq = std::min(kTileRows, rows - q);
         for (int64_t kb = 0; kb < K; kb += tile_cols<T>()) {
           const Tile<A> t = tile_product(Strided<const A>{gp.row(q), ldp, 1}, nq, Rows<const A>{p.wt, ldk}, kb, 0, N);
-          for (int64_t i = 0; i < nq; ++i)
-            store_tile_row(t.v[i], std::min(tile_cols<T>(), K - kb), p.dx + (c0 + q + i) * K + kb);
+          const int64_t nk = std::min(tile_cols<T>(), K - kb);
+          for (int64_t i = 0; i < nq; ++i) {
+            T* dxr = p.dx + (c0 + q + i) * K + kb;
+            store_tile_row(t.v[i], nk, dxr);
+            for (int64_t c = 0; c < nk; ++c)  // a sum that overflowed on the way: recomputed in double
+              if (!std::isfinite(static_cast<A>(dxr[c])))
+                dxr[c] = static_cast<T>(dot_recomputed(gp.row(q + i), p.wt + kb + c, ldk, N, static_cast<const A*>(nullptr),
+                                                       Activation::kNone));
+          }
         }
       }
     }
@@ -372,6 +425,31 @@ constexpr int64_t kMinDwBlockRows = 2 * kChunkRows;
 int64_t dw_block_rows(int64_t M) {
   const int64_t per_block = (M + kDwBlocks - 1) / kDwBlocks;
   return std::max<int64_t>(kMinDwBlockRows, (per_block + kChunkRows - 1) / kChunkRows * kChunkRows);
+}
+
+// dW's entries that are not finite, recomputed in double from x and the masked gradient: the chunk, block
+// and partial sums (each sequential in acc_t) may reach +inf and -inf where the exact sum is finite or of
+// one sign, and inf + -inf = NaN. As in dot_recomputed, float products are summed in double (double: a
+// sequential fused sum), so NaN stays only where an input or gradient is NaN or inf.
+template <typename T>
+void recompute_nonfinite_dw(const MaskedGrad<T>& src, Strided<const T> x, int64_t M, int64_t K, Strided<T> dw) {
+  const int64_t N = src.N;
+  at::parallel_for(0, K, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, N)), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        T& d = dw.data[k * dw.rs + n * dw.cs];
+        if (std::isfinite(static_cast<double>(d))) continue;
+        double s = 0.0;
+        for (int64_t m = 0; m < M; ++m) {
+          if (src.o && static_cast<double>(src.o.row(m)[n]) <= 0) continue;  // relu's mask: +0 there
+          const double xv = static_cast<double>(x.data[m * x.rs + k * x.cs]);
+          const double gv = static_cast<double>(src.g.row(m)[n]);
+          if constexpr (std::is_same_v<T, double>) s = std::fma(xv, gv, s);
+          else s += xv * gv;
+        }
+        d = static_cast<T>(s);
+      }
+  });
 }
 
 }  // namespace
@@ -468,6 +546,7 @@ void small_backward(const LinearBackward& args, LinearGrads& grads, double* part
   const int64_t rows = narrow ? N : K;
   at::parallel_for(0, rows, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(1, blocks * parts.ld)),
                    [&](int64_t k0, int64_t k1) { finish_dw_rows(parts, k0, k1, narrow ? K : N, dst); });
+  recompute_nonfinite_dw(p.src, p.x, M, K, dw);
 }
 
 #define CUSTOMLAYERS_INSTANTIATE_SMALL(T)                                                        \
