@@ -5,7 +5,7 @@ import copy
 import dis
 import logging
 import warnings
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -30,7 +30,16 @@ class CenteredLayer(nn.Module):
         self.dim = dim if dim is None or isinstance(dim, int) else tuple(dim)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return F.centered(X, self.dim)
+        if not torch.jit.is_scripting():
+            return F.centered(X, self.dim)
+        # TorchScript: dim is typed by its value (None, int or a tuple); centered takes an int or a List[int].
+        dim = self.dim
+        if dim is None or isinstance(dim, int):
+            return F.centered(X, dim)
+        dims: List[int] = []
+        for d in dim:
+            dims.append(d)
+        return F.centered(X, dims)
 
     def extra_repr(self) -> str:
         return "" if self.dim is None else f"dim={self.dim}"
@@ -138,6 +147,7 @@ class _KernelLinear(nn.Linear):
     as it is (weight_t=True)."""
 
     _act = "none"
+    __constants__ = [*nn.Linear.__constants__, "_act"]  # torch.jit.script reads _act as a constant
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
         return F.linear_act(input, self.weight, self.bias, self._act, weight_t=True)
