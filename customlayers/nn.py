@@ -6,6 +6,7 @@ import dis
 import importlib
 import linecache
 import logging
+import sys
 import types
 import warnings
 from typing import Dict, List, Optional, Sequence, Union
@@ -143,6 +144,13 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
             self.in_units = self.weight.shape[0]
 
 
+# The weight types LinearReLU and FusedLinear run the op on: plain tensors and Parameters, the tensors of
+# torch.compile and torch.export (fake, functional); DTensor too (customlayers._dtensor registers the ops'
+# rules), added by _subclass_forward when it first meets one (torch.distributed.tensor is not imported here).
+_OP_TENSORS = {torch.Tensor, nn.Parameter, torch._subclasses.fake_tensor.FakeTensor,
+               torch._subclasses.functional_tensor.FunctionalTensor}
+
+
 class _KernelLinear(nn.Linear):
     """An nn.Linear whose forward is the linear_act kernel with activation ``_act``: nn.Linear's attributes,
     parameter names, shapes (weight (out_features, in_features), bias (out_features,)), repr fields and
@@ -153,7 +161,23 @@ class _KernelLinear(nn.Linear):
     __constants__ = [*nn.Linear.__constants__, "_act"]  # torch.jit.script reads _act as a constant
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
-        return F.linear_act(input, self.weight, self.bias, self._act, weight_t=True)
+        weight = self.weight
+        if not torch.jit.is_scripting():
+            if type(weight) not in _OP_TENSORS:
+                return self._subclass_forward(input, weight)
+        return F.linear_act(input, weight, self.bias, self._act, weight_t=True)
+
+    @torch.jit.unused
+    def _subclass_forward(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        """A weight of a tensor subclass other than the ones the op serves (_OP_TENSORS), such as torchao's
+        quantized weights (torchao.quantization.quantize_ puts them in every nn.Linear), runs through F.linear,
+        which such subclasses implement, then the activation: the same result."""
+        dtensor = sys.modules.get("torch.distributed.tensor")
+        if dtensor is not None and isinstance(weight, dtensor.DTensor):
+            _OP_TENSORS.add(type(weight))
+            return F.linear_act(input, weight, self.bias, self._act, weight_t=True)
+        out = torch.nn.functional.linear(input, weight, self.bias)
+        return torch.relu(out) if self._act == "relu" else out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear):
