@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Union
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _ops, reference
 from ._functorch import CenteredFunction, LinearActFunction, transforms_active
@@ -38,7 +39,7 @@ def centered(x: torch.Tensor, dim: ScriptDims = None) -> torch.Tensor:
             dim = (dim,)
         elif dim is not None and not isinstance(dim, (tuple, list)):
             _bad_dim(dim)
-        if _FUNCTIONS and transforms_active():
+        if _FUNCTIONS and (_functorch_active() or _forward_ad._current_level >= 0):  # transforms_active(), inlined
             return CenteredFunction.apply(x, dim)
         return _CENTERED(x, dim)
     # TorchScript: the op itself (its C++ autograd), as eager calls it outside the torch.func transforms.
@@ -61,7 +62,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             with one autograd node fewer than passing ``weight.t()`` (what LinearReLU and FusedLinear do).
     """
     if not torch.jit.is_scripting():
-        if _FUNCTIONS and transforms_active():
+        if _FUNCTIONS and (_functorch_active() or _forward_ad._current_level >= 0):  # transforms_active(), inlined
             x, weight, bias = _ops.autocast_inputs(x, weight, bias)
             if weight_t:  # the op's checks on the weight as given, then the Function on its (in, out) view
                 reference.check_linear(x, weight, bias, "linear_act", weight_t)
@@ -76,6 +77,8 @@ def _bad_dim(dim) -> None:
 
 
 _CENTERED, _LINEAR_ACT = _ops.op("centered"), _ops.op("linear_act")
+# customlayers._functorch.transforms_active's two checks, called inline (one Python call fewer per op call).
+_functorch_active = torch._C._are_functorch_transforms_active
 # The ops carry C++ autograd when the compiled library is loaded: then the transforms need the Python
 # Functions. Without it the ops are the references' PyTorch code, which the transforms take as it is.
 _FUNCTIONS = _ops.loaded()
