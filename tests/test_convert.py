@@ -525,7 +525,7 @@ def test_rewritten_forward_pickles_and_loads_in_a_fresh_interpreter(tmp_path, bo
         print(sorted(model.state_dict()))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "CUSTOMLAYERS_FORCE_FALLBACK"}
+    env = dict(os.environ)  # the same backend (CUSTOMLAYERS_FORCE_FALLBACK) as this process
     env["PYTHONPATH"] = root
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=str(tmp_path),
                          timeout=300)

@@ -131,7 +131,7 @@ def test_save_load_fresh_interpreter(tmp_path, how):
         torch.testing.assert_close(model(x), y, rtol=0, atol=0)
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "CUSTOMLAYERS_FORCE_FALLBACK"}
+    env = dict(os.environ)  # the same backend (CUSTOMLAYERS_FORCE_FALLBACK) as this process
     env["PYTHONPATH"] = ROOT
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
