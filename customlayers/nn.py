@@ -432,6 +432,7 @@ def _converted_class(base: type, src: str, spec: tuple) -> type:
     """A subclass of base whose forward is the traced, fused code src. It keeps base's name, attributes and
     methods; it pickles (torch.save of the whole model, copy.deepcopy) as base's state plus the code, and
     unpickling rebuilds the class here (_rebuild_converted), so no class needs to be importable by its name."""
+    base = base.__dict__.get("_customlayers_converted_from", base)  # converting a converted module again
     try:
         key = (base, src, tuple((name, repr(ref) if isinstance(ref, float) else ref)  # nan != nan
                                 for name, (_, ref) in spec))
