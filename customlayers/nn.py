@@ -136,6 +136,14 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
                     self.bias.materialize((self.units,))
                 self.reset_parameters()
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls it first: an unmaterialized layer has no shapes to compile."""
+        if self.has_uninitialized_params():
+            raise RuntimeError("LazyMyLinear: torch.jit.script needs its shapes: run a first input through it "
+                               "(it then becomes a MyLinear), or use torch.jit.trace or torch.export with an "
+                               "example input")
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # LazyModuleMixin's load hook has materialized the weight with the checkpoint's shape: take in_units
         # from it, as the first input would.

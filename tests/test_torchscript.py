@@ -97,8 +97,10 @@ def test_functional_forms_in_scripted_function_gradients():
 
 
 def test_lazy_unmaterialized_script_error():
-    with pytest.raises(RuntimeError, match="uninitialized parameters"):
+    with pytest.raises(RuntimeError, match="run a first input through it .* or use torch.jit.trace or torch.export"):
         torch.jit.script(cnn.LazyMyLinear(3))
+    with pytest.raises(RuntimeError, match="run a first input through it"):
+        torch.jit.script(nn.Sequential(cnn.LazyMyLinear(3)))
 
 
 def test_converted_book_mlp_scripts():
