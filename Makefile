@@ -15,6 +15,8 @@ TORCH_SPEC ?= torch==2.14.1
 DEPS := ninja numpy scipy pytest hypothesis matplotlib setuptools wheel
 # The optional extra 'onnx' (pyproject.toml), which tests/test_onnx.py needs.
 DEPS += onnx onnxscript onnxruntime
+# The optional extra 'quantization' (pyproject.toml), which tests/test_quantization.py's torchao tests need.
+DEPS += torchao==0.18.0
 DEPS_STAMP := $(VENV)/.customlayers-deps
 # The training demo's extras (pyproject.toml's [demo]; matplotlib is in DEPS already)
 DEMO_DEPS := scikit-learn tqdm

@@ -11,14 +11,15 @@ from __future__ import annotations
 from typing import Dict
 
 from . import _dtensor, _ops, functional, init, nn, reference  # noqa: F401  (_ops loads the extension first)
+from . import quantization  # noqa: F401  (adds LinearReLU and FusedLinear to the dynamic quantization mapping)
 from .gpu import try_all_gpus, try_gpu
 from .nn import convert
 
 __version__ = "0.1.0"
 if _ops.loaded():  # without the library the ops are CompositeImplicitAutograd: DTensor sees their aten ops
     _dtensor.register_when_imported()
-__all__ = ["backend", "backend_report", "convert", "functional", "init", "nn", "reference", "try_all_gpus",
-           "try_gpu"]
+__all__ = ["backend", "backend_report", "convert", "functional", "init", "nn", "quantization", "reference",
+           "try_all_gpus", "try_gpu"]
 
 
 def backend() -> str:

@@ -11,9 +11,10 @@ with jvp and batching rules instead (customlayers/_functorch.py).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _ops, reference
 from ._functorch import CenteredFunction, LinearActFunction, transforms_active
@@ -21,22 +22,30 @@ from ._functorch import CenteredFunction, LinearActFunction, transforms_active
 __all__ = ["centered", "linear_act"]
 
 Dims = Optional[Union[int, Sequence[int]]]
+# The annotations TorchScript reads (it has no Sequence): eager calls take any sequence of ints.
+ScriptDims = Optional[Union[int, List[int]]]
 
 
-def centered(x: torch.Tensor, dim: Dims = None) -> torch.Tensor:
+def centered(x: torch.Tensor, dim: ScriptDims = None) -> torch.Tensor:
     """``x - x.mean()`` or, with ``dim``, ``x - x.mean(dim, keepdim=True)``.
 
     Args:
         x: floating-point tensor (float32, float64, float16, bfloat16), any shape and layout.
-        dim: None (global mean, the book's CenteredLayer), an int, or a sequence of ints.
+        dim: None (global mean, the book's CenteredLayer), an int, or a sequence of ints (under
+            torch.jit.script: an int or a List[int]).
     """
+    if not torch.jit.is_scripting():
+        if isinstance(dim, int):
+            dim = (dim,)
+        elif dim is not None and not isinstance(dim, (tuple, list)):
+            _bad_dim(dim)
+        if _FUNCTIONS and (_functorch_active() or _forward_ad._current_level >= 0):  # transforms_active(), inlined
+            return CenteredFunction.apply(x, dim)
+        return _CENTERED(x, dim)
+    # TorchScript: the op itself (its C++ autograd), as eager calls it outside the torch.func transforms.
     if isinstance(dim, int):
-        dim = (dim,)
-    elif dim is not None and not isinstance(dim, (tuple, list)):
-        raise TypeError(f"centered: dim must be an int or a sequence of ints, got {dim!r}")
-    if _FUNCTIONS and transforms_active():
-        return CenteredFunction.apply(x, dim)
-    return _CENTERED(x, dim)
+        return torch.ops.customlayers.centered(x, [dim])
+    return torch.ops.customlayers.centered(x, dim)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -52,16 +61,24 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         weight_t: weight is (out_features, in_features), nn.Linear's layout: ``act(x @ weight.t() + bias)``
             with one autograd node fewer than passing ``weight.t()`` (what LinearReLU and FusedLinear do).
     """
-    if _FUNCTIONS and transforms_active():
-        x, weight, bias = _ops.autocast_inputs(x, weight, bias)
-        if weight_t:  # the op's checks on the weight as given, then the Function on its (in, out) view
-            reference.check_linear(x, weight, bias, "linear_act", weight_t)
-            weight = weight.t()
-        return LinearActFunction.apply(x, weight, bias, act)
-    return _LINEAR_ACT(x, weight, bias, act, weight_t)
+    if not torch.jit.is_scripting():
+        if _FUNCTIONS and (_functorch_active() or _forward_ad._current_level >= 0):  # transforms_active(), inlined
+            x, weight, bias = _ops.autocast_inputs(x, weight, bias)
+            if weight_t:  # the op's checks on the weight as given, then the Function on its (in, out) view
+                reference.check_linear(x, weight, bias, "linear_act", weight_t)
+                weight = weight.t()
+            return LinearActFunction.apply(x, weight, bias, act)
+        return _LINEAR_ACT(x, weight, bias, act, weight_t)
+    return torch.ops.customlayers.linear_act(x, weight, bias, act, weight_t)
+
+
+def _bad_dim(dim) -> None:
+    raise TypeError(f"centered: dim must be an int or a sequence of ints, got {dim!r}")
 
 
 _CENTERED, _LINEAR_ACT = _ops.op("centered"), _ops.op("linear_act")
+# customlayers._functorch.transforms_active's two checks, called inline (one Python call fewer per op call).
+_functorch_active = torch._C._are_functorch_transforms_active
 # The ops carry C++ autograd when the compiled library is loaded: then the transforms need the Python
 # Functions. Without it the ops are the references' PyTorch code, which the transforms take as it is.
 _FUNCTIONS = _ops.loaded()

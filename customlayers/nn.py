@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import copy
 import dis
+import importlib
+import linecache
 import logging
+import sys
+import types
 import warnings
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -30,7 +34,16 @@ class CenteredLayer(nn.Module):
         self.dim = dim if dim is None or isinstance(dim, int) else tuple(dim)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return F.centered(X, self.dim)
+        if not torch.jit.is_scripting():
+            return F.centered(X, self.dim)
+        # TorchScript: dim is typed by its value (None, int or a tuple); centered takes an int or a List[int].
+        dim = self.dim
+        if dim is None or isinstance(dim, int):
+            return F.centered(X, dim)
+        dims: List[int] = []
+        for d in dim:
+            dims.append(d)
+        return F.centered(X, dims)
 
     def extra_repr(self) -> str:
         return "" if self.dim is None else f"dim={self.dim}"
@@ -123,12 +136,27 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
                     self.bias.materialize((self.units,))
                 self.reset_parameters()
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls it first: an unmaterialized layer has no shapes to compile."""
+        if self.has_uninitialized_params():
+            raise RuntimeError("LazyMyLinear: torch.jit.script needs its shapes: run a first input through it "
+                               "(it then becomes a MyLinear), or use torch.jit.trace or torch.export with an "
+                               "example input")
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # LazyModuleMixin's load hook has materialized the weight with the checkpoint's shape: take in_units
         # from it, as the first input would.
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if not nn.parameter.is_lazy(self.weight):
             self.in_units = self.weight.shape[0]
+
+
+# The weight types LinearReLU and FusedLinear run the op on: plain tensors and Parameters, the tensors of
+# torch.compile and torch.export (fake, functional); DTensor too (customlayers._dtensor registers the ops'
+# rules), added by _subclass_forward when it first meets one (torch.distributed.tensor is not imported here).
+_OP_TENSORS = {torch.Tensor, nn.Parameter, torch._subclasses.fake_tensor.FakeTensor,
+               torch._subclasses.functional_tensor.FunctionalTensor}
 
 
 class _KernelLinear(nn.Linear):
@@ -138,9 +166,26 @@ class _KernelLinear(nn.Linear):
     as it is (weight_t=True)."""
 
     _act = "none"
+    __constants__ = [*nn.Linear.__constants__, "_act"]  # torch.jit.script reads _act as a constant
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
-        return F.linear_act(input, self.weight, self.bias, self._act, weight_t=True)
+        weight = self.weight
+        if not torch.jit.is_scripting():
+            if type(weight) not in _OP_TENSORS:
+                return self._subclass_forward(input, weight)
+        return F.linear_act(input, weight, self.bias, self._act, weight_t=True)
+
+    @torch.jit.unused
+    def _subclass_forward(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        """A weight of a tensor subclass other than the ones the op serves (_OP_TENSORS), such as torchao's
+        quantized weights (torchao.quantization.quantize_ puts them in every nn.Linear), runs through F.linear,
+        which such subclasses implement, then the activation: the same result."""
+        dtensor = sys.modules.get("torch.distributed.tensor")
+        if dtensor is not None and isinstance(weight, dtensor.DTensor):
+            _OP_TENSORS.add(type(weight))
+            return F.linear_act(input, weight, self.bias, self._act, weight_t=True)
+        out = torch.nn.functional.linear(input, weight, self.bias)
+        return torch.relu(out) if self._act == "relu" else out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear):
@@ -211,7 +256,8 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
     (e.g. the book's ``MLP``, whose forward is ``self.out(F.relu(self.hidden(X)))``, ``MySequential``,
     nested blocks). An ``nn.ReLU`` module left without a use becomes ``nn.Identity``; when a functional
     ReLU is fused, the traced module's forward becomes the traced code without it (the module keeps its
-    class as a base class, its attributes and methods; save its ``state_dict``, not the pickled module).
+    class as a base class, its attributes and methods; it pickles with ``torch.save`` and loads wherever its
+    class imports, the fused forward rebuilt from its code, and scripts with ``torch.jit.script``).
     A module fx cannot trace (Python control flow on tensors, as the book's ``FixedHiddenMLP``), or whose
     forward reads ``self.training`` (a trace would fix that branch to the current mode) or sets attributes
     (side effects a trace drops), is not traced but searched inside: its children are tried, and in an
@@ -223,7 +269,9 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
 
     Parameter names are unchanged (LinearReLU has nn.Linear's), so checkpoints load both ways. A Linear
     used in several places (tied) is fused only where every use is followed by a ReLU, and becomes one
-    LinearReLU object wherever it appears. Forward hooks of replaced modules are not carried over. With
+    LinearReLU object wherever it appears. Linears and ReLU modules with hooks (pruning's, the old
+    ``weight_norm``'s), parametrized Linears and Linears whose weight or bias is not a plain Parameter (a
+    pruned tensor, a torchao-quantized or DTensor subclass) are left alone, on every path. With
     ``inplace=False`` the model is deep-copied first (ties within the model are kept in the copy).
 
     Returns the model, or with ``report=True`` ``(model, names)``, ``names`` the qualified names of the
@@ -266,9 +314,23 @@ def _convert_outputs(model: nn.Module) -> Dict[int, "FusedLinear"]:
 
 
 def _plain_output_layer(m: Optional[nn.Module]) -> bool:
-    return (type(m) is nn.Linear and m.out_features <= OUTPUT_FEATURES and not m._forward_hooks
-            and not m._forward_pre_hooks and isinstance(m.weight, nn.Parameter)
-            and (m.bias is None or isinstance(m.bias, nn.Parameter)))
+    return _replaceable(m, nn.Linear) and m.out_features <= OUTPUT_FEATURES
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _replaceable(m: Optional[nn.Module], cls: type) -> bool:
+    """m is exactly a cls (nn.Linear or nn.ReLU; a parametrized Linear is a subclass) without hooks (pruning,
+    the old weight_norm and spectral_norm recompute the weight in a pre-hook), and a Linear's weight and bias are
+    plain Parameters: not plain tensors (pruned), nor tensor subclasses (quantized by torchao, DTensor)."""
+    if type(m) is not cls or _hooked(m):
+        return False
+    if cls is nn.Linear:
+        return (not torch.nn.utils.parametrize.is_parametrized(m) and type(m.weight) is nn.Parameter
+                and (m.bias is None or type(m.bias) is nn.Parameter))
+    return True
 
 
 def _convert(module: nn.Module, fused: Dict[int, _KernelLinear]) -> None:
@@ -308,7 +370,7 @@ def _fuse_sequential(module: nn.Module, fused: Dict[int, _KernelLinear]) -> None
     names = list(module._modules)
     for first, second in zip(names, names[1:]):
         linear, relu = module._modules[first], module._modules[second]
-        if type(linear) is nn.Linear and type(relu) is nn.ReLU:
+        if _replaceable(linear, nn.Linear) and _replaceable(relu, nn.ReLU):
             if id(linear) not in fused:
                 fused[id(linear)] = LinearReLU.from_linear(linear)
             module._modules[first] = fused[id(linear)]
@@ -318,7 +380,7 @@ def _fuse_sequential(module: nn.Module, fused: Dict[int, _KernelLinear]) -> None
 def _relu_of(node: torch.fx.Node, module: nn.Module) -> bool:
     """node computes relu(its first argument) and nothing else."""
     if node.op == "call_module":
-        return type(module.get_submodule(node.target)) is nn.ReLU
+        return _replaceable(module.get_submodule(node.target), nn.ReLU)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
     return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs
@@ -328,7 +390,7 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, _Kern
     """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one ReLU only."""
     calls: Dict[str, list] = {}
     for node in graph.nodes:
-        if node.op == "call_module" and type(module.get_submodule(node.target)) is nn.Linear:
+        if node.op == "call_module" and _replaceable(module.get_submodule(node.target), nn.Linear):
             calls.setdefault(node.target, []).append(node)
     relus, linears = [], {}
     for target, nodes in calls.items():
@@ -361,7 +423,52 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, _Kern
             relu.replace_all_uses_with(node)
             graph.erase_node(relu)
         code = graph.python_code(root_module="self")
-        namespace = dict(code.globals)
-        exec(compile(code.src, f"<customlayers.convert: {type(module).__qualname__}.forward>", "exec"), namespace)
-        cls = type(module)
-        module.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+        module.__class__ = _converted_class(type(module), code.src, _globals_spec(code.globals))
+
+
+# The classes of modules whose forward convert() rewrote: (base class, forward source, globals) -> class.
+_CONVERTED: Dict[tuple, type] = {}
+
+
+def _globals_spec(namespace: Dict[str, object]) -> tuple:
+    """The traced code's globals, modules by name (so that the spec pickles and deep-copies)."""
+    return tuple(sorted((name, ("module", value.__name__) if isinstance(value, types.ModuleType) else ("object", value))
+                        for name, value in namespace.items()))
+
+
+def _converted_class(base: type, src: str, spec: tuple) -> type:
+    """A subclass of base whose forward is the traced, fused code src. It keeps base's name, attributes and
+    methods; it pickles (torch.save of the whole model, copy.deepcopy) as base's state plus the code, and
+    unpickling rebuilds the class here (_rebuild_converted), so no class needs to be importable by its name."""
+    base = base.__dict__.get("_customlayers_converted_from", base)  # converting a converted module again
+    try:
+        key = (base, src, tuple((name, repr(ref) if isinstance(ref, float) else ref)  # nan != nan
+                                for name, (_, ref) in spec))
+        cls = _CONVERTED.get(key)
+    except TypeError:  # an unhashable global: a class per call
+        key, cls = None, None
+    if cls is not None:
+        return cls
+    namespace = {name: importlib.import_module(ref) if kind == "module" else ref for name, (kind, ref) in spec}
+    filename = f"<customlayers.convert: {base.__module__}.{base.__qualname__}.forward #{len(_CONVERTED)}>"
+    # The source in linecache, as torch.fx does for GraphModules: tracebacks, inspect and torch.jit.script read it.
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    exec(compile(src, filename, "exec"), namespace)
+
+    def __reduce_ex__(self, protocol):
+        rebuilt = object.__reduce_ex__(self, protocol)  # (copyreg.__newobj__, (cls,), state, ...)
+        return (_rebuild_converted, (base, src, spec), *rebuilt[2:])
+
+    cls = type(base.__name__, (base,), {"forward": namespace["forward"], "__module__": base.__module__,
+                                         "__qualname__": base.__qualname__, "__reduce_ex__": __reduce_ex__,
+                                         "_customlayers_converted_from": base})
+    if key is not None:
+        _CONVERTED[key] = cls
+    return cls
+
+
+def _rebuild_converted(base: type, src: str, spec: tuple) -> nn.Module:
+    """Unpickling a module whose forward convert() rewrote: an empty instance of its class, rebuilt from the
+    base class and the fused forward's code; pickle then restores its state (nn.Module.__setstate__)."""
+    cls = _converted_class(base, src, spec)
+    return cls.__new__(cls)

@@ -10,6 +10,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.parametrizations
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 from torch import nn
 from torch.nn import functional as F
 
@@ -368,3 +371,172 @@ def test_outputs_leave_hooked_or_non_parameter_linears():
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), hooked, nn.Tanh(), nn.Linear(4, 8), nn.Tanh(), plain)
     converted, names = customlayers.convert(model, report=True)
     assert names == ["0", "4"] and type(converted[2]) is nn.Linear and type(converted[6]) is nn.Linear
+
+
+# ------------------------------------------------------------------------------------------ model surgery
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow: fx cannot trace a Sequential holding it (the nn.Sequential walk runs)."""
+
+    def forward(self, x):
+        return x if x.sum() > -1e30 else -x
+
+
+class _FunctionalMLP(nn.Module):
+    def __init__(self, first, middle, last):
+        super().__init__()
+        self.first, self.middle, self.last = first, middle, last
+
+    def forward(self, x):
+        return self.last(F.relu(self.middle(F.relu(self.first(x)))))
+
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _prune(m):
+    torch.nn.utils.prune.l1_unstructured(m, "weight", 0.5)
+
+
+SURGERIES = {
+    "pruned": _prune,
+    "parametrized": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", _Scale()),
+    "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+    "spectral_norm": lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
+    "old_weight_norm": lambda m: torch.nn.utils.weight_norm(m),
+    "forward_hook": lambda m: m.register_forward_hook(lambda mod, args, out: out * 2),
+    "forward_pre_hook": lambda m: m.register_forward_pre_hook(lambda mod, args: (args[0] * 2,)),
+    "backward_hook": lambda m: m.register_full_backward_hook(lambda mod, gin, gout: None),
+}
+
+
+def _surgery_model(path, surgery):
+    """Two operated Linears (one feeding a ReLU, one an output layer) and a plain Linear + ReLU between them."""
+    first, middle, last = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+    SURGERIES[surgery](first)
+    SURGERIES[surgery](last)
+    if path == "functional":
+        return _FunctionalMLP(first, middle, last), (first, middle, last)
+    tail = [_Untraceable()] if path == "sequential" else []
+    return nn.Sequential(first, nn.ReLU(), middle, nn.ReLU(), *tail, last), (first, middle, last)
+
+
+@pytest.mark.parametrize("surgery", list(SURGERIES))
+@pytest.mark.parametrize("path", ["sequential", "traced", "functional"])
+def test_convert_leaves_operated_linears_alone(path, surgery):
+    torch.manual_seed(1)
+    model, (first, middle, last) = _surgery_model(path, surgery)
+    torch.manual_seed(1)
+    original, _ = _surgery_model(path, surgery)  # (a pruned module does not deep-copy)
+    x = torch.randn(5, 4)
+    converted, names = customlayers.convert(model, inplace=True, report=True)
+    assert converted is model
+    modules = dict(converted.named_modules())
+    middle_name = "middle" if path == "functional" else "2"
+    assert names == [middle_name] and type(modules[middle_name]) is LinearReLU
+    operated = [m for n, m in modules.items() if n in (("first", "last") if path == "functional" else ("0", str(len(converted) - 1)))]
+    assert operated[0] is first and operated[1] is last
+    assert not isinstance(first, (LinearReLU, FusedLinear)) and not isinstance(last, (LinearReLU, FusedLinear))
+    if path != "functional":
+        assert type(converted[1]) is nn.ReLU  # the operated Linear's ReLU stays
+    _check_same(original, converted, x)
+
+
+@pytest.mark.parametrize("path", ["sequential", "traced", "functional"])
+def test_convert_leaves_hooked_relu_alone(path):
+    model, _ = _surgery_model(path, "forward_hook")
+    relu = nn.ReLU()
+    relu.register_forward_hook(lambda mod, args, out: out + 1)
+    if path == "functional":
+        model = nn.Sequential(nn.Linear(4, 8), relu, nn.Linear(8, 3))
+    else:
+        model[3] = relu
+    original = copy.deepcopy(model)
+    converted = customlayers.convert(model)
+    assert any(m is not None and m._forward_hooks for m in converted.modules() if type(m) is nn.ReLU)
+    _check_same(original, converted, torch.randn(5, 4))
+
+
+BOOKMOD = '''
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Book(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.hidden(x)))
+
+    def describe(self):
+        return "a book"
+'''
+
+
+@pytest.fixture
+def bookmod(tmp_path, monkeypatch):
+    (tmp_path / "bookmod.py").write_text(BOOKMOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+    sys.modules.pop("bookmod", None)
+    module = importlib.import_module("bookmod")
+    yield module
+    sys.modules.pop("bookmod", None)
+
+
+def test_rewritten_forward_pickles_and_loads_in_a_fresh_interpreter(tmp_path, bookmod):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    model = bookmod.Book()
+    converted = customlayers.convert(model)
+    assert type(converted).__name__ == "Book" and isinstance(converted, bookmod.Book) and type(converted) is not bookmod.Book
+    assert list(converted.state_dict()) == list(model.state_dict()) == ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]
+    x = torch.randn(5, 4)
+    expected = converted(x)
+    path = tmp_path / "book.pt"
+    torch.save(converted, path)
+    loaded = torch.load(path, weights_only=False)
+    assert type(loaded) is type(converted) and loaded.describe() == "a book"
+    assert type(loaded.hidden) is LinearReLU and type(loaded.out) is FusedLinear
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    clone = copy.deepcopy(converted)
+    torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+    torch.save((x, expected.detach()), tmp_path / "xy.pt")
+    code = textwrap.dedent(f"""
+        import sys
+        import torch
+        sys.path.insert(0, {str(tmp_path)!r})
+        model = torch.load({str(path)!r}, weights_only=False)   # imports customlayers and bookmod itself
+        x, y = torch.load({str(tmp_path / 'xy.pt')!r})
+        import bookmod
+        assert isinstance(model, bookmod.Book) and type(model).__name__ == "Book"
+        assert type(model.hidden).__name__ == "LinearReLU"
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+        print(sorted(model.state_dict()))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)  # the same backend (CUSTOMLAYERS_FORCE_FALLBACK) as this process
+    env["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=str(tmp_path),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(sorted(model.state_dict()))
+
+
+def test_rewritten_forward_scripts(bookmod):
+    converted = customlayers.convert(bookmod.Book())
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(converted)
+    torch.testing.assert_close(scripted(x), converted(x), rtol=0, atol=0)

@@ -1,0 +1,119 @@
+"""Quantization of convert()ed models: PyTorch's dynamic quantization maps LinearReLU and FusedLinear to the
+native dynamic quantized modules (the same outputs as the native model quantized the same way); torchao's
+quantize_ (an optional extra) swaps their weights for quantized tensor subclasses, which they run through
+F.linear (eager, backward, torch.compile), and convert() after quantize_ leaves those layers alone."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.quantized.dynamic as nniqd
+import torch.ao.nn.quantized.dynamic as nnqd
+from torch import nn
+
+import customlayers
+from customlayers.nn import FusedLinear, LinearReLU
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+def _native():
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def _native_dynamic(model, dtype):
+    fused = torch.ao.quantization.fuse_modules(copy.deepcopy(model).eval(), [["0", "1"], ["2", "3"]])
+    return torch.ao.quantization.quantize_dynamic(fused, {nn.Linear, nni.LinearReLU}, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.float16])
+@pytest.mark.parametrize("how", ["helper_set", "helper_default", "torch_with_our_classes"])
+def test_dynamic_quantization_matches_native(how, dtype):
+    native = _native()
+    ours = customlayers.convert(native)
+    assert [type(m) for m in ours] == [LinearReLU, nn.Identity, LinearReLU, nn.Identity, FusedLinear]
+    if how == "helper_set":
+        quantized = customlayers.quantization.quantize_dynamic(ours, {nn.Linear}, dtype=dtype)
+    elif how == "helper_default":
+        quantized = customlayers.quantization.quantize_dynamic(ours, dtype=dtype)
+    else:  # torch's own, with the default mapping (customlayers registered its classes in it)
+        quantized = torch.ao.quantization.quantize_dynamic(ours, {nn.Linear, LinearReLU, FusedLinear}, dtype=dtype)
+    assert [type(m) for m in quantized] == [nniqd.LinearReLU, nn.Identity, nniqd.LinearReLU, nn.Identity, nnqd.Linear]
+    assert type(ours[0]) is LinearReLU  # inplace=False
+    expected = _native_dynamic(native, dtype)
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(quantized(x), expected(x), rtol=0, atol=0)
+
+
+def test_dynamic_quantization_dict_spec_and_names():
+    ours = customlayers.convert(_native())
+    qconfig = torch.ao.quantization.default_dynamic_qconfig
+    quantized = customlayers.quantization.quantize_dynamic(ours, {"0": qconfig, "4": qconfig})
+    assert [type(m) for m in quantized] == [nniqd.LinearReLU, nn.Identity, LinearReLU, nn.Identity, nnqd.Linear]
+    x = torch.randn(3, 6)
+    assert quantized(x).shape == (3, 3)
+
+
+def test_torch_default_spec_needs_our_classes_named():
+    # torch's quantize_dynamic picks modules by exact type: its default spec names nn.Linear only.
+    ours = customlayers.convert(_native())
+    quantized = torch.ao.quantization.quantize_dynamic(ours)
+    assert type(quantized[0]) is LinearReLU
+    assert torch.ao.quantization.quantization_mappings.get_default_dynamic_quant_module_mappings()[LinearReLU] \
+        is customlayers.quantization.DYNAMIC_MAPPINGS[LinearReLU]
+
+
+# ------------------------------------------------------------------------------------------ torchao
+
+torchao_quantization = pytest.importorskip("torchao.quantization", reason="torchao is not installed (the optional "
+                                           "extra 'quantization': pip install 'customlayers[quantization]')")
+
+
+def _torchao_configs():
+    q = torchao_quantization
+    return {"int8_weight_only": q.Int8WeightOnlyConfig, "int8_dynamic": q.Int8DynamicActivationInt8WeightConfig,
+            "intx_weight_only": q.IntxWeightOnlyConfig}
+
+
+@pytest.mark.parametrize("config", list(_torchao_configs()))
+def test_torchao_quantize_matches_native(config):
+    make = _torchao_configs()[config]
+    native = _native()
+    ours = customlayers.convert(native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torchao_quantization.quantize_(native, make())
+        torchao_quantization.quantize_(ours, make())
+    assert type(ours[0]) is LinearReLU and type(ours[0].weight) is type(native[0].weight)
+    assert type(ours[0].weight) not in (torch.Tensor, nn.Parameter)
+    x = torch.randn(5, 6, requires_grad=True)
+    xn = x.detach().clone().requires_grad_()
+    y, yn = ours(x), native(xn)
+    torch.testing.assert_close(y, yn, rtol=0, atol=0)
+    y.square().sum().backward()
+    yn.square().sum().backward()
+    torch.testing.assert_close(x.grad, xn.grad)
+    # convert() after quantize_ leaves the quantized Linears alone (their weight is not a plain Parameter).
+    with pytest.warns(UserWarning, match="the model is unchanged"):
+        again = customlayers.convert(native)
+    assert [type(m) for m in again] == [type(m) for m in native]
+    torch.testing.assert_close(again(x), yn, rtol=0, atol=0)
+
+
+def test_torchao_quantized_compiles():
+    native = _native()
+    ours = customlayers.convert(native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torchao_quantization.quantize_(native, torchao_quantization.Int8WeightOnlyConfig())
+        torchao_quantization.quantize_(ours, torchao_quantization.Int8WeightOnlyConfig())
+    x = torch.randn(5, 6)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(ours)(x), native(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_weights_still_run_the_op_under_export():
+    program = torch.export.export(customlayers.convert(_native()), (torch.randn(4, 6),))
+    code = program.graph_module.code
+    assert code.count("customlayers.linear_act") == 3 and "aten.linear" not in code
