@@ -16,6 +16,7 @@
 #include "cpu/linear_act_widen.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 
@@ -63,7 +64,9 @@ TilePlan plan_tiles(int64_t R, int64_t C, int64_t red, int64_t element_size, int
 
 // f(i) for every tile i < n, in a parallel region whenever more than one thread may run: BLAS called inside
 // it runs on the calling thread, so a tile's result is the same whatever the thread count (one tile too: the
-// region then has a thread with nothing to do).
+// region then has a thread with nothing to do). The tiles call ATen ops (views, addmm, copies): each thread
+// runs them with the caller's thread-local state (below autograd, as the kernel is called), which the
+// region's worker threads would not have otherwise.
 template <typename F>
 void run_tiles(int64_t n, const F& f) {
   if (n <= 0) return;
@@ -71,7 +74,9 @@ void run_tiles(int64_t n, const F& f) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
+  const at::ThreadLocalState state;
   at::parallel_for(0, std::max<int64_t>(n, 2), 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
     for (int64_t i = begin; i < std::min(end, n); ++i) f(i);
   });
 }
