@@ -30,6 +30,7 @@ constexpr int64_t kCachedOperandBytes = 4 << 20; // right operands up to this si
 constexpr int64_t kMaxTileRows = 512;
 constexpr int64_t kMinTiles = 8;                 // columns are split while there are fewer tiles than this
 constexpr int64_t kTileAlign = 64;               // tile sides are multiples of this (but the last ones)
+constexpr int64_t kReductionChunk = 1024;        // rows per chunk of a dW summed over chunks
 
 // The tiles of a GEMM's (R, C) output with reduction length `red`: rows x cols each (the last ones
 // smaller), chosen from the shapes alone. Rows: enough for kTileMacs when the right operand (red, cols)
@@ -142,7 +143,7 @@ void run_tile(const TiledGemm& g, int64_t tile) {
 
 // The tiles of every GEMM in `gemms`, in one parallel region.
 template <typename T>
-void run_gemms(std::initializer_list<const TiledGemm*> gemms) {
+void run_gemms(const std::vector<const TiledGemm*>& gemms) {
   int64_t total = 0;
   for (const TiledGemm* g : gemms) total += g->plan.count();
   run_tiles(total, [&](int64_t i) {
@@ -185,10 +186,36 @@ void backward_in_type(const LinearBackward& args, LinearGrads& grads, double* pa
   }
   if (!gemms) return;
   const int64_t macs = tile_macs<T>();
-  TiledGemm dx, dw;  // dX = g' @ W^T: [M, N] x [N, K]; dW = X^T @ g': [K, M] x [M, N]
-  if (grads.dx.defined()) dx = tiled(grads.dx, gp, right_operand(args.weight.t()), {}, Activation::kNone, macs);
-  if (grads.dw.defined()) dw = tiled(grads.dw, args.x2.t(), gp, {}, Activation::kNone, macs);
-  run_gemms<T>({&dx, &dw});
+  std::vector<TiledGemm> parts;  // dX = g' @ W^T: [M, N] x [N, K]; dW = X^T @ g': [K, M] x [M, N]
+  if (grads.dx.defined()) parts.push_back(tiled(grads.dx, gp, right_operand(args.weight.t()), {}, Activation::kNone, macs));
+  // A dW with few tiles and a long reduction (many rows, a small weight) is summed over fixed chunks of rows
+  // instead, each chunk's product a GEMM of its own, the chunks added in order; not in float16/bfloat16,
+  // whose chunks would each be rounded.
+  const int64_t K = args.K;
+  const bool split = grads.dw.defined() && !at::vec::is_reduced_floating_point_v<T> && M >= 2 * kReductionChunk &&
+                     plan_tiles(K, N, M, grads.dw.element_size(), macs).count() < kMinTiles;
+  const int64_t chunks = split ? ceil_div(M, kReductionChunk) : 0;
+  const at::Tensor dw_parts = split ? cpu::empty({chunks, K, N}, grads.dw.scalar_type()) : at::Tensor();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t r0 = c * kReductionChunk, rows = std::min(kReductionChunk, M - r0);
+    parts.push_back(tiled(dw_parts[c], args.x2.narrow(0, r0, rows).t(), gp.narrow(0, r0, rows), {}, Activation::kNone,
+                          macs));
+  }
+  if (grads.dw.defined() && !split) parts.push_back(tiled(grads.dw, args.x2.t(), gp, {}, Activation::kNone, macs));
+  std::vector<const TiledGemm*> list;
+  for (const TiledGemm& g : parts) list.push_back(&g);
+  run_gemms<T>(list);
+  if (!split) return;
+  const T* src = dw_parts.const_data_ptr<T>();
+  const Strided<T> dw = mutable_strided_of<T>(grads.dw);
+  at::parallel_for(0, K, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(N * chunks, 1)), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        T acc = src[k * N + n];
+        for (int64_t c = 1; c < chunks; ++c) acc += src[(c * K + k) * N + n];
+        dw.data[k * dw.rs + n * dw.cs] = acc;
+      }
+  });
 }
 
 }  // namespace
