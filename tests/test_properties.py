@@ -302,6 +302,34 @@ def test_linear_act_forward(data, dtype, act):
         assert_close_to(module(x), truth, bound)
 
 
+# (rows, in, out) ranges of each CPU path: small weights (in <= 64), narrow outputs (out <= 16, in >= 32)
+# and BLAS GEMMs (the rest).
+PATH_SIZES = {"small": ((1, 70), (1, 64), (17, 40)), "narrow": ((1, 70), (32, 300), (1, 16)),
+              "blas": ((1, 140), (65, 200), (17, 80))}
+
+
+@given(data=st.data(), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       path=st.sampled_from(sorted(PATH_SIZES)), act=st.sampled_from(["relu", "none"]), weight_t=st.booleans())
+def test_linear_act_reduced_precision_with_bias_rounds_once(data, dtype, path, act, weight_t):
+    """float16/bfloat16 with a bias on every CPU path: each output is the float32-accumulated value rounded
+    once to the dtype (bias and activation on the accumulator), so it is within the float32 accumulation
+    error plus half an ulp of the dtype of the exact value; rounding the product before adding the bias
+    is off by half an ulp of the product, which a bias of the opposite sign makes far larger (and it can
+    flip the ReLU)."""
+    m, k, n = (data.draw(st.integers(lo, hi), name) for (lo, hi), name in zip(PATH_SIZES[path], "mkn"))
+    seed = data.draw(st.integers(0, 2 ** 31 - 1), "seed")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)   # nn.Linear's (out, in)
+    b = (torch.randn(n, generator=gen) * 2).to(dtype)
+    y = F.linear_act(x, w if weight_t else w.t(), b, act, weight_t=weight_t)
+    truth, abs_sum = linear_truth(x, w.t(), b, act)
+    pre = x.double() @ w.double().t() + b.double()
+    accumulation = gemm_bound(abs_sum, k, torch.float32)
+    half_ulp = torch.finfo(dtype).eps / 2 * (pre.abs() + accumulation)
+    assert_close_to(y, truth, accumulation + half_ulp + torch.finfo(dtype).tiny)
+
+
 def linear_backward_truth(g, x, w, b, y, act):
     """(dx, dw, db) and their error bounds in float64, with torch.relu's derivative: the gradient passes
     where the output is not <= 0."""
