@@ -53,6 +53,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+def load_file(name: str, *path: str):
+    """A file of the repository (path relative to its root) loaded as module `name`, standalone: as
+    setup.py loads customlayers/_cpu.py, or a script of examples/."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, *path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def requires_extension():
     """Tests of the compiled kernels themselves skip (with the reason) when the run uses the fallback."""
     return pytest.mark.skipif(not customlayers._ops.loaded(),

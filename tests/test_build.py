@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import customlayers
-from conftest import requires_extension, strict_extension
+from conftest import load_file, requires_extension, strict_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,11 +180,7 @@ def test_cpu_without_build_isa_falls_back_with_message():
 
 def _load_cpu_module():
     """customlayers/_cpu.py loaded standalone, as setup.py loads it."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_cpu_standalone", os.path.join(ROOT, "customlayers", "_cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("_cpu_standalone", "customlayers", "_cpu.py")
 
 
 def test_cpuid_alone_decides_avx2(monkeypatch):

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from conftest import load_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,10 +54,7 @@ def test_per_epoch_leaves_out_the_warm_up():
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("train_digits", os.path.join(ROOT, "examples", "train_digits.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return demo
+    return load_file("train_digits", "examples", "train_digits.py")
 
 
 def test_text_progress_bar(capsys):
