@@ -1,64 +1,77 @@
 """Quantizing models built from (or convert()ed to) the custom layers.
 
-LinearReLU and FusedLinear are nn.Linear subclasses, which PyTorch's quantizers pick by exact type:
+LinearReLU and FusedLinear are nn.Linear subclasses, which PyTorch's quantizers pick by exact type. Importing
+customlayers adds them to torch.ao.quantization's default mappings, each converted as the native float module
+it stands for (``torch.ao.nn.intrinsic.LinearReLU``, i.e. nn.Linear + nn.ReLU fused, or ``nn.Linear``) would be:
 
-- Dynamic quantization (``torch.ao.quantization.quantize_dynamic``): importing customlayers adds LinearReLU ->
-  ``torch.ao.nn.intrinsic.quantized.dynamic.LinearReLU`` and FusedLinear ->
-  ``torch.ao.nn.quantized.dynamic.Linear`` to PyTorch's default dynamic mapping, so the ones a ``qconfig_spec``
-  names are quantized as their native counterparts. ``quantize_dynamic`` below is torch's with the spec
-  extended: where it (or its default) names ``nn.Linear``, LinearReLU and FusedLinear get the same qconfig.
+- dynamic (``quantize_dynamic``): LinearReLU -> ``torch.ao.nn.intrinsic.quantized.dynamic.LinearReLU``,
+  FusedLinear -> ``torch.ao.nn.quantized.dynamic.Linear``. torch's default qconfig_spec names nn.Linear only
+  (and it matches exact types), so ``quantize_dynamic`` below extends the spec: where it names ``nn.Linear``,
+  LinearReLU and FusedLinear get the same qconfig.
+- eager static post-training quantization (``prepare`` / ``convert``): ``torch.ao.nn.intrinsic.quantized.LinearReLU``
+  and ``torch.ao.nn.quantized.Linear``;
+- eager quantization-aware training (``prepare_qat``): ``torch.ao.nn.intrinsic.qat.LinearReLU`` and
+  ``torch.ao.nn.qat.Linear``, which ``convert`` then quantizes as usual.
 - torchao (``quantize_``): its filter takes them for nn.Linear and swaps their weight for a quantized tensor
   subclass; their forward then runs ``torch.nn.functional.linear`` (+ ReLU) on it, which the subclass
-  implements, instead of the customlayers op. MyLinear (weight (in, out), not an nn.Linear) is left float.
+  implements, instead of the customlayers op.
+
+MyLinear (weight (in, out), not an nn.Linear) and CenteredLayer are left float by every flow.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
 import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.qat as nniqat
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.intrinsic.quantized.dynamic as nniqd
+import torch.ao.nn.qat as nnqat
+import torch.ao.nn.quantized as nnq
+import torch.ao.nn.quantized.dynamic as nnqd
 from torch import nn
+from torch.ao.quantization import quantization_mappings
 
 from .nn import FusedLinear, LinearReLU
 
-__all__ = ["DYNAMIC_MAPPINGS", "quantize_dynamic"]
+__all__ = ["DYNAMIC_MAPPINGS", "STATIC_MAPPINGS", "QAT_MAPPINGS", "quantize_dynamic"]
 
 
-class _DynamicLinearReLU:
-    """A dynamic-quantization mapping entry: LinearReLU -> torch.ao.nn.intrinsic.quantized.dynamic.LinearReLU
-    (the module quantize_dynamic makes of a fused ``torch.ao.nn.intrinsic.LinearReLU``)."""
-
-    @staticmethod
-    def from_float(mod: LinearReLU, use_precomputed_fake_quant: bool = False) -> nn.Module:
-        import torch.ao.nn.intrinsic as nni
-        import torch.ao.nn.intrinsic.quantized.dynamic as nniqd
-        linear = mod.to_linear()
-        linear.qconfig = mod.qconfig
-        fused = nni.LinearReLU(linear, nn.ReLU())
-        fused.qconfig = mod.qconfig
-        return nniqd.LinearReLU.from_float(fused, use_precomputed_fake_quant=use_precomputed_fake_quant)
+def _native_float(mod: nn.Linear) -> nn.Module:
+    """The native float module that ``mod`` (LinearReLU or FusedLinear) stands for, sharing its Parameters, with
+    its qconfig and output observer (what the quantized modules' from_float read)."""
+    linear = mod.to_linear()
+    linear.qconfig = mod.qconfig
+    native = nni.LinearReLU(linear, nn.ReLU()) if isinstance(mod, LinearReLU) else linear
+    native.qconfig = mod.qconfig
+    if hasattr(mod, "activation_post_process"):
+        native.activation_post_process = mod.activation_post_process
+    return native
 
 
-class _DynamicFusedLinear:
-    """A dynamic-quantization mapping entry: FusedLinear -> torch.ao.nn.quantized.dynamic.Linear."""
-
-    @staticmethod
-    def from_float(mod: FusedLinear, use_precomputed_fake_quant: bool = False) -> nn.Module:
-        import torch.ao.nn.quantized.dynamic as nnqd
-        linear = mod.to_linear()
-        linear.qconfig = mod.qconfig
-        return nnqd.Linear.from_float(linear, use_precomputed_fake_quant=use_precomputed_fake_quant)
+def _entry(target: type) -> type:
+    """A mapping entry (what torch.ao.quantization's mappings hold: a class with ``from_float``) that makes
+    ``target`` of one of our modules as of its native float module."""
+    def from_float(mod: nn.Linear, use_precomputed_fake_quant: bool = False) -> nn.Module:
+        return target.from_float(_native_float(mod), use_precomputed_fake_quant=use_precomputed_fake_quant)
+    return type(f"As{target.__name__}", (), {"from_float": staticmethod(from_float), "target": target,
+                                             "__doc__": f"Converts to {target.__module__}.{target.__name__}."})
 
 
-# What PyTorch's default dynamic mapping gets (register() at import).
-DYNAMIC_MAPPINGS: Dict[type, type] = {LinearReLU: _DynamicLinearReLU, FusedLinear: _DynamicFusedLinear}
+DYNAMIC_MAPPINGS: Dict[type, type] = {LinearReLU: _entry(nniqd.LinearReLU), FusedLinear: _entry(nnqd.Linear)}
+STATIC_MAPPINGS: Dict[type, type] = {LinearReLU: _entry(nniq.LinearReLU), FusedLinear: _entry(nnq.Linear)}
+QAT_MAPPINGS: Dict[type, type] = {LinearReLU: _entry(nniqat.LinearReLU), FusedLinear: _entry(nnqat.Linear)}
 
 
 def register() -> None:
-    """Adds DYNAMIC_MAPPINGS to torch.ao.quantization's default dynamic quantization mapping (which
-    ``get_default_dynamic_quant_module_mappings()`` copies); only these classes' entries are added."""
-    from torch.ao.quantization import quantization_mappings
-    for cls, entry in DYNAMIC_MAPPINGS.items():
-        quantization_mappings.DEFAULT_DYNAMIC_QUANT_MODULE_MAPPINGS.setdefault(cls, entry)
+    """Adds the mappings above to torch.ao.quantization's default dynamic, static and QAT module mappings
+    (which ``get_default_*_module_mappings()`` copy); only these classes' entries are added."""
+    for default, ours in ((quantization_mappings.DEFAULT_DYNAMIC_QUANT_MODULE_MAPPINGS, DYNAMIC_MAPPINGS),
+                          (quantization_mappings.DEFAULT_STATIC_QUANT_MODULE_MAPPINGS, STATIC_MAPPINGS),
+                          (quantization_mappings.DEFAULT_QAT_MODULE_MAPPINGS, QAT_MAPPINGS)):
+        for cls, entry in ours.items():
+            default.setdefault(cls, entry)
 
 
 def quantize_dynamic(model: nn.Module, qconfig_spec: Optional[Any] = None, dtype: torch.dtype = torch.qint8,
@@ -69,7 +82,6 @@ def quantize_dynamic(model: nn.Module, qconfig_spec: Optional[Any] = None, dtype
     them itself; mapping (None: the default dynamic mapping) gets DYNAMIC_MAPPINGS. LinearReLU becomes
     ``torch.ao.nn.intrinsic.quantized.dynamic.LinearReLU``, FusedLinear ``torch.ao.nn.quantized.dynamic.Linear``.
     """
-    from torch.ao.quantization import quantization_mappings
     from torch.ao.quantization.quantize import quantize_dynamic as torch_quantize_dynamic
     from torch.ao.quantization.qconfig import default_dynamic_qconfig, float16_dynamic_qconfig
     if qconfig_spec is None and dtype in (torch.qint8, torch.float16):

@@ -8,11 +8,14 @@ import warnings
 import pytest
 import torch
 import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.intrinsic.quantized.dynamic as nniqd
+import torch.ao.nn.quantized as nnq
 import torch.ao.nn.quantized.dynamic as nnqd
 from torch import nn
 
 import customlayers
+from conftest import requires_extension
 from customlayers.nn import FusedLinear, LinearReLU
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -62,6 +65,74 @@ def test_torch_default_spec_needs_our_classes_named():
     assert type(quantized[0]) is LinearReLU
     assert torch.ao.quantization.quantization_mappings.get_default_dynamic_quant_module_mappings()[LinearReLU] \
         is customlayers.quantization.DYNAMIC_MAPPINGS[LinearReLU]
+
+
+def _with_stubs(model):
+    return nn.Sequential(torch.ao.quantization.QuantStub(), *model, torch.ao.quantization.DeQuantStub())
+
+
+def _eager_static(model, fuse, x, qat):
+    """torch.ao.quantization's eager flow: post-training (prepare, calibrate, convert) or quantization-aware
+    (prepare_qat, three SGD steps from the same seed, convert); the native model fused as fuse says."""
+    tq = torch.ao.quantization
+    model = copy.deepcopy(model).train(qat)
+    if fuse:
+        model = (tq.fuse_modules_qat if qat else tq.fuse_modules)(model, fuse)
+    model.qconfig = tq.get_default_qat_qconfig("x86") if qat else tq.get_default_qconfig("x86")
+    (tq.prepare_qat if qat else tq.prepare)(model, inplace=True)
+    if qat:
+        torch.manual_seed(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    else:
+        model(x)
+    return tq.convert(model.eval(), inplace=True)
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
+def test_eager_static_quantization_matches_native(qat):
+    native = _with_stubs(_native())
+    ours = customlayers.convert(native)
+    assert [type(m) for m in ours[1:-1]] == [LinearReLU, nn.Identity, LinearReLU, nn.Identity, FusedLinear]
+    x = torch.randn(64, 6)
+    expected = _eager_static(native, [["1", "2"], ["3", "4"]], x, qat)
+    quantized = _eager_static(ours, None, x, qat)
+    assert [type(m) for m in quantized] == [type(m) for m in expected]
+    assert [type(m) for m in quantized[1:-1]] == [nniq.LinearReLU, nn.Identity, nniq.LinearReLU, nn.Identity,
+                                                  nnq.Linear]
+    # The observers saw our float outputs, which may differ from nn.Linear's in the last bit: the quantization
+    # parameters can then differ by as much, and a value on a rounding boundary by one quantization step.
+    torch.testing.assert_close(quantized(x), expected(x), rtol=0, atol=2 * expected[-2].scale)
+
+
+@requires_extension()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_quantized_input_is_refused_clearly(device):
+    q = torch.quantize_per_tensor(torch.randn(3, 6, device=device), 0.1, 0, torch.quint8)
+    w = torch.randn(6, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"customlayers::linear_act: x is a quantized tensor \(QUInt8 on "
+                                           r".*docs/deploy.md \(Quantization\)"):
+        customlayers.functional.linear_act(q, w)
+    with pytest.raises(RuntimeError, match=r"customlayers::centered: x is a quantized tensor"):
+        torch.ops.customlayers.centered(q)
+
+
+def test_fx_static_quantization_quantizes_the_linears():
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    ours = customlayers.convert(_native()).eval()
+    x = torch.randn(64, 6)
+    prepared = prepare_fx(ours, torch.ao.quantization.get_default_qconfig_mapping("x86"), (x,))
+    prepared(x)
+    quantized = convert_fx(prepared)
+    code = quantized.code
+    assert code.count("torch.ops.quantized.linear(") == 3 and "customlayers" not in code
+    reference = nn.Sequential(*_native()).eval()
+    reference.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(quantized(x), reference(x), rtol=0.05, atol=0.05)
 
 
 # ------------------------------------------------------------------------------------------ torchao
@@ -117,3 +188,19 @@ def test_plain_weights_still_run_the_op_under_export():
     program = torch.export.export(customlayers.convert(_native()), (torch.randn(4, 6),))
     code = program.graph_module.code
     assert code.count("customlayers.linear_act") == 3 and "aten.linear" not in code
+
+
+def test_pt2e_leaves_our_layers_float():
+    # docs/deploy.md: torchao's PT2E flow sees the exported customlayers.linear_act, which it does not know.
+    pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e", reason="torchao is not installed")
+    x86 = pytest.importorskip("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
+    ours = customlayers.convert(_native()).eval()
+    x = torch.randn(8, 6)
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = pt2e.prepare_pt2e(torch.export.export(ours, (x,)).module(), quantizer)
+        prepared(x)
+        quantized = pt2e.convert_pt2e(prepared)
+    assert quantized.code.count("customlayers.linear_act") == 3 and "quantize" not in quantized.code
+    torch.testing.assert_close(quantized(x), ours(x), rtol=0, atol=0)
