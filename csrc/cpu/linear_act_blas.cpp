@@ -20,22 +20,28 @@
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 
+#include <atomic>
 #include <vector>
 
 namespace customlayers::cpu {
 namespace {
 
 constexpr int64_t kTileMacs = 1 << 24;           // multiply-adds per tile, at least (float32, float64)
-constexpr int64_t kCachedOperandBytes = 4 << 20; // right operands up to this size are re-read from cache
+constexpr int64_t kCachedOperandBytes = 1 << 20; // operands up to this size are re-read from cache (L2)
 constexpr int64_t kMaxTileRows = 512;
 constexpr int64_t kMinTiles = 8;                 // columns are split while there are fewer tiles than this
-constexpr int64_t kTileAlign = 64;               // tile sides are multiples of this (but the last ones)
+constexpr int64_t kTileAlign = 64;               // tile sides are planned in multiples of this,
+constexpr int64_t kEvenAlign = 16;               // then evened out in multiples of this (but the last ones)
 constexpr int64_t kReductionChunk = 1024;        // rows per chunk of a dW summed over chunks
 
 // The tiles of a GEMM's (R, C) output with reduction length `red`: rows x cols each (the last ones
-// smaller), chosen from the shapes alone. Rows: enough for kTileMacs when the right operand (red, cols)
-// stays in cache, else kMaxTileRows (each tile re-reads it); columns split while there are fewer than
-// kMinTiles tiles and a tile keeps a quarter of kTileMacs.
+// smaller), chosen from the shapes alone. Each tile is a BLAS call that packs its own operands, so
+// - rows: enough for tile_macs when the right operand (red, C) stays in cache, else kMaxTileRows (each
+//   tile re-reads it from memory);
+// - columns are split while there are fewer than kMinTiles tiles, a tile keeps a quarter of tile_macs and
+//   its rows of the left operand (rows, red), which each column tile re-reads, stay in cache;
+// - an odd number of tiles gets one more row tile (two threads share them evenly), and the rows and
+//   columns are then shared out evenly.
 struct TilePlan {
   int64_t rows = 0, cols = 0, row_tiles = 0, col_tiles = 0;
   int64_t count() const { return row_tiles * col_tiles; }
@@ -47,38 +53,45 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 TilePlan plan_tiles(int64_t R, int64_t C, int64_t red, int64_t element_size, int64_t tile_macs) {
   TilePlan p;
   if (R == 0 || C == 0) return p;
-  const int64_t work = std::max<int64_t>(red, 1) * C;  // per output row
+  red = std::max<int64_t>(red, 1);
   const bool cached = red * C * element_size <= kCachedOperandBytes;
-  p.rows = cached ? std::clamp(round_up(ceil_div(tile_macs, work), kTileAlign), kTileAlign, kMaxTileRows)
-                  : kMaxTileRows;
-  p.rows = std::min(p.rows, R);
-  p.row_tiles = ceil_div(R, p.rows);
-  p.cols = C;
+  const int64_t rows = cached ? std::clamp(round_up(ceil_div(tile_macs, red * C), kTileAlign), kTileAlign, kMaxTileRows)
+                              : kMaxTileRows;
+  p.row_tiles = ceil_div(R, std::min(rows, R));
   p.col_tiles = 1;
-  while (p.row_tiles * p.col_tiles < kMinTiles && p.cols > kTileAlign &&
-         p.rows * (p.cols / 2) * std::max<int64_t>(red, 1) >= tile_macs / 4) {
-    p.cols = round_up(ceil_div(C, p.col_tiles * 2), kTileAlign);
-    p.col_tiles = ceil_div(C, p.cols);
+  const auto tile_rows = [&] { return ceil_div(R, p.row_tiles); };
+  while (p.row_tiles * p.col_tiles < kMinTiles && ceil_div(C, p.col_tiles * 2) >= kTileAlign &&
+         tile_rows() * ceil_div(C, p.col_tiles * 2) * red >= tile_macs / 4 &&
+         tile_rows() * red * element_size <= kCachedOperandBytes) {
+    p.col_tiles *= 2;
   }
+  if (p.row_tiles * p.col_tiles % 2 == 1 && R >= 2 * kEvenAlign * (p.row_tiles + 1)) ++p.row_tiles;
+  p.rows = std::min(R, round_up(tile_rows(), kEvenAlign));
+  p.cols = std::min(C, round_up(ceil_div(C, p.col_tiles), kEvenAlign));
+  p.row_tiles = ceil_div(R, p.rows);
+  p.col_tiles = ceil_div(C, p.cols);
   return p;
 }
 
 // f(i) for every tile i < n, in a parallel region whenever more than one thread may run: BLAS called inside
 // it runs on the calling thread, so a tile's result is the same whatever the thread count (one tile too: the
-// region then has a thread with nothing to do). The tiles call ATen ops (views, addmm, copies): each thread
-// runs them with the caller's thread-local state (below autograd, as the kernel is called), which the
-// region's worker threads would not have otherwise.
+// region then has a thread with nothing to do). Each thread takes the next tile not yet taken, so tiles of
+// different costs (dX's and dW's) keep every thread busy; which thread computes a tile does not change it.
+// The tiles call ATen ops (views, addmm, copies): each thread runs them with the caller's thread-local state
+// (below autograd, as the kernel is called), which the region's worker threads would not have otherwise.
 template <typename F>
 void run_tiles(int64_t n, const F& f) {
   if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (at::get_num_threads() == 1 || at::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
   const at::ThreadLocalState state;
-  at::parallel_for(0, std::max<int64_t>(n, 2), 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(threads, 2), 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard guard(state);
-    for (int64_t i = begin; i < std::min(end, n); ++i) f(i);
+    for (int64_t i = next++; i < n; i = next++) f(i);
   });
 }
 
@@ -154,10 +167,11 @@ void run_gemms(const std::vector<const TiledGemm*>& gemms) {
   });
 }
 
-// Reduced-precision GEMMs run natively about 4x faster than float32 ones: bigger tiles, fewer calls.
+// Reduced-precision GEMMs run natively about 4x faster than float32 ones, and each call (oneDNN) reorders its
+// operands: bigger tiles, fewer calls.
 template <typename T>
 constexpr int64_t tile_macs() {
-  return at::vec::is_reduced_floating_point_v<T> ? 4 * kTileMacs : kTileMacs;
+  return at::vec::is_reduced_floating_point_v<T> ? 16 * kTileMacs : kTileMacs;
 }
 
 template <typename T>
