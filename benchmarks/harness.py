@@ -35,15 +35,31 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
 
 
+# AMD's CPUs under a hypervisor are all named "AMD EPYC": their core generation, from the CPUID family and
+# model in /proc/cpuinfo, tells them apart (AMD's documented family/model ranges).
+_AMD_ZEN = ((25, range(0x00, 0x10), "Zen 3"), (25, range(0x20, 0x60), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"),
+            (25, range(0x60, 0x80), "Zen 4"), (25, range(0xA0, 0xB0), "Zen 4"), (26, range(0x00, 0x100), "Zen 5"))
+
+
 def _cpu_model() -> str:
+    """The CPU's model name, with its core generation when the name alone does not say it (e.g. 'AMD EPYC
+    Zen 5'), or the CPUID family and model where that is unknown."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if fields.get("vendor_id") == "AuthenticAMD" and name.strip() == "AMD EPYC":
+        family, model = int(fields.get("cpu family", "0")), int(fields.get("model", "0"))
+        zen = next((z for f, models, z in _AMD_ZEN if f == family and model in models), None)
+        name += f" {zen}" if zen else f" (family {family}, model {model})"
+    return name
 
 
 def describe_device(device: Device) -> str:
@@ -55,7 +71,7 @@ def describe_device(device: Device) -> str:
 
 
 def device_name(device: Device) -> str:
-    """Filesystem-safe device name for the results folder, e.g. 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc-2c'."""
+    """Filesystem-safe device name for the results folder, e.g. 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc-zen-5-2c'."""
     device = torch.device(device)
     if device.type == "cuda":
         return _slug(torch.cuda.get_device_name(device))
