@@ -437,38 +437,77 @@ def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> st
     return "\n".join(lines) + "\n"
 
 
+# The baselines a plot compares customlayers with, where a case has them (the tables list every one):
+# PyTorch's own way (eager / native / nn.Linear / vmap of eager / the book's code) and torch.compile.
+PLOTTED_BASELINES = ("eager", "native", "nn.Linear", "vmap of eager", "book (uniform_ + mask)", "torch.compile")
+
+
 def _plot(results: Sequence[Result], op: str, meta: Dict[str, object], path: Path) -> None:
+    """The speed-up of customlayers over each plotted baseline (baseline time / ours: above 1, ours is faster),
+    one panel per mode, one group of bars per size and dtype, each bar from the line at 1.0x up (faster) or
+    down (slower) on a log scale; a baseline whose output was wrong is hatched, one that failed is missing."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
     modes = list(dict.fromkeys(r.mode for r in results))
-    dtypes = list(dict.fromkeys(r.dtype for r in results))
-    names = _impl_names(results)
-    fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(6 * len(modes), 4.2 * len(dtypes)), squeeze=False)
-    for (i, dtype), (j, mode) in ((a, b) for a in enumerate(dtypes) for b in enumerate(modes)):
-        ax = axes[i][j]
-        points = sorted((r for r in results if r.dtype == dtype and r.mode == mode), key=lambda r: r.size)
-        for name in names:
-            timed = [r for r in points if name in r.times]
-            line, = ax.plot([r.size for r in timed], [r.times[name]["median"] * 1e6 for r in timed], marker="o",
-                            label=name, linewidth=2.5 if name == OURS else 1.5)
-            wrong = [r for r in timed if name in r.mismatches]
-            if wrong:  # wrong outputs: a large cross over the point, in the line's colour
-                ax.scatter([r.size for r in wrong], [r.times[name]["median"] * 1e6 for r in wrong], marker="X",
-                           s=140, color=line.get_color(), edgecolors="black", zorder=3,
-                           label=f"{name}: wrong output")
-        ax.set(xscale="log", yscale="log", title=f"{mode}, {dtype}", xlabel="size",
-               ylabel="median time per call (µs)")
-        ax.set_xticks([r.size for r in points], [r.label for r in points], rotation=40, ha="right", fontsize=8)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    present = {n for r in results for n in r.speedup}
+    baselines = [n for n in PLOTTED_BASELINES if n in present]
+    colors = {n: plt.get_cmap("tab10")(i) for i, n in enumerate(PLOTTED_BASELINES)}
+    groups = {mode: [r for r in results if r.mode == mode and any(b in r.speedup for b in baselines)] for mode in modes}
+    modes = [m for m in modes if groups[m]]
+    widest = max((len(g) for g in groups.values()), default=1)
+    fig, axes = plt.subplots(max(len(modes), 1), 1, figsize=(min(18.0, max(7.0, 0.9 * widest + 2)), 3.6 * max(len(modes), 1)),
+                             squeeze=False)
+    ticks = [t for t in (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)]
+    for ax, mode in zip(axes[:, 0], modes):
+        points = groups[mode]
+        bar = 0.8 / max(sum(b in r.speedup for b in baselines) for r in points)
+        drawn = set()
+        for i, r in enumerate(points):
+            here = [b for b in baselines if b in r.speedup]
+            for k, name in enumerate(here):
+                ax.bar(i + (k - (len(here) - 1) / 2) * bar, r.speedup[name] - 1, bar, bottom=1, color=colors[name],
+                       edgecolor="black",
+                       linewidth=0.4, hatch="//" if name in r.mismatches else None,
+                       label=None if name in drawn else f"vs {name}")
+                drawn.add(name)
+        ratios = [r.speedup[b] for r in points for b in baselines if b in r.speedup]
+        low, high = min(ratios + [1.0]) / 1.3, max(ratios + [1.0]) * 1.3
+        ax.axhline(1.0, color="black", linewidth=1.2)
+        ax.set_yscale("log", base=2)
+        ax.set_ylim(low, high)
+        ax.set_yticks([t for t in ticks if low <= t <= high], [f"{t:g}x" for t in ticks if low <= t <= high])
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(range(len(points)), [f"{r.label}\n{r.dtype}" for r in points], rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(points) - 0.4)
+        ax.set(title=f"{mode}: {OURS}' speed-up (baseline time / {OURS} time)",
+               ylabel=f"speed-up (above 1x: {OURS} faster)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    if any(r.mismatches for r in results):
+        fig.text(0.01, 0.005, "hatched: that baseline's output was outside the tolerance of the float64 reference",
+                 fontsize=7)
     fig.suptitle(f"{op} on {meta['device']}, torch {meta['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(folder: Path) -> List[Path]:
+    """Redraw every <op>.png of a results folder from its <op>.json (and refresh its README.md)."""
+    pngs, meta = [], None
+    for js in sorted(folder.glob("*.json")):
+        data = json.loads(js.read_text())
+        if meta is None or data["meta"]["date_utc"] > meta["date_utc"]:
+            meta = data["meta"]  # the README's header: the newest run's
+        results = [Result(**r) for r in data["results"]]
+        _plot(results, data["meta"]["op"], data["meta"], js.with_suffix(".png"))
+        pngs.append(js.with_suffix(".png"))
+    if meta is not None:
+        write_readme(folder, meta)
+    return pngs
 
 
 def write_readme(folder: Path, meta: Dict[str, object]) -> Path:

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from . import bench_centered, bench_linear_act, bench_masked_uniform, bench_mlp
-from .harness import ROUNDS, results_dir, run_cases, write_results
+from .harness import ROUNDS, replot, results_dir, run_cases, write_results
 
 # op name -> module with cases(device, quick) -> List[Case] (and OPS_USED, the ops it runs, when not op)
 BENCHES: Dict[str, ModuleType] = {
@@ -39,7 +40,13 @@ def main(argv: Optional[Sequence[str]] = None, default_ops: Optional[List[str]] 
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-run-time", type=float, metavar="S",
                         help=f"seconds per measurement (default {FULL_MIN_RUN_TIME}, --quick {QUICK_MIN_RUN_TIME})")
+    parser.add_argument("--replot", nargs="+", metavar="FOLDER", type=Path,
+                        help="only redraw the plots (and README.md) of these results folders from their JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        for folder in args.replot:
+            print("\n".join(str(p) for p in replot(folder)))
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     min_run_time = args.min_run_time or (QUICK_MIN_RUN_TIME if args.quick else FULL_MIN_RUN_TIME)

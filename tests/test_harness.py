@@ -161,3 +161,46 @@ def test_masked_uniform_cases_flag_a_bad_fill():
     assert set(result.mismatches) == {"unmasked"} and result.correctness == "property check"
     case.impls[OURS] = bench_masked_uniform._filler(bench_masked_uniform.uniform_only, w)
     assert OURS in _run(case).mismatches
+
+
+def test_speed_up_chart_and_replot(tmp_path):
+    # The chart draws one bar per plotted baseline and case from the line at 1.0x (up: ours faster), hatches a
+    # wrong baseline's bar and leaves out partial implementations; --replot redraws it from the JSON alone.
+    import dataclasses
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from benchmarks import harness, run
+
+    def result(label, mode, speedup, mismatches=()):
+        times = {OURS: {"median": 1.0}, **{n: {"median": v} for n, v in speedup.items()}}
+        return harness.Result("linear_act", 1, label, "float32", mode, times, {}, {n: "off" for n in mismatches},
+                              speedup, None, None)
+
+    results = [result("a", FWD, {"eager": 2.0, "torch.compile": 0.5, "GEMM floor": 0.9}),
+               result("b", FWD_BWD, {"eager": 1.5}, mismatches=("eager",))]
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, path, **kwargs):
+        drawn["bars"] = [[(round(p.get_y(), 6), round(p.get_y() + p.get_height(), 6), p.get_hatch())
+                          for p in ax.patches] for ax in fig.axes]
+        return real_savefig(fig, path, **kwargs)
+
+    plt.Figure.savefig = capture
+    try:
+        harness._plot(results, "linear_act", _meta(), tmp_path / "linear_act.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert drawn["bars"] == [[(1.0, 2.0, None), (1.0, 0.5, None)], [(1.0, 1.5, "//")]]
+    meta = {**_meta(), "op": "linear_act", "device_name": "cpu-test"}
+    (tmp_path / "linear_act.json").write_text(json.dumps({"meta": meta,
+                                                          "results": [dataclasses.asdict(r) for r in results]}))
+    (tmp_path / "linear_act.md").write_text("## linear_act\n")
+    (tmp_path / "linear_act.png").unlink()
+    run.main(["--replot", str(tmp_path)])
+    assert (tmp_path / "linear_act.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![linear_act](linear_act.png)" in (tmp_path / "README.md").read_text()
