@@ -42,7 +42,7 @@ DEVICE_VENV ?= .venv-device
 DEVICE_ARCH ?= 9.0
 DEVICE_OUT := build/device
 
-.PHONY: demo test test-long bench build clean cpp-build cpp-test gtest device-build sanitize
+.PHONY: demo test test-long bench build clean cpp-build cpp-test gtest cross-gxx device-build sanitize
 
 $(DEPS_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,7 +63,7 @@ demo: build $(DEMO_STAMP)
 
 # pytest exits 5 when it collected no test: that is a failure too. The CMake library is built first:
 # pytest loads it into Python (tests/test_cpp_library.py), CUSTOMLAYERS_CMAKE_LIBRARY makes it required.
-test: build cpp-build $(DEMO_STAMP)
+test: build cpp-build cross-gxx $(DEMO_STAMP)
 	$(PYTEST_ENV) CUSTOMLAYERS_CMAKE_LIBRARY=$(CMAKE_LIBRARY) $(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(CPP_ENV) ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
@@ -80,6 +80,16 @@ gtest:
 	  echo "installing GoogleTest (libgtest-dev)"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libgtest-dev; \
 	else echo "GoogleTest not found: install it (e.g. libgtest-dev) for the C++ tests" >&2; exit 1; fi
+
+# A C++ cross-compiler for aarch64 (Debian/Ubuntu's g++-aarch64-linux-gnu), installed when missing and apt-get
+# can: tests/test_build.py compiles the CPU sources for aarch64 with it.
+cross-gxx:
+	@if command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  echo "installing the aarch64 cross-compiler (g++-aarch64-linux-gnu)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu; \
+	else echo "aarch64-linux-gnu-g++ not found: the aarch64 cross-compile test will be skipped" >&2; fi
 
 # The venv's bin first: its python (with torch) for the Torch CMake package, pip's ninja, and pip's
 # cmake where the system has none.

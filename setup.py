@@ -93,23 +93,8 @@ def _want_cuda():
 _cpu = _load_module("_customlayers_cpu", "_cpu.py")
 
 
-def _cpu_isa():
-    """'avx2' when building on an x86-64 CPU with AVX2/FMA/F16C as CPUID reports them through torch
-    (customlayers/_cpu.py; the CPU kernels then use at::vec's AVX2 vectors, and import checks the running
-    CPU the same way), else 'default'.
-    CUSTOMLAYERS_CPU_ISA=default|avx2 overrides."""
-    isa = os.environ.get("CUSTOMLAYERS_CPU_ISA", "").strip().lower()
-    if isa in ("default", "avx2"):
-        return isa
-    if isa:
-        raise RuntimeError(f"customlayers: CUSTOMLAYERS_CPU_ISA must be 'default' or 'avx2', got {isa!r}")
-    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "avx2" if is_x86 and _cpu.has_avx2() and sys.platform != "win32" else "default"
-
-
 def _sources(with_cuda):
-    srcs = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "common", "*.cpp"))
-                  + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    srcs = _cpu.cpu_sources()
     if with_cuda:
         srcs += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     return srcs
@@ -166,9 +151,8 @@ def _extension():
     if torch._C.has_openmp and sys.platform != "win32":
         cxx_flags.append("-fopenmp")
         link_args.append("-fopenmp")
-    cpu_isa = _cpu_isa()
-    if cpu_isa == "avx2":
-        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    cpu_isa = _cpu.build_isa()
+    cxx_flags += list(_cpu.ISA_COMPILE_FLAGS[cpu_isa])
     define_macros = [("CUSTOMLAYERS_BUILDING_LIBRARY", None)]  # exports the public C++ API (customlayers.h)
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:

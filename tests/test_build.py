@@ -288,3 +288,42 @@ def test_sdist_has_every_source(tmp_path):
                                  "customlayers/_build_check.py", "customlayers/_cpu.py"} \
         | {os.path.join("cmake", f) for f in os.listdir(os.path.join(ROOT, "cmake"))}
     assert not wanted - packed, f"missing from the sdist: {sorted(wanted - packed)}"
+
+
+AARCH64_GXX = "aarch64-linux-gnu-g++"
+
+
+def test_aarch64_build_passes_no_x86_flags(monkeypatch):
+    cpu = load_file("_customlayers_cpu_test", "customlayers", "_cpu.py")
+    monkeypatch.delenv("CUSTOMLAYERS_CPU_ISA", raising=False)
+    assert cpu.build_isa("aarch64") == "default" and cpu.ISA_COMPILE_FLAGS["default"] == ()
+    monkeypatch.setenv("CUSTOMLAYERS_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="CUSTOMLAYERS_CPU_ISA must be 'default' or 'avx2', got 'sse9'"):
+        cpu.build_isa("x86_64")
+
+
+@pytest.mark.skipif(not __import__("shutil").which(AARCH64_GXX),
+                    reason=f"{AARCH64_GXX} is not installed (make cross-gxx installs Debian's g++-aarch64-linux-gnu)")
+def test_cpu_sources_cross_compile_for_aarch64(tmp_path):
+    """Every C++ source setup.py builds compiles for aarch64 with the flags a build there would use (the
+    'default' ISA: no x86 flag), against this torch's headers; each object is an aarch64 ELF file."""
+    from concurrent.futures import ThreadPoolExecutor
+    from torch.utils import cpp_extension
+
+    cpu = load_file("_customlayers_cpu_test", "customlayers", "_cpu.py")
+    flags = ["-std=c++20", "-O1", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-DCUSTOMLAYERS_BUILDING_LIBRARY",
+             *cpu.ISA_COMPILE_FLAGS[cpu.build_isa("aarch64")], f"-I{os.path.join(ROOT, 'csrc')}",
+             f"-I{os.path.join(ROOT, 'csrc', 'include')}", *(f"-I{d}" for d in cpp_extension.include_paths())]
+    sources = cpu.cpu_sources(ROOT)
+    assert any(s.endswith(os.path.join("cpu", "linear_act_small.cpp")) for s in sources)
+
+    def compile_one(src):
+        obj = tmp_path / (os.path.relpath(src, ROOT).replace(os.sep, "_") + ".o")
+        out = subprocess.run([AARCH64_GXX, *flags, "-c", src, "-o", str(obj)], capture_output=True, text=True)
+        return src, out, obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for src, out, obj in pool.map(compile_one, sources):
+            assert out.returncode == 0, f"{src}:\n{out.stderr[-4000:]}"
+            header = obj.read_bytes()[:20]
+            assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183, src  # EM_AARCH64
