@@ -1,6 +1,7 @@
 # make demo   create .venv, install torch + build deps (+ the demo's: scikit-learn, tqdm), build the extension,
 #             run the tour (examples/demo.py), the training demo (examples/train_digits.py) and a quick benchmark
-# make test   the same setup (demo extras included), then the full test suite: pytest, then the C++ tests (cpp-test)
+# make test   the same setup (demo extras included), then the full test suite: pytest, the C++ tests (cpp-test),
+#             then the CPU kernel tests on the portable build (test-portable)
 # make test-long  the full suite with the slow tests too (tests marked slow: tensors beyond 2^31 elements)
 # make cpp-test  configure + build the CMake library, C++ tests and example in build/cmake, run ctest
 # make sanitize  the CMake library and its GoogleTest suite under AddressSanitizer + UBSan (build/sanitize)
@@ -42,7 +43,7 @@ DEVICE_VENV ?= .venv-device
 DEVICE_ARCH ?= 9.0
 DEVICE_OUT := build/device
 
-.PHONY: demo test test-long bench build clean cpp-build cpp-test gtest cross-gxx device-build sanitize
+.PHONY: demo test test-portable test-long bench build clean cpp-build cpp-test gtest cross-gxx device-build sanitize
 
 $(DEPS_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +68,19 @@ test: build cpp-build cross-gxx $(DEMO_STAMP)
 	$(PYTEST_ENV) CUSTOMLAYERS_CMAKE_LIBRARY=$(CMAKE_LIBRARY) $(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(CPP_ENV) ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
+	$(MAKE) test-portable
+
+# The CPU kernel tests again, on the portable CPU kernels (CUSTOMLAYERS_CPU_ISA=default: no x86 flag, as on
+# aarch64 or an x86-64 CPU without AVX2), built as the CMake library and loaded in the package's place.
+PORTABLE_BUILD_DIR ?= build/portable
+PORTABLE_TESTS := tests/test_linear_act.py tests/test_centered.py tests/test_masked_uniform.py tests/test_properties.py
+test-portable: $(DEPS_STAMP)
+	$(CPP_ENV) cmake -S . -B $(PORTABLE_BUILD_DIR) -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  -DCUSTOMLAYERS_WITH_CUDA=OFF -DCUSTOMLAYERS_CPU_ISA=default -DCUSTOMLAYERS_BUILD_TESTS=OFF \
+	  -DCUSTOMLAYERS_BUILD_EXAMPLES=OFF
+	$(CPP_ENV) cmake --build $(PORTABLE_BUILD_DIR) --target customlayers -j $(MAX_JOBS)
+	$(PYTEST_ENV) CUSTOMLAYERS_TEST_LIBRARY=$(abspath $(PORTABLE_BUILD_DIR))/libcustomlayers.so \
+	  $(PY) -m pytest $(PORTABLE_TESTS) $(PYTEST_ARGS)
 
 # make test with the slow tests and the long hypothesis profile.
 test-long:

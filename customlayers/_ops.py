@@ -155,7 +155,10 @@ def reference_kernels(devices: Sequence[str], why: str = "CUSTOMLAYERS_FORCE_FAL
     context exits, when the compiled kernels serve again. CUSTOMLAYERS_FORCE_FALLBACK=cpu uses it for the
     process; tests use it to run the fallback in-process."""
     lib = torch.library.Library(NAMESPACE, "IMPL")
-    saved = dict(_has_kernel), dict(_fallback_why)
+    # Held here: a context the process keeps (CUSTOMLAYERS_FORCE_FALLBACK) exits at interpreter shutdown, after
+    # the module's globals may have been cleared.
+    has_kernel, fallback_why = _has_kernel, _fallback_why
+    saved = dict(has_kernel), dict(fallback_why)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*previously registered.*")
         for name in OPS:
@@ -169,8 +172,8 @@ def reference_kernels(devices: Sequence[str], why: str = "CUSTOMLAYERS_FORCE_FAL
         yield
     finally:
         lib._destroy()
-        _has_kernel.clear(), _fallback_why.clear()
-        _has_kernel.update(saved[0]), _fallback_why.update(saved[1])
+        has_kernel.clear(), fallback_why.clear()
+        has_kernel.update(saved[0]), fallback_why.update(saved[1])
 
 
 def _registered_elsewhere() -> bool:

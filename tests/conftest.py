@@ -3,7 +3,19 @@ import os
 import pytest
 import torch
 
-import customlayers
+# CUSTOMLAYERS_TEST_LIBRARY=<a CMake-built libcustomlayers.so>: the tests run that library's kernels instead of
+# the package's extension (make test runs the kernel tests so against the portable, CUSTOMLAYERS_CPU_ISA=default
+# build: the CPU paths of machines without AVX2, e.g. aarch64, tested on any machine). Loaded before the package,
+# whose ops it then provides.
+TEST_LIBRARY = os.environ.get("CUSTOMLAYERS_TEST_LIBRARY")
+if TEST_LIBRARY:
+    torch.ops.load_library(TEST_LIBRARY)
+
+import customlayers  # noqa: E402
+
+if TEST_LIBRARY:
+    assert "loaded before the package" in customlayers.backend_report()["build"].get("source", ""), \
+        customlayers.backend_report()
 
 CUDA_SKIP = "no CUDA device on this machine: the CUDA kernels are only compiled here, not run"
 

@@ -553,7 +553,7 @@ def test_reduced_precision_accuracy_like_native(blas16):
     ways of running 16-bit BLAS GEMMs are forced (CUSTOMLAYERS_CPU_BLAS16), so each is tested on any CPU:
     'native' (16-bit operands, float32 accumulation; ATen's generic GEMM where the CPU has no 16-bit dot
     products) and 'float' (operands widened to float32)."""
-    code = "import test_linear_act as t; t.check_accuracy_like_native()"
+    code = "import conftest, test_linear_act as t; t.check_accuracy_like_native()"  # conftest first: it may load a library
     out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
                          capture_output=True, text=True,
                          env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": blas16,
