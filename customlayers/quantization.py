@@ -39,11 +39,14 @@ class _DynamicLinearReLU:
 
 
 class _DynamicFusedLinear:
-    """A dynamic-quantization mapping entry: FusedLinear -> torch.ao.nn.quantized.dynamic.Linear."""
+    """A dynamic-quantization mapping entry: FusedLinear -> torch.ao.nn.quantized.dynamic.Linear (one with an
+    activation, which that module has not, stays as it is, in float)."""
 
     @staticmethod
     def from_float(mod: FusedLinear, use_precomputed_fake_quant: bool = False) -> nn.Module:
         import torch.ao.nn.quantized.dynamic as nnqd
+        if mod.activation != "none":
+            return mod
         linear = mod.to_linear()
         linear.qconfig = mod.qconfig
         return nnqd.Linear.from_float(linear, use_precomputed_fake_quant=use_precomputed_fake_quant)
