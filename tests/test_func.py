@@ -187,6 +187,25 @@ AUTOCAST = [pytest.param("cpu", torch.bfloat16), pytest.param("cpu", torch.float
 
 
 @pytest.mark.parametrize("device,dtype", AUTOCAST)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_autocast_every_activation(device, dtype, act):
+    """Under autocast FusedLinear(activation=act) runs in the autocast dtype like nn.Linear + act."""
+    torch.manual_seed(0)
+    native = torch.nn.Linear(16, 8, device=device)
+    ours = customlayers.nn.FusedLinear(16, 8, activation=act, device=device)
+    ours.load_state_dict(native.state_dict())
+    x = torch.randn(4, 16, device=device)
+    with torch.autocast(device, dtype=dtype):
+        expected, got = customlayers._activations.apply(act, native(x)), ours(x)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected)
+    got.float().sum().backward()
+    expected.float().sum().backward()
+    assert ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(ours.weight.grad, native.weight.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
 def test_autocast_linear_like_nn_linear(device, dtype):
     """Under autocast, LinearReLU and MyLinear compute in the autocast dtype like nn.Linear, take an input of
     that dtype with float32 weights, and give float32 parameters float32 gradients."""

@@ -482,6 +482,9 @@ def test_torch_compile_fullgraph(device):
     model = nn.Sequential(MyLinear(8, 16), LinearReLU(16, 8), MyLinear(8, 3, activation="none")).to(device)
     x = torch.randn(5, 8, device=device)
     assert_compiled_matches_eager(model, x)
+    for act in ACTIVATIONS[2:]:
+        model = nn.Sequential(customlayers.nn.FusedLinear(8, 16, activation=act), MyLinear(16, 3, activation=act))
+        assert_compiled_matches_eager(model.to(device), x)
 
 
 # (rows, in, out) on every CPU path: small weights, narrow outputs, and BLAS GEMMs cut into one tile, into
