@@ -102,9 +102,9 @@ struct MaskSinks {
   acc_t<T>* sums = nullptr;
 };
 
-// The masked gradient g' = g * act'(.) (activation_grad; for relu g where !(out <= 0) and +0 elsewhere, as
-// torch.relu's backward: a NaN output passes the gradient), in acc_t, of rows [r0, r0 + rows) of src, stored to dst's rows 0.. and added to
-// dst.sums. Rows are taken four at a time, summed in registers and then added to the sums: one
+// The masked gradient g' = g * act'(.) (activation_grad; for relu g where !(out <= 0) and +0 elsewhere,
+// as torch.relu's backward: a NaN output passes the gradient), in acc_t, of rows [r0, r0 + rows) of src,
+// stored to dst's rows 0.. and added to dst.sums. Rows are taken four at a time, summed in registers and then added to the sums: one
 // read-modify-write of the sums per four rows, in an order fixed by the row index alone.
 template <typename T>
 inline void mask_rows(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const MaskSinks<T>& dst) {
