@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from customlayers import _activations
 from customlayers.functional import linear_act
 from customlayers.nn import FusedLinear, MyLinear
 
@@ -146,6 +147,49 @@ def output_layer_case(device: torch.device, kind: str, shape: Tuple[int, int, in
                 k=max(m, k))
 
 
+# The other activations (customlayers._activations): at the book size and 2048x784->256, float32 and bfloat16,
+# against eager act(x @ W + b) with torch's function and torch.compile of it (--quick: gelu and silu, the book
+# size in float32).
+ACTIVATION_SHAPES = [(256, 20, 256), (2048, 784, 256)]
+SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+
+
+def activation_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str,
+                         g: Optional[torch.Tensor] = None) -> Callable[[], object]:
+    """The float64 truth of act(x @ w + b) (g = None) or of its gradients w.r.t. (x, w, b) for g (torch's
+    activation and autograd in float64; a smooth activation needs no slack)."""
+    def truth():
+        x64, w64, b64 = (t.detach().double().requires_grad_(g is not None) for t in (x, w, b))
+        y = _activations.apply(act, x64 @ w64 + b64)
+        return y.detach() if g is None else torch.autograd.grad(y, (x64, w64, b64), g.double())
+    return truth
+
+
+def activation_cases(device: torch.device, quick: bool) -> List[Case]:
+    out = []
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    for act in (("gelu", "silu") if quick else SMOOTH_ACTIVATIONS):
+        def eager_act(x, w, b, act=act):
+            return _activations.apply(act, x @ w + b)
+
+        for (m, k, n) in ACTIVATION_SHAPES[:1] if quick else ACTIVATION_SHAPES:
+            for dtype in dtypes:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                w = (torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5).t()
+                b = torch.randn(n, device=device, dtype=dtype)
+                g = torch.randn(m, n, device=device, dtype=dtype)
+                for mode in (FWD, FWD_BWD):
+                    inputs = (x, w, b) if mode == FWD else tuple(t.detach().requires_grad_() for t in (x, w, b))
+                    fns: Dict[str, Callable] = {OURS: lambda x, w, b, act=act: linear_act(x, w, b, act),
+                                                "eager": eager_act,
+                                                "torch.compile": compile_fresh(eager_act, dynamic=False)}
+                    out.append(Case(OP, m * k * n, dtype, mode, bind(fns, inputs, mode, (g,)),
+                                    label=f"{act} {m}x{k}->{n}",
+                                    reference=activation_reference(x, w, b, act, g if mode == FWD_BWD else None),
+                                    k=k if mode == FWD else max(m, k, n)))
+    return out
+
+
 def cases(device: Device, quick: bool = False) -> List[Case]:
     """fwd and fwd+bwd cases; the weight is nn.Linear's (out, in) parameter seen through .t(), as
     LinearReLU uses it, and every implementation of a case shares its inputs."""
@@ -171,6 +215,7 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
             out.append(Case(OP, m * k * n, dtype, mode, impls, label=f"{m}x{k}->{n}", unchecked=("GEMM floor",),
                             reference=reference(x, w, b, g if mode == FWD_BWD else None),
                             k=k if mode == FWD else max(m, k, n)))
+    out += activation_cases(device, quick)
     out += [vmap_case(device)] + [output_layer_case(device, kind, shape) for kind, shape in OUTPUT_LAYERS]
     return out + (gemm_cases(device) if device.type == "cuda" else [])
 

@@ -18,12 +18,17 @@ import customlayers
 from .harness import OURS, Case, Device
 
 OP = "mlp_train_step"
-OPS_USED = ["linear_act"]  # LinearReLU's op (forward and backward)
+OPS_USED = ["linear_act"]  # LinearReLU's, LinearGELU's and LinearSiLU's op (forward and backward)
 MODE = "train step"
 BATCH = 256
 # (label, layer widths): Linear + ReLU between consecutive widths, a plain Linear last.
 MODELS = [("book 20->256->10", (20, 256, 10)), ("784->256->256->10", (784, 256, 256, 10))]
 LR = 0.01
+# Transformer MLP blocks: x (BLOCK_BATCH, 512) -> Linear(512, 2048) -> activation -> Linear(2048, 512), MSE loss
+# against a target (convert() fuses the first Linear with its GELU or SiLU into LinearGELU / LinearSiLU).
+BLOCKS = [("transformer MLP 512->2048->512 GELU", nn.GELU), ("transformer MLP 512->2048->512 SiLU", nn.SiLU)]
+BLOCK_WIDTHS = (512, 2048, 512)
+BLOCK_BATCH, QUICK_BLOCK_BATCH = 2048, 64
 
 
 def mlp(widths: Sequence[int]) -> nn.Sequential:
@@ -35,10 +40,15 @@ def mlp(widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+def block(activation: Callable[[], nn.Module]) -> nn.Sequential:
+    d, hidden, _ = BLOCK_WIDTHS
+    return nn.Sequential(nn.Linear(d, hidden), activation(), nn.Linear(hidden, d))
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               loss_fn: Callable = nn.CrossEntropyLoss()) -> Callable[[], torch.Tensor]:
     """One SGD step of `model` on (x, y) per call, returning the loss before the step."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loss_fn = nn.CrossEntropyLoss()
 
     def step() -> torch.Tensor:
         opt.zero_grad()
@@ -49,14 +59,15 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
-def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              loss_fn: Callable = nn.CrossEntropyLoss()) -> Callable[[], torch.Tensor]:
     """The float64 truth of the first step's loss: a float64 copy of `model`, taken now (before any
     implementation trains), on x in float64."""
     model64, x64 = copy.deepcopy(model).double(), x.double()
 
     def truth() -> torch.Tensor:
         with torch.no_grad():
-            return nn.CrossEntropyLoss()(model64(x64), y)
+            return loss_fn(model64(x64), y.double() if y.is_floating_point() else y)
     return truth
 
 
@@ -75,6 +86,18 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
         size = BATCH * sum(a * b for a, b in zip(widths, widths[1:]))  # multiply-adds of the forward
         out.append(Case(OP, size, torch.float32, MODE, impls, label=label, reference=truth,
                         k=max(widths)))
+    batch = QUICK_BLOCK_BATCH if quick else BLOCK_BATCH
+    for label, activation in BLOCKS:
+        native = block(activation).to(device)
+        x = torch.randn(batch, BLOCK_WIDTHS[0], device=device)
+        y = torch.randn(batch, BLOCK_WIDTHS[-1], device=device)
+        mse = nn.MSELoss()
+        truth = reference(native, x, y, mse)
+        impls = {OURS: train_step(customlayers.convert(native), x, y, mse),
+                 "native": train_step(copy.deepcopy(native), x, y, mse),
+                 "torch.compile": train_step(torch.compile(copy.deepcopy(native)), x, y, mse)}
+        size = batch * sum(a * b for a, b in zip(BLOCK_WIDTHS, BLOCK_WIDTHS[1:]))
+        out.append(Case(OP, size, torch.float32, MODE, impls, label=label, reference=truth, k=max(BLOCK_WIDTHS)))
     return out
 
 

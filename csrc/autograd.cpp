@@ -5,8 +5,13 @@
 
 #include "common/linear_act.h"
 
-#include <ATen/ops/gt.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/sigmoid_backward.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/tanh_backward.h>
 #include <ATen/ops/where.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
@@ -55,26 +60,68 @@ void masked_uniform_autograd(at::Tensor& self, double low, double high, double t
   torch::autograd::increment_version(self);
 }
 
-// out = act(x @ W + b). First-order gradients come from the fused linear_act_backward kernel; when a
-// graph of the backward is wanted (create_graph=True, double backward) they are built from
-// differentiable ops instead: the masked gradient g' = where(out <= 0, 0, g) (torch.relu's: a NaN output
-// passes g; ReLU' is piecewise constant, so the mask has no derivative of its own),
-// dX = linear_act(g', W^T, act='none'), dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
+// out = act(x @ W + b). First-order gradients come from the fused linear_act_backward kernel, which reads
+// what the activation's derivative needs (common/activation.h's act_saved): the output for relu, tanh and
+// sigmoid, the pre-activation z = x @ W + b for gelu, gelu_tanh and silu. For those the forward, when a
+// gradient may be asked for, is z = linear_act(act='none') (the GEMM with the bias fused) and then torch's
+// own activation of z, so z is saved (as F.gelu and F.silu save their input); otherwise (inference, no input
+// requiring grad) it is the fused kernel. When a graph of the backward is wanted (create_graph=True, double
+// backward) the gradients are built from differentiable ops instead: g' = act_backward(g, .) (relu:
+// where(out <= 0, 0, g), torch.relu's, a NaN output passes g; the pre-activation recomputed with a graph for
+// gelu/silu), dX = linear_act(g', W^T, act='none'), dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
 // With weight_t (weight (out, in), nn.Linear's), W is weight's transposed view and the weight's gradient
 // is dW's: one autograd node, where weight.t() would add a view's node and its backward.
+at::Tensor apply_activation(const at::Tensor& z, Activation act) {
+  switch (act) {
+    case Activation::kGelu: return at::gelu(z);
+    case Activation::kGeluTanh: return at::gelu(z, "tanh");
+    case Activation::kSilu: return at::silu(z);
+    default: TORCH_INTERNAL_ASSERT(false, "apply_activation: not a pre-activation activation");
+  }
+}
+
+// g * act'(.) from differentiable ops, `saved` being what act_saved(act) names.
+at::Tensor activation_backward(const at::Tensor& g, const at::Tensor& saved, Activation act) {
+  switch (act) {
+    case Activation::kNone: return g;
+    case Activation::kRelu: return at::where(saved.le(0), 0, g);
+    case Activation::kGelu: return at::gelu_backward(g, saved);
+    case Activation::kGeluTanh: return at::gelu_backward(g, saved, "tanh");
+    case Activation::kSilu: {  // silu_backward has no derivative of its own: its formula, from differentiable ops
+      const at::Tensor sig = at::sigmoid(saved);
+      return g.mul(sig).mul(saved.mul(sig.neg().add(1)).add(1));
+    }
+    case Activation::kTanh: return at::tanh_backward(g, saved);
+    case Activation::kSigmoid: return at::sigmoid_backward(g, saved);
+  }
+  TORCH_INTERNAL_ASSERT(false, "activation_backward: unknown activation");
+}
+
 struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, c10::string_view act, bool weight_t) {
-    at::Tensor out;
+                            const std::optional<at::Tensor>& bias, c10::string_view act, bool weight_t,
+                            bool grad_wanted) {
+    const Activation activation = activation_of(act, "linear_act");
+    const bool has_bias = bias.has_value() && bias->defined();
+    const ActSaved needs = act_saved(activation);
+    at::Tensor out, saved;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = linear_act(x, weight, bias, act, weight_t);
+      if (needs == ActSaved::kPreActivation && grad_wanted) {
+        saved = linear_act(x, weight, bias, "none", weight_t);
+        out = apply_activation(saved, activation);
+      } else {
+        out = linear_act(x, weight, bias, act, weight_t);
+        if (needs == ActSaved::kOutput) saved = out;
+      }
     }
-    const bool relu = act == "relu";
-    ctx->saved_data["act"] = std::string(act);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["act"] = static_cast<int64_t>(activation);
+    ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["weight_t"] = weight_t;
-    ctx->save_for_backward({x, weight, relu ? out : at::Tensor()});
+    // The bias only for a double backward's pre-activation (gelu/silu); the output is saved as an output.
+    const bool pre = needs == ActSaved::kPreActivation;
+    ctx->save_for_backward({x, weight, needs == ActSaved::kOutput ? out : at::Tensor(), pre ? saved : at::Tensor(),
+                            pre && has_bias ? *bias : at::Tensor()});
     return out;
   }
 
@@ -83,20 +130,26 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
     const at::Tensor& x = saved[0];
     const bool weight_t = ctx->saved_data["weight_t"].toBool();
     const at::Tensor weight = weight_t ? saved[1].t() : saved[1];  // W, (in, out)
-    const at::Tensor& out = saved[2];
-    const std::string& act = ctx->saved_data["act"].toStringRef();
+    const Activation act = static_cast<Activation>(ctx->saved_data["act"].toInt());
+    const bool pre = act_saved(act) == ActSaved::kPreActivation;
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
     const at::Tensor& g = grads[0];
     if (!at::GradMode::is_enabled()) {
       // No graph of the backward is recorded: straight to the kernel, past autograd's fallback for the op.
       at::AutoDispatchBelowADInplaceOrView guard;
-      auto [dx, dw, db] =
-          linear_act_backward(g, x, weight, out.defined() ? std::optional<at::Tensor>(out) : std::nullopt, act, mask);
-      return {dx, weight_t && dw.defined() ? dw.t() : dw, db, at::Tensor(), at::Tensor()};
+      const at::Tensor& s = pre ? saved[3] : saved[2];
+      auto [dx, dw, db] = linear_act_backward(g, x, weight, s.defined() ? std::optional<at::Tensor>(s) : std::nullopt,
+                                              activation_name(act), mask);
+      return {dx, weight_t && dw.defined() ? dw.t() : dw, db, at::Tensor(), at::Tensor(), at::Tensor()};
     }
+    // The pre-activation with a graph (its derivative is part of g''s), recomputed: saved[3] has none.
+    const at::Tensor s =
+        pre ? linear_act(x, saved[1], saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt, "none",
+                         weight_t)
+            : saved[2];
     const int64_t K = weight.size(0), N = weight.size(1), M = linear_rows(x);
-    const at::Tensor gp = act == "relu" ? at::where(out.le(0), 0, g) : g;
+    const at::Tensor gp = activation_backward(g, s, act);
     const at::Tensor gp2 = gp.reshape({M, N});
     at::Tensor dx, dw, db;
     // W^T is saved[1] itself with weight_t, else its transposed view: one linear_act call either way.
@@ -105,13 +158,16 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
       dw = weight_t ? linear_act(gp2.t(), x.reshape({M, K}), std::nullopt, "none")
                     : linear_act(x.reshape({M, K}).t(), gp2, std::nullopt, "none");
     if (mask[2]) db = gp2.sum(0);
-    return {dx, dw, db, at::Tensor(), at::Tensor()};
+    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor linear_act_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::string_view act, bool weight_t) {
-  return LinearActFunction::apply(x, weight, bias, act, weight_t);
+  // Whether a gradient may be asked for, known here (forward runs with grad mode off).
+  const bool grad_wanted = at::GradMode::is_enabled() &&
+                           (x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->defined() && bias->requires_grad()));
+  return LinearActFunction::apply(x, weight, bias, act, weight_t, grad_wanted);
 }
 
 }  // namespace

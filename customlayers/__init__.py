@@ -13,7 +13,7 @@ from typing import Dict
 from . import _dtensor, _ops, functional, init, nn, reference  # noqa: F401  (_ops loads the extension first)
 from . import quantization  # noqa: F401  (adds LinearReLU and FusedLinear to the dynamic quantization mapping)
 from .gpu import try_all_gpus, try_gpu
-from .nn import convert
+from .fusion import convert
 
 __version__ = "0.1.0"
 if _ops.loaded():  # without the library the ops are CompositeImplicitAutograd: DTensor sees their aten ops

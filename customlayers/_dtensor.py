@@ -15,7 +15,9 @@ with weight_t (out_features, in_features)):
   the activation is elementwise, so each rank's columns are exact;
 - batch-sharded: x sharded on a leading dim, weight and bias Replicate -> output sharded on that dim.
 Any other input placements are redistributed by DTensor to one of these. A row-sharded weight would give
-partial sums before the activation, which relu does not commute with: it is not listed.
+partial sums before the activation, which no activation but 'none' commutes with: it is not listed. The
+rules hold for every activation (customlayers._activations.NAMES): each is elementwise, and the backward's
+`out` (the output or the pre-activation) is sharded as grad is.
 centered: replicated, or sharded on a dim that the mean is not taken over.
 
 Importing torch.distributed.tensor costs a large part of torch's own import time, so this module does not:

@@ -7,7 +7,8 @@ forward-AD level is active, customlayers.functional calls the ops through the Py
 ``torch.autograd.Function``s below instead. Each runs the op below autograd and has:
 
 - ``backward`` built from the same Functions, so gradients of any order work under the transforms;
-- ``jvp`` (forward AD) with torch.relu's convention: the tangent passes where the output is not <= 0;
+- ``jvp`` (forward AD) with torch's derivative of the activation (customlayers._activations; relu's: the
+  tangent passes where the output is not <= 0);
 - ``vmap``, a batching rule: a batched input is one call on more rows (linear_act) or on the per-sample
   dims (centered); a batched weight or bias is a batched matmul of PyTorch's.
 """
@@ -19,18 +20,13 @@ import torch
 from torch._prims_common import canonicalize_dim
 from torch.autograd import forward_ad
 
-from . import _ops, reference
+from . import _activations, _ops, reference
 
 Dims = Optional[Union[int, Sequence[int]]]
 
 def transforms_active() -> bool:
     """Whether a torch.func transform or a forward-AD level is active (then the Python Functions run)."""
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-
-
-def _relu_mask(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """torch.relu's derivative applied to t: t where out is not <= 0 (NaN outputs let t through), else 0."""
-    return torch.where(out <= 0, 0, t)
 
 
 class CenteredFunction(torch.autograd.Function):
@@ -68,7 +64,8 @@ class CenteredFunction(torch.autograd.Function):
 
 class LinearActFunction(torch.autograd.Function):
     """out = act(x @ weight + bias). The backward is the C++ create_graph path's, from these Functions:
-    g' = relu'(out) * g, dx = g' @ weight^T, dweight = x^T @ g', dbias = g'.sum(rows)."""
+    g' = act'(.) * g (from the output, or the pre-activation x @ weight + bias recomputed with this Function),
+    dx = g' @ weight^T, dweight = x^T @ g', dbias = g'.sum(rows)."""
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
@@ -79,14 +76,20 @@ class LinearActFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, act = inputs
         ctx.act = act
-        saved = (x, weight, output if act == "relu" else None)
+        saved = (x, weight, bias, output if _activations.saves_output(act) else None)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
 
     @staticmethod
+    def _saved(ctx) -> Optional[torch.Tensor]:
+        """What the derivative of ctx.act reads: the output, or the pre-activation (recomputed)."""
+        x, weight, bias, out = ctx.saved_tensors
+        return LinearActFunction.apply(x, weight, bias, "none") if _activations.ACTIVATIONS[ctx.act].saves == "pre" else out
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, out = ctx.saved_tensors
-        g = _relu_mask(grad, out) if ctx.act == "relu" else grad
+        x, weight, _, _ = ctx.saved_tensors
+        g = _activations.derivative(ctx.act, grad, LinearActFunction._saved(ctx))
         k, n = weight.shape
         g2 = g.reshape(-1, n)
         dx = LinearActFunction.apply(g, weight.t(), None, "none") if ctx.needs_input_grad[0] else None
@@ -96,7 +99,7 @@ class LinearActFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tx: Optional[torch.Tensor], tw: Optional[torch.Tensor], tb: Optional[torch.Tensor], _act):
-        x, weight, out = ctx.saved_tensors
+        x, weight, _, _ = ctx.saved_tensors
         parts = []
         if tx is not None:
             parts.append(LinearActFunction.apply(tx, weight, None, "none"))
@@ -105,7 +108,7 @@ class LinearActFunction(torch.autograd.Function):
         if tb is not None:
             parts.append(tb.expand(*x.shape[:-1], weight.shape[1]))
         tangent = sum(parts[1:], parts[0])
-        return _relu_mask(tangent, out) if ctx.act == "relu" else tangent
+        return _activations.derivative(ctx.act, tangent, LinearActFunction._saved(ctx))
 
     @staticmethod
     def vmap(info, in_dims, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str):
@@ -124,6 +127,5 @@ class LinearActFunction(torch.autograd.Function):
         y = torch.bmm(x.reshape(size, -1, x.shape[-1]), weight)
         if bias is not None:
             y = y + bias.unsqueeze(1)
-        if act == "relu":
-            y = torch.relu(y)
+        y = _activations.apply(act, y)
         return y.reshape(*x.shape[:-1], weight.shape[-1]), 0

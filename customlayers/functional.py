@@ -57,7 +57,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         weight: (in_features, out_features), the book's layout. A transposed view such as
             ``nn.Linear.weight.t()`` is used as is, without a copy.
         bias: (out_features,) or None.
-        act: 'relu' or 'none'.
+        act: one of customlayers._activations.NAMES: 'none', 'relu', 'gelu' (erf, as F.gelu), 'gelu_tanh'
+            (F.gelu(approximate='tanh')), 'silu', 'tanh', 'sigmoid'.
         weight_t: weight is (out_features, in_features), nn.Linear's layout: ``act(x @ weight.t() + bias)``
             with one autograd node fewer than passing ``weight.t()`` (what LinearReLU and FusedLinear do).
     """

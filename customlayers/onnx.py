@@ -11,6 +11,7 @@ masked_uniform_ is an initializer, so it has no translation.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
@@ -21,20 +22,50 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("customlayers.onnx needs onnxscript: pip install 'customlayers[onnx]' "
                       "(onnx, onnxscript, onnxruntime)") from exc
 
-from . import _ops
+from . import _activations, _ops
 
 __all__ = ["TRANSLATIONS", "export"]
 
 
+def _const(value: float, like):
+    """A scalar constant in like's dtype."""
+    return op.CastLike(op.Constant(value_float=value), like)
+
+
+def _gelu(y, approximate: bool):
+    """0.5 y (1 + erf(y / sqrt(2))), or with the tanh approximation 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))
+    (opset 18 has no Gelu)."""
+    if approximate:
+        inner = op.Mul(_const(math.sqrt(2 / math.pi), y),
+                       op.Add(y, op.Mul(_const(0.044715, y), op.Mul(y, op.Mul(y, y)))))
+        t = op.Tanh(inner)
+    else:
+        t = op.Erf(op.Mul(y, _const(math.sqrt(0.5), y)))
+    return op.Mul(op.Mul(_const(0.5, y), y), op.Add(_const(1.0, y), t))
+
+
+# Each activation of customlayers._activations.NAMES as ONNX operators.
+_ACTIVATIONS: Dict[str, Callable] = {
+    "none": lambda y: y,
+    "relu": lambda y: op.Relu(y),
+    "gelu": lambda y: _gelu(y, approximate=False),
+    "gelu_tanh": lambda y: _gelu(y, approximate=True),
+    "silu": lambda y: op.Mul(y, op.Sigmoid(y)),
+    "tanh": lambda y: op.Tanh(y),
+    "sigmoid": lambda y: op.Sigmoid(y),
+}
+assert tuple(_ACTIVATIONS) == _activations.NAMES
+
+
 def linear_act(x, weight, bias=None, act: str = "relu", weight_t: bool = False):
-    """customlayers::linear_act: ``x @ weight + bias``, then ReLU when act='relu' (weight is (in, out), or
+    """customlayers::linear_act: ``x @ weight + bias``, then the activation (weight is (in, out), or
     (out, in) with weight_t)."""
-    if act not in ("relu", "none"):
-        raise ValueError(f"linear_act: act must be 'relu' or 'none', but got '{act}'")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"linear_act: act must be one of {_activations.names_text()}, but got '{act}'")
     y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]) if weight_t else weight)
     if bias is not None:
         y = op.Add(y, bias)
-    return op.Relu(y) if act == "relu" else y
+    return _ACTIVATIONS[act](y)
 
 
 def centered(x, dim: Optional[Sequence[int]] = None):

@@ -20,6 +20,7 @@ MyLinear (weight (in, out), not an nn.Linear) and CenteredLayer are left float b
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -33,17 +34,20 @@ import torch.ao.nn.quantized.dynamic as nnqd
 from torch import nn
 from torch.ao.quantization import quantization_mappings
 
-from .nn import FusedLinear, LinearReLU
+from .nn import FusedLinear, LinearGELU, LinearReLU, LinearSiLU
 
 __all__ = ["DYNAMIC_MAPPINGS", "STATIC_MAPPINGS", "QAT_MAPPINGS", "quantize_dynamic"]
 
 
-def _native_float(mod: nn.Linear) -> nn.Module:
-    """The native float module that ``mod`` (LinearReLU or FusedLinear) stands for, sharing its Parameters, with
-    its qconfig and output observer (what the quantized modules' from_float read)."""
+def _native_float(mod: FusedLinear) -> Optional[nn.Module]:
+    """The native float module that ``mod`` (a FusedLinear: LinearReLU, or activation 'none') stands for, sharing
+    its Parameters, with its qconfig and output observer (what the quantized modules' from_float read); None
+    for the other activations, which torch.ao.quantization has no quantized module for."""
+    if mod.activation not in ("relu", "none"):
+        return None
     linear = mod.to_linear()
     linear.qconfig = mod.qconfig
-    native = nni.LinearReLU(linear, nn.ReLU()) if isinstance(mod, LinearReLU) else linear
+    native = nni.LinearReLU(linear, nn.ReLU()) if mod.activation == "relu" else linear
     native.qconfig = mod.qconfig
     if hasattr(mod, "activation_post_process"):
         native.activation_post_process = mod.activation_post_process
@@ -52,16 +56,31 @@ def _native_float(mod: nn.Linear) -> nn.Module:
 
 def _entry(target: type) -> type:
     """A mapping entry (what torch.ao.quantization's mappings hold: a class with ``from_float``) that makes
-    ``target`` of one of our modules as of its native float module."""
-    def from_float(mod: nn.Linear, use_precomputed_fake_quant: bool = False) -> nn.Module:
-        return target.from_float(_native_float(mod), use_precomputed_fake_quant=use_precomputed_fake_quant)
+    ``target`` of one of our modules as of its native float module; one with another activation than relu or
+    none stays float, with a warning (a quantized input then reaches it with a clear error)."""
+    def from_float(mod: FusedLinear, use_precomputed_fake_quant: bool = False) -> nn.Module:
+        native = _native_float(mod)
+        if native is None:
+            warnings.warn(f"customlayers.quantization: {type(mod).__name__} (activation {mod.activation!r}) has no "
+                          f"quantized counterpart in torch.ao.quantization (only Linear and Linear + ReLU have): "
+                          f"left in float", UserWarning, stacklevel=2)
+            return mod
+        return target.from_float(native, use_precomputed_fake_quant=use_precomputed_fake_quant)
     return type(f"As{target.__name__}", (), {"from_float": staticmethod(from_float), "target": target,
                                              "__doc__": f"Converts to {target.__module__}.{target.__name__}."})
 
 
-DYNAMIC_MAPPINGS: Dict[type, type] = {LinearReLU: _entry(nniqd.LinearReLU), FusedLinear: _entry(nnqd.Linear)}
-STATIC_MAPPINGS: Dict[type, type] = {LinearReLU: _entry(nniq.LinearReLU), FusedLinear: _entry(nnq.Linear)}
-QAT_MAPPINGS: Dict[type, type] = {LinearReLU: _entry(nniqat.LinearReLU), FusedLinear: _entry(nnqat.Linear)}
+def _mappings(relu_target: type, linear_target: type) -> Dict[type, type]:
+    """Our module classes -> entries: LinearReLU as Linear + ReLU, FusedLinear (of any activation) and the other
+    named subclasses as Linear (those with an activation stay float, with a warning)."""
+    linear_entry = _entry(linear_target)
+    return {LinearReLU: _entry(relu_target), FusedLinear: linear_entry, LinearGELU: linear_entry,
+            LinearSiLU: linear_entry}
+
+
+DYNAMIC_MAPPINGS: Dict[type, type] = _mappings(nniqd.LinearReLU, nnqd.Linear)
+STATIC_MAPPINGS: Dict[type, type] = _mappings(nniq.LinearReLU, nnq.Linear)
+QAT_MAPPINGS: Dict[type, type] = _mappings(nniqat.LinearReLU, nnqat.Linear)
 
 
 def register() -> None:

@@ -9,6 +9,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _activations
+
 __all__ = ["centered", "linear_act", "linear_act_backward", "masked_uniform_", "masked_uniform_op"]
 
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -117,11 +119,13 @@ def masked_uniform_op(self: torch.Tensor, low: float = -10.0, high: float = 10.0
 
 
 def check_act(act, op: str) -> None:
-    """act: a str (else RuntimeError, as the op's schema refuses it), 'relu' or 'none' (ValueError)."""
+    """act: a str (else RuntimeError, as the op's schema refuses it), one of customlayers._activations.NAMES
+    (ValueError)."""
     if not isinstance(act, str):
         raise RuntimeError(f"{op}: expected a value of type 'str' for argument 'act' but instead found type "
                            f"'{type(act).__name__}'")
-    torch._check_value(act in ("relu", "none"), lambda: f"{op}: act must be 'relu' or 'none', but got '{act}'")
+    torch._check_value(act in _activations.ACTIVATIONS, lambda: f"{op}: act must be one of "
+                       f"{_activations.names_text()}, but got '{act}'")
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], op: str,
@@ -162,15 +166,17 @@ def check_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     check_floating(grad, op, "grad")
     torch._check_type(grad.dtype == x.dtype, lambda: f"{op}: expected grad and x to have the same dtype, but grad "
                       f"is {grad.dtype} and x is {x.dtype}")
-    relu = act == "relu"
-    if relu and out is not None:
+    saves = _activations.ACTIVATIONS[act].saves
+    uses_out = saves != "nothing"
+    if uses_out and out is not None:
         check_tensor(out, op, "out")
-    check_same_device(op, x=x, grad=grad, out=out if relu else None)
+    check_same_device(op, x=x, grad=grad, out=out if uses_out else None)
     shape = [*x.shape[:-1], weight.shape[1]]
     torch._check(list(grad.shape) == shape, lambda: f"{op}: expected grad of shape {shape} (x's shape with "
                  f"out_features last), but got shape {list(grad.shape)}")
-    if relu:
-        torch._check(out is not None, lambda: f"{op}: act='relu' needs the forward output `out`")
+    if uses_out:
+        what = "the forward's output" if saves == "output" else "the pre-activation x @ weight + bias"
+        torch._check(out is not None, lambda: f"{op}: act='{act}' needs `out`: {what}")
         torch._check_type(out.dtype == x.dtype, lambda: f"{op}: expected out and x to have the same dtype, but out "
                           f"is {out.dtype} and x is {x.dtype}")
         torch._check(out.shape == grad.shape, lambda: f"{op}: expected out of shape {list(grad.shape)}, but got "
@@ -189,23 +195,23 @@ def linear_grad_weight_like(weight: torch.Tensor) -> torch.Tensor:
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                act: str = "relu", weight_t: bool = False) -> torch.Tensor:
-    """``torch.relu(x @ weight + bias)`` (the book's MyLinear), weight (in_features, out_features), or with
-    weight_t (out_features, in_features) (nn.Linear's: ``x @ weight.t()``); act='none' leaves out the ReLU."""
+    """``act(x @ weight + bias)`` with torch's activation (act='relu': the book's MyLinear), weight
+    (in_features, out_features), or with weight_t (out_features, in_features) (nn.Linear's: ``x @ weight.t()``)."""
     check_linear(x, weight, bias, "linear_act", weight_t)
     check_act(act, "linear_act")
     y = x @ (weight.t() if weight_t else weight)
     if bias is not None:
         y = y + bias
-    return torch.relu(y) if act == "relu" else y
+    return _activations.apply(act, y)
 
 
 def linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor],
                         act: str, output_mask: List[bool]) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, dweight, dbias) of linear_act for the inputs output_mask selects (None for the others), with
-    torch.relu's derivative (the gradient passes where out is not <= 0); dweight in weight's layout."""
+    torch's derivative of act from `out` (the forward's output for relu, tanh, sigmoid; the pre-activation
+    for gelu, gelu_tanh, silu); dweight in weight's layout."""
     check_linear_backward(grad, x, weight, out, act)
-    if act == "relu":
-        grad = torch.where(out <= 0, 0, grad)
+    grad = _activations.derivative(act, grad, out)
     k, n = weight.shape
     m = math.prod(x.shape[:-1])  # not -1: a reshape cannot infer it from zero elements
     g2, x2 = grad.reshape(m, n), x.reshape(m, k)

@@ -16,3 +16,14 @@ def test_train_steps_match():
         theirs = bench_mlp.train_step(copy.deepcopy(native), x, y)
         for _ in range(3):  # the same loss at every step: same weights before each
             torch.testing.assert_close(ours(), theirs(), rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_block_train_steps_match():
+    for _, activation in bench_mlp.BLOCKS:
+        native = bench_mlp.block(activation)
+        x, y = torch.randn(16, bench_mlp.BLOCK_WIDTHS[0]), torch.randn(16, bench_mlp.BLOCK_WIDTHS[-1])
+        mse = torch.nn.MSELoss()
+        ours = bench_mlp.train_step(customlayers.convert(native), x, y, mse)
+        theirs = bench_mlp.train_step(copy.deepcopy(native), x, y, mse)
+        for _ in range(3):
+            torch.testing.assert_close(ours(), theirs(), rtol=1e-5, atol=1e-5)

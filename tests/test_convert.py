@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import customlayers
-from customlayers.nn import FusedLinear, LinearReLU
+from customlayers.nn import FusedLinear, LinearGELU, LinearReLU, LinearSiLU
 
 # ------------------------------------------------------------------------------------------ LinearReLU
 
@@ -155,6 +155,78 @@ def test_book_mlp_any_relu(relu):
         assert type(converted) is not MLP and "relu" not in type(converted).forward.__code__.co_names
 
 
+# Every other activation form convert() fuses -> the activation it fuses to.
+ACTIVATION_FORMS = {
+    "nn.GELU": (nn.GELU(), "gelu"),
+    "nn.GELU_tanh": (nn.GELU(approximate="tanh"), "gelu_tanh"),
+    "F.gelu": (F.gelu, "gelu"),
+    "F.gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"),
+    "nn.SiLU": (nn.SiLU(), "silu"),
+    "nn.SiLU_inplace": (nn.SiLU(inplace=True), "silu"),
+    "F.silu": (F.silu, "silu"),
+    "F.silu_inplace": (lambda x: F.silu(x, inplace=True), "silu"),
+    "nn.Tanh": (nn.Tanh(), "tanh"),
+    "torch.tanh": (torch.tanh, "tanh"),
+    "torch.tanh_": (torch.tanh_, "tanh"),
+    "method_tanh": (lambda x: x.tanh(), "tanh"),
+    "nn.Sigmoid": (nn.Sigmoid(), "sigmoid"),
+    "torch.sigmoid": (torch.sigmoid, "sigmoid"),
+    "F.sigmoid": (F.sigmoid, "sigmoid"),
+    "method_sigmoid_": (lambda x: x.sigmoid_(), "sigmoid"),
+}
+
+
+@pytest.mark.parametrize("form", list(ACTIVATION_FORMS), ids=list(ACTIVATION_FORMS))
+def test_book_mlp_any_activation(form):
+    function, act = ACTIVATION_FORMS[form]
+    model = MLP(function)
+    converted, fused = customlayers.convert(model, report=True)
+    expected = {"gelu": LinearGELU, "silu": LinearSiLU}.get(act, FusedLinear)
+    assert fused == ["hidden", "out"] and type(converted.hidden) is expected and converted.hidden.activation == act
+    _check_same(model, converted, torch.randn(4, 20))
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.SiLU])
+def test_transformer_mlp(act):
+    model = nn.Sequential(nn.Linear(64, 256), act(), nn.Linear(256, 64))
+    converted, fused = customlayers.convert(model, report=True)
+    assert fused == ["0"] and type(converted[0]) is (LinearGELU if act is nn.GELU else LinearSiLU)
+    assert type(converted[1]) is nn.Identity
+    _check_same(model, converted, torch.randn(8, 64))
+
+
+class _GeluResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 128), nn.Linear(128, 32)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_residual_block_with_functional_gelu(caplog):
+    model = _GeluResidual()
+    with caplog.at_level(logging.INFO, logger="customlayers"):
+        converted, fused = customlayers.convert(model, report=True)
+    assert fused == ["fc1"] and type(converted.fc1) is LinearGELU
+    assert "fused 1 nn.Linear + gelu into LinearGELU: fc1" in caplog.text
+    _check_same(model, converted, torch.randn(5, 32))
+
+
+def test_tied_linear_with_two_activations_is_not_fused():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 32)
+
+        def forward(self, x):
+            return F.gelu(self.fc(x)) + F.silu(self.fc(x))
+
+    with pytest.warns(UserWarning, match="the model is unchanged"):
+        converted = customlayers.convert(Two())
+    assert type(converted.fc) is nn.Linear
+
+
 def test_my_sequential_nested_and_deepcopy():
     model = MySequential(nn.Linear(20, 20), nn.ReLU(), NestMLP(), nn.Linear(16, 10))
     converted, fused = customlayers.convert(model, report=True)
@@ -287,10 +359,10 @@ def test_tied_linear_fused_everywhere_it_is_followed_by_relu():
 def test_reports_logs_and_warns(caplog):
     with caplog.at_level(logging.INFO, logger="customlayers"):
         customlayers.convert(MLP())
-    assert "fused 1 nn.Linear + ReLU into LinearReLU: hidden" in caplog.text
+    assert "fused 1 nn.Linear + relu into LinearReLU: hidden" in caplog.text
     assert "fused 1 output nn.Linear into FusedLinear: out" in caplog.text
     with pytest.warns(UserWarning, match="the model is unchanged"):
-        customlayers.convert(nn.Sequential(nn.Linear(3, 17), nn.Tanh()))  # more outputs than an output layer
+        customlayers.convert(nn.Sequential(nn.Linear(3, 17), nn.Hardtanh()))  # not fused; too wide an output layer
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         customlayers.convert(MLP())  # something fused: no warning
@@ -333,10 +405,10 @@ def test_outputs_only_narrow_plain_linears():
     class Sub(nn.Linear):
         pass
 
-    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, customlayers.nn.OUTPUT_FEATURES),
+    model = nn.Sequential(nn.Linear(20, 30), nn.Hardtanh(), nn.Linear(30, customlayers.nn.OUTPUT_FEATURES),
                           Sub(16, 4), nn.Linear(4, customlayers.nn.OUTPUT_FEATURES + 1))
     converted, names = customlayers.convert(model, report=True)
-    assert names == ["2"] and [type(m) for m in converted] == [nn.Linear, nn.Tanh, FusedLinear, Sub, nn.Linear]
+    assert names == ["2"] and [type(m) for m in converted] == [nn.Linear, nn.Hardtanh, FusedLinear, Sub, nn.Linear]
     _check_same(model, converted, torch.randn(3, 20))
     book = customlayers.convert(MLP(), outputs=False)
     assert type(book.hidden) is LinearReLU and type(book.out) is nn.Linear
@@ -368,7 +440,7 @@ def test_outputs_leave_hooked_or_non_parameter_linears():
     hooked.register_forward_pre_hook(lambda m, args: None)
     del plain.weight
     plain.weight = torch.randn(4, 8)  # a plain tensor attribute, as the old weight_norm leaves it
-    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), hooked, nn.Tanh(), nn.Linear(4, 8), nn.Tanh(), plain)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Hardtanh(), hooked, nn.Hardtanh(), nn.Linear(4, 8), nn.Hardtanh(), plain)
     converted, names = customlayers.convert(model, report=True)
     assert names == ["0", "4"] and type(converted[2]) is nn.Linear and type(converted[6]) is nn.Linear
 

@@ -153,7 +153,7 @@ def _linear_act_sharding_rules(rank, device, workdir):
     torch.manual_seed(2)
     x, w, b = (torch.randn(*shape, device=device, dtype=DTYPE) for shape in ((6, 3, 8), (16, 8), (16,)))
     grad = torch.randn(6, 3, 16, device=device, dtype=DTYPE)
-    for act, x_grad in (("relu", True), ("none", True), ("relu", False)):
+    for act, x_grad in (("relu", True), ("none", True), ("relu", False), ("gelu", True), ("tanh", True)):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         expected = customlayers.reference.linear_act(leaves[0], leaves[1].t(), leaves[2], act)
         expected.backward(grad)

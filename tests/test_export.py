@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from customlayers.nn import CenteredLayer, LinearReLU, MyLinear
+from customlayers.nn import CenteredLayer, FusedLinear, LinearGELU, LinearReLU, LinearSiLU, MyLinear
 from conftest import requires_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +23,9 @@ LAYERS = [
     ("mylinear", lambda f: MyLinear(f, f), "linear_act"),
     ("mylinear_nobias", lambda f: MyLinear(f, f, bias=False), "linear_act"),
     ("linear_relu", lambda f: LinearReLU(f, f), "linear_act"),
+    ("linear_gelu", lambda f: LinearGELU(f, f), "linear_act"),
+    ("linear_silu", lambda f: LinearSiLU(f, f), "linear_act"),
+    ("fused_sigmoid", lambda f: FusedLinear(f, f, activation="sigmoid"), "linear_act"),
 ]
 
 pytestmark = requires_extension()

@@ -8,6 +8,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import customlayers
+from customlayers._activations import NAMES as ACTIVATIONS
 from conftest import DEVICES, requires_extension
 from customlayers import functional as F
 from customlayers import reference as R
@@ -49,7 +50,7 @@ def test_transforms_match_native(device, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_vjp_and_jvp_match_native(device, act):
     x, w, b = linear_inputs(device, m=6, k=5, n=4)
     ours = lambda x, w, b: F.linear_act(x, w, b, act)  # noqa: E731
@@ -168,7 +169,7 @@ def test_vmap_centered(device, dim):
 def test_vmap_batched_weight_keeps_the_ops_checks(bad):
     """The batched-weight rule (a batched matmul) refuses what the op refuses, with its exception types."""
     x, w, b = torch.randn(3, 6, 4), torch.randn(3, 4, 5), torch.randn(5)
-    args, exc = {"act": ((x, w, b, "gelu"), ValueError), "bias_shape": ((x, w, torch.randn(1)), RuntimeError),
+    args, exc = {"act": ((x, w, b, "swish"), ValueError), "bias_shape": ((x, w, torch.randn(1)), RuntimeError),
                  "dtype": ((x, w.double(), b), TypeError)}[bad]
     with pytest.raises(exc):
         vmap(F.linear_act, in_dims=(0, 0, None, None)[:len(args)])(*args)
@@ -183,6 +184,25 @@ def test_vmap_centered_of_scalars_is_zero():
 AUTOCAST = [pytest.param("cpu", torch.bfloat16), pytest.param("cpu", torch.float16),
             pytest.param("cuda", torch.float16, marks=DEVICES[1].marks),
             pytest.param("cuda", torch.bfloat16, marks=DEVICES[1].marks)]
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_autocast_every_activation(device, dtype, act):
+    """Under autocast FusedLinear(activation=act) runs in the autocast dtype like nn.Linear + act."""
+    torch.manual_seed(0)
+    native = torch.nn.Linear(16, 8, device=device)
+    ours = customlayers.nn.FusedLinear(16, 8, activation=act, device=device)
+    ours.load_state_dict(native.state_dict())
+    x = torch.randn(4, 16, device=device)
+    with torch.autocast(device, dtype=dtype):
+        expected, got = customlayers._activations.apply(act, native(x)), ours(x)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected)
+    got.float().sum().backward()
+    expected.float().sum().backward()
+    assert ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(ours.weight.grad, native.weight.grad, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("device,dtype", AUTOCAST)

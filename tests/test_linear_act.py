@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 import customlayers
+from customlayers._activations import NAMES as ACTIVATIONS
+from customlayers._activations import apply as apply_activation
 from customlayers import functional as F
 from customlayers import reference
 from customlayers.nn import LazyMyLinear, LinearReLU, MyLinear
@@ -44,9 +46,22 @@ def check_close(y, expected, dtype, k):
     torch.testing.assert_close(y.double(), expected.double(), rtol=tol, atol=tol * scale)
 
 
+
+# The activations whose backward reads the output (and 'none'): with huge inputs the gelu/silu backward reads a
+# pre-activation that overflowed where the float64 one is finite (as native F.gelu's backward does).
+OUTPUT_SAVING = [a for a in ACTIVATIONS if customlayers._activations.ACTIVATIONS[a].saves != "pre"]
+
+
+def saved_for_backward(x, w, b, act):
+    """linear_act_backward's `out` for act: the output (relu, tanh, sigmoid), the pre-activation (gelu,
+    gelu_tanh, silu), None for 'none'."""
+    with torch.no_grad():
+        saves = customlayers._activations.ACTIVATIONS[act].saves
+        return None if saves == "nothing" else F.linear_act(x, w, b, act if saves == "output" else "none")
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_matches_reference(device, dtype, act, transposed, shape):
@@ -60,7 +75,7 @@ def test_forward_matches_reference(device, dtype, act, transposed, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("transposed", [False, True])
 # Small weights (in <= 64, in * out <= 64K: hand-written CPU GEMMs) up to that limit, then BLAS-sized ones;
 # narrow outputs (out <= 16, 32 <= in <= 8192: hand-written dot products, dW transposed) at their edges:
@@ -81,7 +96,7 @@ def test_backward_matches_reference(device, dtype, act, transposed, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [((1, 1), 1, 1), ((7, 5), 5, 3), ((2, 3, 4), 4, 5), ((3,), 3, 2), ((70, 3), 3, 2)],
@@ -142,7 +157,7 @@ def test_reduced_precision_strided_blas_sizes(device, dtype, transposed):
          else torch.randn(k, n + 5, dtype=dtype, device=device)[:, :n]).requires_grad_()
     b = torch.randn(n, dtype=dtype, device=device, requires_grad=True)
     g = torch.randn(m, n + 3, dtype=dtype, device=device)[:, :n]
-    for act in ("relu", "none"):
+    for act in ACTIVATIONS:
         y = F.linear_act(x, w, b, act)
         ours = torch.autograd.grad(y, (x, w, b), g)
         xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
@@ -154,7 +169,7 @@ def test_reduced_precision_strided_blas_sizes(device, dtype, transposed):
             check_close(o, r, dtype, kk)
         # Asked for alone, each gradient is the same (on CPU bit for bit: the kernel then widens only what it
         # reads, and computes the rest alike).
-        out = y.detach() if act == "relu" else None
+        out = saved_for_backward(x, w, b, act)
         for i in range(3):
             alone = torch.ops.customlayers.linear_act_backward(g, x.detach(), w.detach(), out, act,
                                                                [j == i for j in range(3)])[i]
@@ -220,7 +235,7 @@ def test_mylinear_init():
     assert torch.equal(book.weight, torch.randn(4, 3)) and torch.equal(book.bias, torch.randn(3))
     assert MyLinear(3, 2, bias=False).bias is None
     with pytest.raises(ValueError, match="activation must be"):
-        MyLinear(3, 2, activation="tanh")
+        MyLinear(3, 2, activation="swish")
     with pytest.raises(ValueError, match="init must be"):
         MyLinear(3, 2, init="zeros")
 
@@ -351,7 +366,8 @@ def test_bad_input_errors(device, bad):
                     r"x has shape \[3, 6\] and weight has shape \[4, 5\]"),
         "bias_size": ((x, w, b[:3]), RuntimeError, r"expected bias of shape \[5\].*got shape \[3\]"),
         "weight_dim": ((x, w.flatten(), b), RuntimeError, "expected weight to be 2-D"),
-        "act": ((x, w, b, "tanh"), ValueError, "act must be 'relu' or 'none', but got 'tanh'"),
+        "act": ((x, w, b, "swish"), ValueError, "linear_act: act must be one of 'none', 'relu', 'gelu', 'gelu_tanh', "
+                "'silu', 'tanh', 'sigmoid', but got 'swish'"),
         "scalar_x": ((torch.tensor(1.0, device=device), w, b), RuntimeError, "at least 1 dimension"),
     }
     args, exc, msg = cases[bad]
@@ -382,7 +398,7 @@ def test_fallback_errors_match(cpu_fallback):
     with pytest.raises(RuntimeError, match=r"x has shape \[3, 4\] and weight has shape \[5, 5\]"):
         F.linear_act(x, torch.randn(5, 5), b)
     with pytest.raises(ValueError, match="act must be"):
-        F.linear_act(x, w, b, "gelu")
+        F.linear_act(x, w, b, "swish")
     torch.testing.assert_close(F.linear_act(x, w, b), reference.linear_act(x, w, b))
 
 
@@ -402,14 +418,19 @@ def test_backward_op_errors(device):
     op = torch.ops.customlayers.linear_act_backward.default
     with pytest.raises(RuntimeError, match=r"expected grad of shape \[3, 5\]"):
         op(torch.randn(3, 4, device=device), x, w, None, "none", [True, True, True])
-    with pytest.raises(RuntimeError, match="needs the forward output"):
+    with pytest.raises(RuntimeError, match="act='relu' needs `out`: the forward's output"):
         op(torch.randn(3, 5, device=device), x, w, None, "relu", [True, True, True])
+    with pytest.raises(RuntimeError, match="act='gelu' needs `out`: the pre-activation"):
+        op(torch.randn(3, 5, device=device), x, w, None, "gelu", [True, True, True])
+    with pytest.raises(ValueError, match="linear_act_backward: act must be one of .*but got 'swish'"):
+        op(torch.randn(3, 5, device=device), x, w, None, "swish", [True, True, True])
 
 
 @requires_extension()
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("args", [((3, 5), 5, 4, True, "relu", False), ((2, 3, 5), 5, 4, False, "none", True),
-                                  ((1, 1), 1, 1, True, "relu", True), ((0, 3), 3, 2, True, "relu", False)],
+                                  ((1, 1), 1, 1, True, "relu", True), ((0, 3), 3, 2, True, "relu", False),
+                                  *(((3, 5), 5, 4, True, act, False) for act in ACTIVATIONS[2:])],
                          ids=str)
 def test_opcheck(device, args):
     shape, k, n, bias, act, transposed = args
@@ -419,12 +440,12 @@ def test_opcheck(device, args):
     g = torch.randn_like(out)
     for mask in ([True, True, True], [False, True, False], [True, False, bias]):
         torch.library.opcheck(torch.ops.customlayers.linear_act_backward.default,
-                              (g, x.detach(), w.detach(), out if act == "relu" else None, act, mask))
+                              (g, x.detach(), w.detach(), saved_for_backward(x, w, b, act), act, mask))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("shape", [((7, 5), 5, 3), ((2, 3, 20), 20, 9), ((130, 65), 65, 70), ((70, 100), 100, 10),
                                    ((0, 4), 4, 3), ((3, 0), 0, 5)], ids=str)
 def test_weight_t_is_the_transposed_view(device, dtype, act, shape):
@@ -447,7 +468,7 @@ def test_weight_t_is_the_transposed_view(device, dtype, act, shape):
 def test_weight_t_gradcheck_and_opcheck(device, bias):
     x, w, b = make((2, 3, 4), 4, 5, device=device, bias=bias, requires_grad=True)
     weight = w.detach().t().contiguous().requires_grad_()
-    for act in ("relu", "none"):
+    for act in ACTIVATIONS:
         def fn(x, weight, b=None):
             return F.linear_act(x, weight, b, act, weight_t=True)
         inputs = (x, weight) if b is None else (x, weight, b)
@@ -461,6 +482,9 @@ def test_torch_compile_fullgraph(device):
     model = nn.Sequential(MyLinear(8, 16), LinearReLU(16, 8), MyLinear(8, 3, activation="none")).to(device)
     x = torch.randn(5, 8, device=device)
     assert_compiled_matches_eager(model, x)
+    for act in ACTIVATIONS[2:]:
+        model = nn.Sequential(customlayers.nn.FusedLinear(8, 16, activation=act), MyLinear(16, 3, activation=act))
+        assert_compiled_matches_eager(model.to(device), x)
 
 
 # (rows, in, out) on every CPU path: small weights, narrow outputs, and BLAS GEMMs cut into one tile, into
@@ -473,7 +497,8 @@ THREAD_SHAPES = [(3000, 17, 33), (3000, 100, 10), (3000, 300, 33), (40, 300, 70)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", THREAD_SHAPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True])
-def test_cpu_results_independent_of_thread_count(dtype, shape, transposed):
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_cpu_results_independent_of_thread_count(dtype, shape, transposed, act):
     """Output and every gradient are the same bits for 1, 2 and 3 threads on every CPU path: BLAS GEMMs
     run as tiles fixed by the shapes, each on one thread; sums over rows in fixed chunks."""
     m, k, n = shape
@@ -484,8 +509,10 @@ def test_cpu_results_independent_of_thread_count(dtype, shape, transposed):
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            y = F.linear_act(x, w, b)
-            results.append((y, *torch.autograd.grad(y, (x, w, b), g)))
+            y = F.linear_act(x, w, b, act)
+            with torch.no_grad():
+                inference = F.linear_act(x, w, b, act)  # the fused forward (gelu/silu train from z)
+            results.append((y, inference, *torch.autograd.grad(y, (x, w, b), g)))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
@@ -502,7 +529,8 @@ def _accuracy_errors(dtype, shape, bias, transposed, act):
     w_lin = (torch.randn(n, k) / k ** 0.5).to(dtype)  # nn.Linear's (out, in)
     b = torch.randn(n, dtype=dtype) if bias else None
     g = torch.randn(m, n, dtype=dtype)
-    activation = torch.relu if act == "relu" else (lambda t: t)
+    def activation(t):
+        return apply_activation(act, t)
 
     def run(fn, *inputs):
         inputs = [t.detach().requires_grad_() if t is not None else None for t in inputs]
@@ -536,7 +564,7 @@ def check_accuracy_like_native():
         for shape in ACCURACY_SHAPES:
             for bias in (True, False):
                 for transposed in (True, False):
-                    for act in ("relu", "none"):
+                    for act in ACTIVATIONS:
                         ours, native = _accuracy_errors(dtype, shape, bias, transposed, act)
                         for name, o, r in zip(("y", "dx", "dW", "db"), ours, native):
                             if o > 1.5 * r + 0.01 * eps:
@@ -629,8 +657,7 @@ def check_huge(y, x, w, b, act):
     """y against act(x @ w + b) in float64: NaN only where it is NaN; ±inf where it rounds to ±inf in y's
     dtype; elsewhere finite and close (ReLU's zeros exactly)."""
     ref = x.double() @ w.double() + (b.double() if b is not None else 0)
-    if act == "relu":
-        ref = ref.relu()
+    ref = apply_activation(act, ref)
     assert not (y.isnan() & ~ref.isnan()).any(), f"{int((y.isnan() & ~ref.isnan()).sum())} NaN"
     rounded = ref.to(y.dtype)
     over = torch.isinf(rounded)
@@ -643,7 +670,7 @@ def check_huge(y, x, w, b, act):
         check_close(y[fin], ref[fin], y.dtype, x.shape[-1])
 
 
-@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -679,7 +706,7 @@ def test_huge_inputs_issue_reproducer():
         check_huge(ours, x, w, b, "relu")
 
 
-@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("act", OUTPUT_SAVING)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # Narrow outputs and small weights, with rows past one 64-row chunk (dW's chunk partials then meet).

@@ -45,6 +45,15 @@ def test_every_layer_with_dynamic_batch():
     torch.testing.assert_close(_run_onnxruntime(program, x), model(x).detach())
 
 
+@pytest.mark.parametrize("act", customlayers._activations.NAMES)
+def test_every_activation(act):
+    """Each activation's translation gives onnxruntime the eager result."""
+    model = nn.Sequential(customlayers.nn.FusedLinear(8, 16, activation=act), nn.Linear(16, 4)).eval()
+    x = torch.randn(5, 8) * 3
+    program = customlayers.onnx.export(model, (x,), verbose=False)
+    torch.testing.assert_close(_run_onnxruntime(program, x), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
 def test_export_refuses_dynamo_false():
     with pytest.raises(ValueError, match="dynamo=True"):
         customlayers.onnx.export(nn.Linear(2, 2), (torch.randn(1, 2),), dynamo=False)

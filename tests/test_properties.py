@@ -415,7 +415,7 @@ def bad_linear_args(draw):
     wrong = draw(st.sampled_from(["act", "x_dtype", "w_dtype", "b_dtype", "int", "k", "w_dim", "b_shape", "x_dim"]))
     other = draw(st.sampled_from([d for d in FLOAT_DTYPES if d != dtype]))
     if wrong == "act":
-        act = draw(st.sampled_from(["gelu", "ReLU", "", "None", "relu "]))
+        act = draw(st.sampled_from(["swish", "GELU", "ReLU", "", "None", "relu "]))
     elif wrong in ("x_dtype", "w_dtype", "b_dtype"):
         x, w, b = (t.to(other) if wrong[0] == name else t for t, name in ((x, "x"), (w, "w"), (b, "b")))
     elif wrong == "int":

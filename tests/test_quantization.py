@@ -135,6 +135,29 @@ def test_fx_static_quantization_quantizes_the_linears():
     torch.testing.assert_close(quantized(x), reference(x), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("flow", ["dynamic", "static"])
+def test_other_activations_stay_float_with_a_warning(flow):
+    from customlayers.nn import LinearGELU
+    model = nn.Sequential(torch.ao.quantization.QuantStub(), LinearGELU(6, 8), FusedLinear(8, 4, activation="silu"),
+                          torch.ao.quantization.DeQuantStub()).eval()
+    x = torch.randn(16, 6)
+    with pytest.warns(UserWarning, match=r"LinearGELU \(activation 'gelu'\) has no quantized counterpart") as record:
+        if flow == "dynamic":
+            quantized = customlayers.quantization.quantize_dynamic(model, {nn.Linear})
+        else:
+            model.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+            prepared = torch.ao.quantization.prepare(copy.deepcopy(model))
+            prepared(x)
+            quantized = torch.ao.quantization.convert(prepared)
+    assert any("FusedLinear (activation 'silu')" in str(w.message) for w in record)
+    assert type(quantized[1]) is LinearGELU and type(quantized[2]) is FusedLinear
+    if flow == "dynamic":
+        torch.testing.assert_close(quantized(x), model(x), rtol=0, atol=0)
+    elif customlayers._ops.loaded():  # a float layer behind a QuantStub: the kernel refuses the quantized input
+        with pytest.raises(RuntimeError, match="x is a quantized tensor"):
+            quantized(x)
+
+
 # ------------------------------------------------------------------------------------------ torchao
 
 torchao_quantization = pytest.importorskip("torchao.quantization", reason="torchao is not installed (the optional "

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import customlayers
+from customlayers._activations import NAMES as ACTIVATIONS
 from customlayers import functional as F
 from customlayers import nn as cnn
 
@@ -75,13 +76,13 @@ def test_functional_forms_script():
     x, w, b = torch.randn(3, 4), torch.randn(4, 5), torch.randn(5)
     for dim in (None, 0, [1], [0, 1]):
         torch.testing.assert_close(centered(x, dim), F.centered(x, dim), rtol=0, atol=0)
-    for act in ("relu", "none"):
+    for act in ACTIVATIONS:
         torch.testing.assert_close(linear_act(x, w, b, act), F.linear_act(x, w, b, act), rtol=0, atol=0)
         torch.testing.assert_close(linear_act(x, w.t().contiguous(), None, act, True),
                                    F.linear_act(x, w.t().contiguous(), None, act, weight_t=True), rtol=0, atol=0)
     # The ops' argument checks run under TorchScript too.
     with pytest.raises(RuntimeError, match="act"):
-        linear_act(x, w, b, "gelu")
+        linear_act(x, w, b, "swish")
 
 
 def test_functional_forms_in_scripted_function_gradients():

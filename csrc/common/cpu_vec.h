@@ -2,6 +2,8 @@
 // vectors of its accumulation type (or of double), deterministic sums and column sums in double.
 #pragma once
 
+#include "common/activation.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -50,6 +52,25 @@ struct Lanes<T, true> {  // float16 / bfloat16: widened to two float vectors
 
 template <typename T>
 using acc_t = typename Lanes<T>::acc_t;
+
+}  // namespace customlayers::cpu
+
+namespace customlayers {
+
+// common/activation.h's math on at::vec vectors: the activations vectorized in the CPU kernels.
+template <typename A>
+struct ActMath<at::vec::Vectorized<A>> {
+  using V = at::vec::Vectorized<A>;
+  static inline V exp(V v) { return v.exp(); }
+  static inline V erf(V v) { return v.erf(); }
+  static inline V tanh(V v) { return v.tanh(); }
+  static inline V relu(V v) { return at::vec::maximum(v, V(0)); }  // NaN stays NaN
+  static inline V relu_mask(V g, V out) { return V::blendv(g, V(0), out <= V(0)); }  // exact g or +0
+};
+
+}  // namespace customlayers
+
+namespace customlayers::cpu {
 
 // Widening to double. A float vector (at::vec's AVX2 build: 8 lanes) as two double vectors: lanes
 // [0, kW/2) in lo, the rest in hi.

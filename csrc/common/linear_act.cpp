@@ -5,17 +5,15 @@
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 
+#include <iterator>
+#include <string>
 #include <vector>
 
 namespace customlayers {
 namespace {
 
-// "relu" or "none"; anything else is a ValueError naming the op and the value.
-Activation parse_activation(c10::string_view act, const char* op) {
-  if (act == "relu") return Activation::kRelu;
-  if (act == "none") return Activation::kNone;
-  TORCH_CHECK_VALUE(false, op, ": act must be 'relu' or 'none', but got '", std::string(act), "'");
-}
+// The activations' names, in Activation's order (customlayers/_activations.py's table).
+constexpr const char* kActivationNames[] = {"none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"};
 
 // x (*, in), weight (in, out) (with weight_t (out, in)) of any strides, bias (out,) or none: floating point,
 // one dtype, one device, matching sizes. Errors name the shapes, dtypes or devices involved.
@@ -74,7 +72,7 @@ LinearForward prepare_forward(const at::Tensor& x, const at::Tensor& weight, con
   constexpr const char* op = "linear_act";
   const at::Tensor& b = defined_or_empty(bias);
   check_linear_inputs(op, x, weight, b, weight_t);
-  const Activation activation = parse_activation(act, op);
+  const Activation activation = activation_of(act, op);
   const at::Tensor w = weight_t ? weight.t() : weight;
   const int64_t M = linear_rows(x), K = w.size(0), N = w.size(1);
   return {as_matrix(x, M, K), w, b.defined() ? b.contiguous() : at::Tensor(), activation, M, K, N};
@@ -84,17 +82,19 @@ LinearBackward prepare_backward(const at::Tensor& grad, const at::Tensor& x, con
                                 const at::Tensor& out, c10::string_view act) {
   constexpr const char* op = "linear_act_backward";
   check_linear_inputs(op, x, weight, at::Tensor());
-  const Activation activation = parse_activation(act, op);
-  const bool relu = activation == Activation::kRelu;
+  const Activation activation = activation_of(act, op);
+  const ActSaved needs = act_saved(activation);
+  const bool uses_out = needs != ActSaved::kNothing;
   check_floating(grad, op, "grad");
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": expected grad and x to have the same dtype, but grad is ",
                    grad.scalar_type(), " and x is ", x.scalar_type());
-  check_same_device(op, {{"x", &x}, {"grad", &grad}, {"out", relu ? &out : nullptr}});
+  check_same_device(op, {{"x", &x}, {"grad", &grad}, {"out", uses_out ? &out : nullptr}});
   const std::vector<int64_t> shape = linear_output_shape(x, weight);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), op, ": expected grad of shape ", at::IntArrayRef(shape),
               " (x's shape with out_features last), but got shape ", grad.sizes());
-  if (relu) {
-    TORCH_CHECK(out.defined(), op, ": act='relu' needs the forward output `out`");
+  if (uses_out) {
+    TORCH_CHECK(out.defined(), op, ": act='", std::string(act), "' needs `out`: ",
+                needs == ActSaved::kOutput ? "the forward's output" : "the pre-activation x @ weight + bias");
     TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), op,
                      ": expected out and x to have the same dtype, but out is ", out.scalar_type(), " and x is ",
                      x.scalar_type());
@@ -103,10 +103,20 @@ LinearBackward prepare_backward(const at::Tensor& grad, const at::Tensor& x, con
   }
   const int64_t M = linear_rows(x), K = weight.size(0), N = weight.size(1);
   return {unit_column_stride(as_matrix(grad, M, N)), as_matrix(x, M, K), weight,
-          relu ? unit_column_stride(as_matrix(out, M, N)) : at::Tensor(), activation, M, K, N};
+          uses_out ? unit_column_stride(as_matrix(out, M, N)) : at::Tensor(), activation, M, K, N};
 }
 
 }  // namespace
+
+Activation activation_of(c10::string_view act, const char* op) {
+  for (size_t i = 0; i < std::size(kActivationNames); ++i)
+    if (act == kActivationNames[i]) return static_cast<Activation>(i);
+  std::string names;
+  for (const char* name : kActivationNames) names += std::string(names.empty() ? "'" : ", '") + name + "'";
+  TORCH_CHECK_VALUE(false, op, ": act must be one of ", names, ", but got '", std::string(act), "'");
+}
+
+const char* activation_name(Activation act) { return kActivationNames[static_cast<size_t>(act)]; }
 
 int64_t linear_rows(const at::Tensor& x) {
   return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);

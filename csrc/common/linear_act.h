@@ -4,6 +4,8 @@
 // call them, and shape the results.
 #pragma once
 
+#include "common/activation.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
@@ -13,7 +15,10 @@
 
 namespace customlayers {
 
-enum class Activation { kNone, kRelu };
+// The activation named `act` (one of customlayers/_activations.py's names), or a ValueError naming op, the
+// argument, the names and the value; activation_name is its inverse.
+Activation activation_of(c10::string_view act, const char* op);
+const char* activation_name(Activation act);
 
 // The number of rows of x seen as a (rows, in_features) matrix: the product of its leading dims.
 int64_t linear_rows(const at::Tensor& x);
@@ -27,13 +32,14 @@ struct LinearForward {
   int64_t M, K, N;
 };
 
-// linear_act_backward's arguments, checked: grad and out as (M, N) matrices with unit column stride (any
-// row stride), out defined for act='relu' only.
+// linear_act_backward's arguments, checked: grad and the saved tensor as (M, N) matrices with unit column
+// stride (any row stride); `saved` is what act_saved(act) names (the forward's output or the
+// pre-activation), undefined for act='none'.
 struct LinearBackward {
   at::Tensor g2;
   at::Tensor x2;
   at::Tensor weight;
-  at::Tensor o2;
+  at::Tensor saved;
   Activation act;
   int64_t M, K, N;
 };

@@ -5,8 +5,9 @@
 // tiles run in a parallel region (run_tiles), where BLAS (MKL, OpenBLAS, oneDNN) runs on the calling thread
 // only. A multithreaded BLAS call would split its work, and on some CPUs its sums, by the thread count.
 //  * forward: per tile out = x @ W + bias (addmm: the bias is added to the GEMM's accumulator, so float16 and
-//    bfloat16 outputs are rounded once, as nn.Linear's), then the activation on the tile while it is in cache;
-//  * backward: one pass over grad makes the masked gradient g' and the bias-gradient chunk sums (fixed 64-row
+//    bfloat16 outputs are rounded once, as nn.Linear's), then the activation on the tile while it is in cache
+//    (float16/bfloat16 with an activation other than relu: the whole forward in float32, rounded once);
+//  * backward: one pass over grad makes the masked gradient g' = g * act'(.) and the bias-gradient chunk sums (fixed 64-row
 //    chunks); then the tiles of dX = g' W^T and dW = X^T g' (in the weight's layout) in one parallel region.
 // float16/bfloat16 run in float32 where the CPU lacks fast GEMMs for them (linear_act_widen.h).
 #include "cpu/linear_act_blas.h"
@@ -151,7 +152,7 @@ void run_tile(const TiledGemm& g, int64_t tile) {
   } else {
     gemm_into(dst, a, b);
   }
-  if (g.act == Activation::kRelu) relu_rows(dst.mutable_data_ptr<T>(), dst.stride(0), 0, rows, cols);
+  if (g.act != Activation::kNone) activate_rows(dst.mutable_data_ptr<T>(), dst.stride(0), 0, rows, cols, g.act);
 }
 
 // The tiles of every GEMM in `gemms`, in one parallel region.
@@ -184,11 +185,11 @@ void forward_in_type(const LinearForward& args, at::Tensor& out) {
 template <typename T>
 void backward_in_type(const LinearBackward& args, LinearGrads& grads, double* partial) {
   const int64_t M = args.M, N = args.N;
-  const bool relu = args.o2.defined(), gemms = grads.dx.defined() || grads.dw.defined();
-  // g' = (out <= 0 ? 0 : g): its own buffer for relu, g itself otherwise.
-  const at::Tensor gp = relu && gemms ? cpu::empty({M, N}, args.g2.scalar_type()) : args.g2;
-  if ((relu && gemms) || partial != nullptr) {
-    const MaskedGrad<T> src{rows_of<T>(args.g2), rows_of<T>(args.o2), N};
+  const bool masked = args.saved.defined(), gemms = grads.dx.defined() || grads.dw.defined();
+  // g' = g * act'(.): its own buffer with an activation, g itself for 'none'.
+  const at::Tensor gp = masked && gemms ? cpu::empty({M, N}, args.g2.scalar_type()) : args.g2;
+  if ((masked && gemms) || partial != nullptr) {
+    const MaskedGrad<T> src{rows_of<T>(args.g2), rows_of<T>(args.saved), N, args.act};
     const Rows<T> gp_rows{gp.is_same(args.g2) ? nullptr : gp.mutable_data_ptr<T>(), N};
     const int64_t chunks = ceil_div(M, kChunkRows);
     const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(kChunkRows * N, 1));
@@ -237,7 +238,10 @@ void backward_in_type(const LinearBackward& args, LinearGrads& grads, double* pa
 template <typename T>
 void blas_forward(const LinearForward& args, at::Tensor& out) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-    if (blas_in_float<T>()) {
+    // A native 16-bit GEMM rounds its output: relu of the rounded value is the rounded relu, but the other
+    // activations would be rounded twice, so they run in float32 and round once.
+    const bool act_on_rounded = args.act == Activation::kNone || args.act == Activation::kRelu;
+    if (blas_in_float<T>() || !act_on_rounded) {
       LinearForward wide = args;
       wide.x2 = widened<T>(args.x2);
       wide.weight = widened<T>(args.weight);
@@ -260,7 +264,7 @@ void blas_backward(const LinearBackward& args, LinearGrads& grads, double* parti
       wide.g2 = widened<T>(args.g2);
       if (grads.dw.defined()) wide.x2 = widened<T>(args.x2);
       if (grads.dx.defined()) wide.weight = widened<T>(args.weight);
-      if (args.o2.defined()) wide.o2 = widened<T>(args.o2);
+      if (args.saved.defined()) wide.saved = widened<T>(args.saved);
       LinearGrads wide_grads{float_like(grads.dx), float_like(grads.dw), at::Tensor()};
       backward_in_type<float>(wide, wide_grads, partial);
       if (grads.dx.defined()) narrowed_into<T>(wide_grads.dx, grads.dx);

@@ -53,17 +53,17 @@ Strided<T> mutable_strided_of(at::Tensor& t) {
   return {t.mutable_data_ptr<T>(), t.stride(0), t.stride(1)};
 }
 
-// act(v + bias[0..width)) for one vector of outputs (bias null: no bias). NaN stays NaN, like torch.relu.
+// act(v + bias[0..width)) for one vector of outputs (bias null: no bias).
 template <typename A>
 inline Vectorized<A> bias_act(Vectorized<A> v, const A* bias, Activation act) {
   if (bias != nullptr) v = v + Vectorized<A>::loadu(bias);
-  return act == Activation::kRelu ? at::vec::maximum(v, Vectorized<A>(0)) : v;
+  return activate(act, v);
 }
 
-// y[r, 0:width) = relu(y[r, 0:width)) for rows [r0, r1) of a block with row stride ld (NaN stays NaN,
-// like torch.relu): the BLAS path's activation, on its GEMM tiles while they are in cache.
+// y[r, 0:width) = act(y[r, 0:width)) for rows [r0, r1) of a block with row stride ld, in acc_t: the BLAS
+// path's activation, on its GEMM tiles while they are in cache.
 template <typename T>
-void relu_rows(T* y, int64_t ld, int64_t r0, int64_t r1, int64_t width) {
+void activate_rows(T* y, int64_t ld, int64_t r0, int64_t r1, int64_t width, Activation act) {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
   for (int64_t r = r0; r < r1; ++r) {
@@ -72,23 +72,25 @@ void relu_rows(T* y, int64_t ld, int64_t r0, int64_t r1, int64_t width) {
     int64_t c = 0;
     for (; c + L::kStep <= width; c += L::kStep) {
       L::load(row + c, v);
-      for (auto& u : v) u = at::vec::maximum(u, Vec(0));  // NaN stays NaN
+      for (auto& u : v) u = activate(act, u);
       L::store(row + c, v);
     }
     if (c < width) {
       L::load(row + c, width - c, v);
-      for (auto& u : v) u = at::vec::maximum(u, Vec(0));  // NaN stays NaN
+      for (auto& u : v) u = activate(act, u);
       L::store(row + c, width - c, v);
     }
   }
 }
 
-// The gradient g (M, N) and, for act='relu', the forward output o (absent for 'none').
+// The gradient g (M, N), the activation and what its derivative reads (act_saved: the forward's output or
+// the pre-activation; absent for 'none').
 template <typename T>
 struct MaskedGrad {
   Rows<const T> g;
-  Rows<const T> o;
+  Rows<const T> saved;
   int64_t N;
+  Activation act;
 };
 
 // Where mask_rows puts the masked gradient of its rows (each optional): T rows, acc_t rows, and the
@@ -100,9 +102,9 @@ struct MaskSinks {
   acc_t<T>* sums = nullptr;
 };
 
-// The masked gradient s = g, or for relu g where !(o <= 0) and +0 elsewhere (torch.relu's backward: a NaN
-// output passes the gradient), of rows [r0, r0 + rows) of src, stored to dst's rows 0.. and added to
-// dst.sums. Rows are taken four at a time, summed in registers and then added to the sums: one
+// The masked gradient g' = g * act'(.) (activation_grad; for relu g where !(out <= 0) and +0 elsewhere,
+// as torch.relu's backward: a NaN output passes the gradient), in acc_t, of rows [r0, r0 + rows) of src,
+// stored to dst's rows 0.. and added to dst.sums. Rows are taken four at a time, summed in registers and then added to the sums: one
 // read-modify-write of the sums per four rows, in an order fixed by the row index alone.
 template <typename T>
 inline void mask_rows(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const MaskSinks<T>& dst) {
@@ -122,9 +124,9 @@ inline void mask_rows(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const 
       for (int64_t q = q0; q < q0 + nq; ++q) {
         Vec v[L::kVecs], m[L::kVecs];
         L::load(src.g.row(r0 + q) + c, v);
-        if (src.o) {
-          L::load(src.o.row(r0 + q) + c, m);
-          for (int j = 0; j < L::kVecs; ++j) v[j] = Vec::blendv(v[j], zero, m[j] <= zero);  // exact g or +0
+        if (src.saved) {
+          L::load(src.saved.row(r0 + q) + c, m);
+          for (int j = 0; j < L::kVecs; ++j) v[j] = activation_grad(src.act, v[j], m[j]);
         }
         if (dst.gp) L::store(dst.gp.row(q) + c, v);
         if (dst.buf)
@@ -138,7 +140,7 @@ inline void mask_rows(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const 
       A sum = 0;
       for (int64_t q = q0; q < q0 + nq; ++q) {
         A v = static_cast<A>(src.g.row(r0 + q)[c]);
-        if (src.o && static_cast<A>(src.o.row(r0 + q)[c]) <= 0) v = A(0);
+        if (src.saved) v = activation_grad(src.act, v, static_cast<A>(src.saved.row(r0 + q)[c]));
         if (dst.gp) dst.gp.row(q)[c] = static_cast<T>(v);
         if (dst.buf) dst.buf.row(q)[c] = v;
         sum += v;

@@ -161,8 +161,7 @@ A dot_recomputed(const A* x, const A* w, int64_t ws, int64_t K, const A* bias, A
     for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[k]) * static_cast<double>(w[k * ws]);
   }
   if (bias != nullptr) s += static_cast<double>(*bias);
-  if (act == Activation::kRelu && !(s > 0 || s != s)) s = 0.0;
-  return static_cast<A>(s);
+  return static_cast<A>(activate(act, s));
 }
 
 // Forward rows [r0, r1).
@@ -179,8 +178,8 @@ void forward_rows(const ForwardTask<T>& f, int64_t r0, int64_t r1) {
     for (int64_t c0 = 0; c0 < N; c0 += tile_cols<T>()) {
       Tile<A> t = tile_product(Strided<const A>{xs, K, 1}, nq, w, c0, 0, K);
       for (int64_t i = 0; i < nq; ++i) {
-        // v - v is NaN exactly where v is not finite: a sum that may have overflowed on the way (ReLU would
-        // hide a -inf), recomputed once the row is stored.
+        // v - v is NaN exactly where v is not finite: a sum that may have overflowed on the way (an
+        // activation may hide a -inf), recomputed once the row is stored.
         Vectorized<A> d(0);
         for (int j = 0; j < kTileVecs; ++j) d = d + (t.v[i][j] - t.v[i][j]);
         A chk[kW], raw[kTileVecs * kW];
@@ -261,7 +260,7 @@ void narrow_rows(const ForwardTask<T>& f, acc_t<T>* xs, int64_t r0, int64_t r1) 
           if (!std::isfinite(v))
             v = dot_recomputed(xr[r], f.wp + (n0 + c) * K, 1, K, f.bias != nullptr ? f.bias + n0 + c : nullptr,
                                f.act);
-          else if (f.act == Activation::kRelu && !(v > 0)) v = A(0);
+          else v = activate(f.act, v);
           f.y[(q0 + r) * N + n0 + c] = static_cast<T>(v);
         }
     }
@@ -441,9 +440,9 @@ void recompute_nonfinite_dw(const MaskedGrad<T>& src, Strided<const T> x, int64_
         if (std::isfinite(static_cast<double>(d))) continue;
         double s = 0.0;
         for (int64_t m = 0; m < M; ++m) {
-          if (src.o && static_cast<double>(src.o.row(m)[n]) <= 0) continue;  // relu's mask: +0 there
+          double gv = static_cast<double>(src.g.row(m)[n]);
+          if (src.saved) gv = activation_grad(src.act, gv, static_cast<double>(src.saved.row(m)[n]));
           const double xv = static_cast<double>(x.data[m * x.rs + k * x.cs]);
-          const double gv = static_cast<double>(src.g.row(m)[n]);
           if constexpr (std::is_same_v<T, double>) s = std::fma(xv, gv, s);
           else s += xv * gv;
         }
@@ -514,7 +513,7 @@ void small_backward(const LinearBackward& args, LinearGrads& grads, double* part
   const at::Tensor dw_parts = want_dw ? acc_buffer<T>(blocks * part_size) : at::Tensor();
   const DwPartials<A> parts{want_dw ? dw_parts.template mutable_data_ptr<A>() : nullptr, part_size, blocks,
                             narrow ? ldk : ldp};
-  const SmallBackward<T> p{{rows_of<T>(args.g2), rows_of<T>(args.o2), N}, strided_of<T>(x2),
+  const SmallBackward<T> p{{rows_of<T>(args.g2), rows_of<T>(args.saved), N, args.act}, strided_of<T>(x2),
                            std::is_same_v<T, A> && x2.stride(1) == 1, nullptr,
                            want_dx ? grads.dx.mutable_data_ptr<T>() : nullptr, partial, K, N, narrow};
   const int64_t ldx = narrow ? ldk : K;  // the chunk's copy of x: its rows

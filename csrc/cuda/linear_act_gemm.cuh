@@ -17,6 +17,7 @@
 // can run it on CPU.
 #pragma once
 
+#include "common/activation.h"
 #include "common/cuda_utils.cuh"
 
 #include <c10/util/BFloat16.h>
@@ -54,7 +55,7 @@ struct GemmArgs {
   int64_t scm, scn;
   const T* bias;       // N values or nullptr
   int64_t M, N, K;
-  bool relu;
+  Activation act = Activation::kNone;
   // Set by gemm():
   bool vec = false;              // both operands can be read in whole Packs
   int64_t k_slice = 0;           // the K range of grid slice z is [z * k_slice, (z + 1) * k_slice)
@@ -137,11 +138,11 @@ struct TileLoader {
   }
 };
 
-// act(v + bias[n]) in the accumulation type; NaN stays NaN under ReLU, like torch.relu.
+// act(v + bias[n]) in the accumulation type (common/activation.h: NaN and inf as in torch's activations).
 template <typename A, typename T>
-__device__ __forceinline__ A bias_act(A v, const T* bias, int64_t n, bool relu) {
+__device__ __forceinline__ A bias_act(A v, const T* bias, int64_t n, Activation act) {
   if (bias != nullptr) v += static_cast<A>(bias[n]);
-  return relu && v <= A(0) ? A(0) : v;
+  return activate(act, v);
 }
 
 // Element (m, n) of the block's result: act(v + bias) into C, or, with split K, the raw sum v of this
@@ -149,7 +150,7 @@ __device__ __forceinline__ A bias_act(A v, const T* bias, int64_t n, bool relu) 
 template <typename T, typename A>
 __device__ __forceinline__ void store_result(const GemmArgs<T>& args, int64_t m, int64_t n, A v) {
   if (args.partial != nullptr) args.partial[(int64_t(blockIdx.z) * args.M + m) * args.N + n] = v;
-  else args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(v, args.bias, n, args.relu));
+  else args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(v, args.bias, n, args.act));
 }
 
 // The K loop of both GEMM kernels over this grid slice's K range: BK-deep tiles of A and B, double-
@@ -415,7 +416,7 @@ __global__ void __launch_bounds__(kReduceThreads) split_k_reduce_kernel(const Ge
     A s = 0;
     for (int64_t z = 0; z < slices; ++z) s += args.partial[z * total + i];
     const int64_t m = i / args.N, n = i % args.N;
-    args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(s, args.bias, n, args.relu));
+    args.c[m * args.scm + n * args.scn] = static_cast<T>(bias_act(s, args.bias, n, args.act));
   }
 }
 

@@ -2,7 +2,7 @@
 //
 //  * The forward is one launch of the hand-written tiled GEMM of cuda/linear_act_gemm.cuh, with bias + activation
 //    fused into its epilogue (CUDA cores for float32/float64, tensor cores for float16/bfloat16).
-//  * Backward: the masked gradient g' = (out <= 0 ? 0 : g) and the bias gradient by the kernels of
+//  * Backward: the masked gradient g' = g * act'(.) and the bias gradient by the kernels of
 //    cuda/linear_act_backward.cuh (fixed-order chunk sums, bit-reproducible); dX = g' W^T and dW = X^T g' are the
 //    same GEMM on strided views, dW written in the weight's own layout.
 #include "common/cuda_utils.cuh"
@@ -58,9 +58,16 @@ at::Tensor empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::Tenso
 void forward(const LinearForward& a, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_act_cuda", [&] {
-    GemmArgs<scalar_t> args{left<scalar_t>(a.x2), right<scalar_t>(a.weight), out.mutable_data_ptr<scalar_t>(), a.N, 1,
-                            a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr, a.M, a.N, a.K,
-                            a.act == Activation::kRelu};
+    const GemmArgs<scalar_t> args{.a = left<scalar_t>(a.x2),
+                                  .b = right<scalar_t>(a.weight),
+                                  .c = out.mutable_data_ptr<scalar_t>(),
+                                  .scm = a.N,
+                                  .scn = 1,
+                                  .bias = a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr,
+                                  .M = a.M,
+                                  .N = a.N,
+                                  .K = a.K,
+                                  .act = a.act};
     gemm(args, at::cuda::getCurrentCUDAStream(), Workspace(out));
   });
 }
@@ -68,43 +75,62 @@ void forward(const LinearForward& a, at::Tensor& out) {
 // ---------------------------------------------------------------------------------------------------
 // Backward.
 
-// gp (when defined) = g2 masked by o2 > 0 (relu) and db (when defined) = column sums of the masked g2.
+// gp (when defined) = g2 * act'(saved) and db (when defined) = column sums of it.
 template <typename T>
-void mask_and_sum(const at::Tensor& g2, const at::Tensor& o2, at::Tensor& gp, at::Tensor& db, bool relu,
-                  cudaStream_t stream) {
+void mask_and_sum(const LinearBackward& a, at::Tensor& gp, at::Tensor& db, cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t M = g2.size(0), N = g2.size(1);
+  const int64_t M = a.M, N = a.N;
+  const bool masked = a.saved.defined();
   at::Tensor partial;
-  if (db.defined()) partial = at::empty({relu_grad_chunks(M), N}, g2.options().dtype(c10::CppTypeToScalarType<A>::value));
-  relu_grad(ReluGradArgs<T>{g2.const_data_ptr<T>(), g2.stride(0), relu ? o2.const_data_ptr<T>() : nullptr,
-                            relu ? o2.stride(0) : 0, gp.defined() ? gp.mutable_data_ptr<T>() : nullptr,
-                            db.defined() ? partial.mutable_data_ptr<A>() : nullptr,
-                            db.defined() ? db.mutable_data_ptr<T>() : nullptr, M, N, relu},
-            stream);
+  if (db.defined()) partial = at::empty({act_grad_chunks(M), N}, a.g2.options().dtype(c10::CppTypeToScalarType<A>::value));
+  act_grad(ActGradArgs<T>{.g = a.g2.const_data_ptr<T>(),
+                          .ldg = a.g2.stride(0),
+                          .saved = masked ? a.saved.const_data_ptr<T>() : nullptr,
+                          .lds = masked ? a.saved.stride(0) : 0,
+                          .gp = gp.defined() ? gp.mutable_data_ptr<T>() : nullptr,
+                          .partial = db.defined() ? partial.mutable_data_ptr<A>() : nullptr,
+                          .db = db.defined() ? db.mutable_data_ptr<T>() : nullptr,
+                          .M = M,
+                          .N = N,
+                          .act = a.act},
+           stream);
 }
 
 void backward(const LinearBackward& a, LinearGrads& grads) {
   const c10::cuda::CUDAGuard guard(a.x2.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool relu = a.act == Activation::kRelu;
   const int64_t M = a.M, K = a.K, N = a.N;
-  // g' = (out <= 0 ? 0 : g): its own buffer for relu when a GEMM needs it, g itself otherwise.
+  // g' = g * act'(.): its own buffer with an activation when a GEMM needs it, g itself for 'none'.
   const bool gemms = grads.dx.defined() || grads.dw.defined();
-  at::Tensor gp = relu && gemms ? at::empty({M, N}, a.g2.options()) : at::Tensor();
+  at::Tensor gp = a.saved.defined() && gemms ? at::empty({M, N}, a.g2.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x2.scalar_type(), "linear_act_backward_cuda", [&] {
     using T = scalar_t;
-    mask_and_sum<T>(a.g2, a.o2, gp, grads.db, relu, stream);
+    mask_and_sum<T>(a, gp, grads.db, stream);
     if (!gemms) return;
     if (!gp.defined()) gp = a.g2;
     if (grads.dx.defined()) {  // dX = g' @ W^T: [M, N] x [N, K]
-      GemmArgs<T> args{left<T>(gp), {a.weight.const_data_ptr<T>(), a.weight.stride(1), a.weight.stride(0)},
-                       grads.dx.mutable_data_ptr<T>(), K, 1, nullptr, M, K, N, false};
+      const GemmArgs<T> args{.a = left<T>(gp),
+                             .b = {a.weight.const_data_ptr<T>(), a.weight.stride(1), a.weight.stride(0)},
+                             .c = grads.dx.mutable_data_ptr<T>(),
+                             .scm = K,
+                             .scn = 1,
+                             .bias = nullptr,
+                             .M = M,
+                             .N = K,
+                             .K = N};
       gemm(args, stream, Workspace(gp));
     }
     if (grads.dw.defined()) {  // dW = X^T @ g': [K, M] x [M, N]
       at::Tensor& dw = grads.dw;
-      GemmArgs<T> args{{a.x2.const_data_ptr<T>(), a.x2.stride(0), a.x2.stride(1)}, right<T>(gp),
-                       dw.mutable_data_ptr<T>(), dw.stride(0), dw.stride(1), nullptr, K, N, M, false};
+      const GemmArgs<T> args{.a = {a.x2.const_data_ptr<T>(), a.x2.stride(0), a.x2.stride(1)},
+                             .b = right<T>(gp),
+                             .c = dw.mutable_data_ptr<T>(),
+                             .scm = dw.stride(0),
+                             .scn = dw.stride(1),
+                             .bias = nullptr,
+                             .M = K,
+                             .N = N,
+                             .K = M};
       gemm(args, stream, Workspace(gp));
     }
   });

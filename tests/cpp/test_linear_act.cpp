@@ -1,9 +1,11 @@
 // customlayers::linear_act / linear_act_backward through the public C++ API: values against libtorch's
-// relu(x @ W + b) for both weight layouts, gradients against libtorch autograd, errors.
+// act(x @ W + b) for every activation and both weight layouts, gradients against libtorch autograd, errors.
 #include <customlayers/customlayers.h>
 
 #include <array>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "testing.h"
 
@@ -13,10 +15,24 @@ using customlayers::testing::expect_throws;
 using customlayers::testing::float_dtypes;
 using customlayers::testing::for_each_device;
 
-at::Tensor reference(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
+const std::vector<std::string> kActs{"none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"};
+
+// libtorch's activation `act` of y.
+at::Tensor activate(const at::Tensor& y, const std::string& act) {
+  if (act == "relu") return y.relu();
+  if (act == "gelu") return at::gelu(y);
+  if (act == "gelu_tanh") return at::gelu(y, "tanh");
+  if (act == "silu") return at::silu(y);
+  if (act == "tanh") return y.tanh();
+  if (act == "sigmoid") return y.sigmoid();
+  return y;
+}
+
+at::Tensor reference(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                     const std::string& act) {
   at::Tensor y = at::matmul(x.to(at::kDouble), w.to(at::kDouble));
   if (b.has_value()) y = y + b->to(at::kDouble);
-  return relu ? y.relu() : y;
+  return activate(y, act);
 }
 
 // Tolerance for a product over k terms of N(0,1) values in `dtype`, as an absolute error.
@@ -33,11 +49,11 @@ TEST(LinearAct, MatchesLibtorchBothLayouts) {
         const at::Tensor x = at::randn({m, k}, opts);
         const at::Tensor b = at::randn({n}, opts);
         for (const at::Tensor& w : {at::randn({k, n}, opts), at::randn({n, k}, opts).t()}) {
-          for (bool relu : {true, false}) {
-            const at::Tensor y = customlayers::linear_act(x, w, b, relu ? "relu" : "none");
+          for (const std::string& act : kActs) {
+            const at::Tensor y = customlayers::linear_act(x, w, b, act);
             ASSERT_EQ(y.scalar_type(), dtype);
-            const double err = (y.to(at::kDouble) - reference(x, w, b, relu)).abs().max().item<double>();
-            EXPECT_LE(err, linear_tol(dtype, k)) << m << "x" << k << "x" << n << " " << dtype;
+            const double err = (y.to(at::kDouble) - reference(x, w, b, act)).abs().max().item<double>();
+            EXPECT_LE(err, linear_tol(dtype, k)) << m << "x" << k << "x" << n << " " << dtype << " " << act;
           }
         }
       }
@@ -50,7 +66,7 @@ TEST(LinearAct, LeadingDimsAndNoBias) {
   const at::Tensor w = at::randn({6, 5}, at::kDouble);
   const at::Tensor y = customlayers::linear_act(x, w, std::nullopt, "relu");
   ASSERT_EQ(y.sizes(), (std::vector<int64_t>{2, 3, 4, 5}));
-  EXPECT_TRUE(at::allclose(y, reference(x, w, std::nullopt, true)));
+  EXPECT_TRUE(at::allclose(y, reference(x, w, std::nullopt, "relu")));
 }
 
 TEST(LinearActAutograd, GradientsMatchLibtorch) {
@@ -59,9 +75,11 @@ TEST(LinearActAutograd, GradientsMatchLibtorch) {
   const at::Tensor w = at::randn({7, 4}, opts).requires_grad_();
   const at::Tensor b = at::randn({4}, opts).requires_grad_();
   const at::Tensor g = at::randn({9, 4}, opts);
-  const auto ours = torch::autograd::grad({customlayers::linear_act(x, w, b)}, {x, w, b}, {g});
-  const auto ref = torch::autograd::grad({at::relu(at::matmul(x, w) + b)}, {x, w, b}, {g});
-  for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(at::allclose(ours[i], ref[i], 1e-10, 1e-10)) << "gradient " << i;
+  for (const std::string& act : kActs) {
+    const auto ours = torch::autograd::grad({customlayers::linear_act(x, w, b, act)}, {x, w, b}, {g});
+    const auto ref = torch::autograd::grad({activate(at::matmul(x, w) + b, act)}, {x, w, b}, {g});
+    for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(at::allclose(ours[i], ref[i], 1e-10, 1e-10)) << act << " gradient " << i;
+  }
 }
 
 TEST(LinearActAutograd, WeightTIsTheTransposedView) {
@@ -87,9 +105,11 @@ TEST(LinearActAutograd, DoubleBackward) {
     const auto gx = torch::autograd::grad({fn().square().sum()}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true);
     return torch::autograd::grad({gx[0].sum()}, {w})[0];
   };
-  const at::Tensor ours = first([&] { return customlayers::linear_act(x, w, std::nullopt, "relu"); });
-  const at::Tensor ref = first([&] { return at::relu(at::matmul(x, w)); });
-  EXPECT_TRUE(at::allclose(ours, ref, 1e-10, 1e-10));
+  for (const std::string& act : kActs) {
+    const at::Tensor ours = first([&] { return customlayers::linear_act(x, w, std::nullopt, act); });
+    const at::Tensor ref = first([&] { return activate(at::matmul(x, w), act); });
+    EXPECT_TRUE(at::allclose(ours, ref, 1e-10, 1e-10)) << act;
+  }
 }
 
 TEST(LinearActBackward, FusedKernelRespectsOutputMask) {
@@ -110,7 +130,12 @@ TEST(LinearAct, RejectsBadInputs) {
                                 "floating-point");
   expect_throws<c10::Error>([&] { customlayers::linear_act(x, at::randn({5, 2}), std::nullopt); }, "[4, 3]");
   expect_throws<c10::Error>([&] { customlayers::linear_act(x, w, at::randn({3})); }, "bias");
-  expect_throws<c10::ValueError>([&] { customlayers::linear_act(x, w, std::nullopt, "gelu"); }, "act must be");
+  expect_throws<c10::ValueError>([&] { customlayers::linear_act(x, w, std::nullopt, "swish"); },
+                                 "linear_act: act must be one of 'none', 'relu', 'gelu', 'gelu_tanh', 'silu', 'tanh', "
+                                 "'sigmoid', but got 'swish'");
+  expect_throws<c10::Error>(
+      [&] { customlayers::linear_act_backward(at::randn({4, 2}), x, w, std::nullopt, "silu", {true, true, true}); },
+      "act='silu' needs `out`: the pre-activation");
 }
 
 }  // namespace

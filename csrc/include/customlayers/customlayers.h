@@ -40,14 +40,16 @@ CUSTOMLAYERS_API at::Tensor centered(const at::Tensor& x, at::OptionalIntArrayRe
 CUSTOMLAYERS_API at::Tensor& masked_uniform_(at::Tensor& self, double low = -10, double high = 10,
                                               double threshold = 5, std::optional<int64_t> seed = std::nullopt, int64_t offset = 0);
 
-// act(x @ weight + bias) with weight (in_features, out_features) of any strides; act "relu" or "none".
+// act(x @ weight + bias) with weight (in_features, out_features) of any strides; act one of "none", "relu",
+// "gelu" (erf), "gelu_tanh" (tanh approximation), "silu", "tanh", "sigmoid".
 // weight_t: weight is (out_features, in_features), torch::nn::Linear's layout: act(x @ weight^T + bias).
 CUSTOMLAYERS_API at::Tensor linear_act(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, c10::string_view act = "relu",
                                         bool weight_t = false);
 
 // (dx, dweight, dbias) of linear_act for the selected inputs (undefined tensors for the others);
-// `out` is linear_act's output (needed for act "relu").
+// `out` is what act's derivative reads: linear_act's output for "relu", "tanh" and "sigmoid", the
+// pre-activation x @ weight + bias for "gelu", "gelu_tanh" and "silu" (unused for "none").
 CUSTOMLAYERS_API std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& weight,
                                                                    const std::optional<at::Tensor>& out,

@@ -1,6 +1,6 @@
 // The CUDA GEMM kernels of csrc/cuda/linear_act_gemm.cuh (both tile sizes, CUDA cores and tensor cores, split K,
 // every operand layout the host side can pick, aligned and unaligned operands, edges, K = 0, bias and
-// ReLU), run on the CPU emulator (cuda_emulator.h) and compared with a float64 GEMM of the same values. C is
+// every activation), run on the CPU emulator (cuda_emulator.h) and compared with a float64 GEMM of the same values. C is
 // surrounded by sentinels to catch writes outside it, and the operands' padding holds NaN, which any
 // read of it would carry into the result.
 #include "cuda/linear_act_gemm.cuh"
@@ -53,7 +53,8 @@ void run_gemm(const cl::GemmArgs<T>& args) {
 // c(m, n) equals act(sum over k of a(m, k) b(k, n) + bias[n]) of float64 within one rounding to T plus A's
 // rounding over the K terms (and, with split K, the slice sums, at most kMaxSlices of them).
 template <typename T, typename GetA, typename GetB, typename GetC>
-void expect_gemm_result(GetA a, GetB b, GetC c, const T* bias, bool relu, int64_t M, int64_t N, int64_t K) {
+void expect_gemm_result(GetA a, GetB b, GetC c, const T* bias, customlayers::Activation act, int64_t M, int64_t N,
+                        int64_t K) {
   const double eps = customlayers::testing::unit_roundoff<T>(), acc_eps = std::numeric_limits<cl::acc_t<T>>::epsilon();
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
@@ -63,22 +64,25 @@ void expect_gemm_result(GetA a, GetB b, GetC c, const T* bias, bool relu, int64_
         ref += p;
         mag += std::abs(p);
       }
-      if (relu) ref = std::max(ref, 0.0);
+      // The activation's slope is at most 1.13 (gelu), and it is evaluated in A within a few of A's ulps.
+      ref = customlayers::testing::reference_act(act, ref);
       const double got = static_cast<double>(c(i, j));
-      ASSERT_LE(std::abs(got - ref), eps * std::abs(ref) + acc_eps * (K + 2 + cl::kMaxSlices) * mag + 1e-30)
+      ASSERT_LE(std::abs(got - ref), (eps + 4 * acc_eps) * std::abs(ref) + 1.2 * acc_eps * (K + 2 + cl::kMaxSlices) * mag + 1e-30)
           << "C(" << i << ", " << j << ") = " << got << ", expected " << ref;
     }
 }
 
 struct Case {
   int64_t M, N, K;
-  bool a_row_major, b_row_major, misalign, c_row_major, bias, relu;
+  bool a_row_major, b_row_major, misalign, c_row_major, bias;
+  customlayers::Activation act;
 };
 
 std::string describe(const Case& c) {
   return std::to_string(c.M) + "x" + std::to_string(c.K) + "->" + std::to_string(c.N) + " A " +
          (c.a_row_major ? "row" : "col") + " B " + (c.b_row_major ? "row" : "col") + (c.misalign ? " misaligned" : "") +
-         " C " + (c.c_row_major ? "row" : "col") + (c.bias ? " bias" : "") + (c.relu ? " relu" : "");
+         " C " + (c.c_row_major ? "row" : "col") + (c.bias ? " bias" : "") + " " +
+         customlayers::testing::act_label(c.act);
 }
 
 template <typename T>
@@ -96,10 +100,18 @@ void check_gemm(const Case& c, std::mt19937& rng) {
   const T sentinel = T(12345.0f);
   Strided<T> out(c.M, c.N, c.c_row_major, false, sentinel);
 
-  run_gemm<T>({{a.p, a.s1, a.s0}, {b.p, b.s0, b.s1}, out.p, out.s0, out.s1, c.bias ? bias.data() : nullptr, c.M,
-               c.N, c.K, c.relu});
+  run_gemm<T>({.a = {a.p, a.s1, a.s0},
+               .b = {b.p, b.s0, b.s1},
+               .c = out.p,
+               .scm = out.s0,
+               .scn = out.s1,
+               .bias = c.bias ? bias.data() : nullptr,
+               .M = c.M,
+               .N = c.N,
+               .K = c.K,
+               .act = c.act});
   expect_gemm_result([&](int64_t i, int64_t k) { return a.at(i, k); }, [&](int64_t k, int64_t j) { return b.at(k, j); },
-                     [&](int64_t i, int64_t j) { return out.at(i, j); }, c.bias ? bias.data() : nullptr, c.relu, c.M,
+                     [&](int64_t i, int64_t j) { return out.at(i, j); }, c.bias ? bias.data() : nullptr, c.act, c.M,
                      c.N, c.K);
   if (::testing::Test::HasFatalFailure()) return;
   // Nothing written outside C: the padding and the margins still hold the sentinel.
@@ -158,7 +170,7 @@ Chosen run_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shape
       for (bool misalign : alignments) {
         ++variant;
         const Case c{M, N, K, (layouts & 2) != 0, (layouts & 1) != 0, misalign, variant % 3 != 0, variant % 4 != 1,
-                     variant % 2 == 0};
+                     customlayers::testing::kActivations[variant % 7]};
         emu::launches.clear();
         check_gemm<T>(c, rng);
         if (::testing::Test::HasFatalFailure()) return any;
@@ -226,10 +238,11 @@ void fuzz_strides(int cases, unsigned seed) {
     for (auto& v : b) v = T(normal(rng));
     const T* ap = a.data() + aoff;
     const T* bp = b.data() + boff;
-    run_gemm<T>({{ap, ask, asx}, {bp, bsk, bsx}, c.data(), N, 1, nullptr, M, N, K, false});
+    run_gemm<T>({.a = {ap, ask, asx}, .b = {bp, bsk, bsx}, .c = c.data(), .scm = N, .scn = 1, .bias = nullptr, .M = M,
+                 .N = N, .K = K});
     expect_gemm_result([&](int64_t m, int64_t k) { return ap[k * ask + m * asx]; },
                        [&](int64_t k, int64_t n) { return bp[k * bsk + n * bsx]; },
-                       [&](int64_t m, int64_t n) { return c[m * N + n]; }, static_cast<const T*>(nullptr), false, M, N,
+                       [&](int64_t m, int64_t n) { return c[m * N + n]; }, static_cast<const T*>(nullptr), customlayers::Activation::kNone, M, N,
                        K);
     if (::testing::Test::HasFatalFailure()) break;
   }

@@ -1,0 +1,112 @@
+// The activations of linear_act, each defined once: its forward and its derivative, for every kernel that
+// applies them (host C++, at::vec vectors in the CPU kernels, CUDA device code and the CUDA emulator).
+// A value type V gets its math (exp, erf, tanh, relu and relu's mask) from ActMath<V>: scalars (float,
+// double) below, at::vec vectors in common/cpu_vec.h. Formulas and constants are those of torch's own
+// kernels (F.gelu, F.gelu(approximate='tanh'), F.silu, torch.tanh, torch.sigmoid, torch.relu), so NaN and
+// inf behave as there. Plain C++: no ATen, so the CUDA code and its emulator include it as they are.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CUSTOMLAYERS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CUSTOMLAYERS_HOST_DEVICE inline
+#endif
+
+// Device code calls CUDA's overloads of the math functions (::erf, ...), host code std's.
+#if defined(__CUDA_ARCH__)
+#define CUSTOMLAYERS_MATH(f) ::f
+#else
+#define CUSTOMLAYERS_MATH(f) std::f
+#endif
+
+namespace customlayers {
+
+// The names (customlayers/_activations.py's table, in the same order) are parsed in common/linear_act.cpp.
+enum class Activation : int8_t { kNone, kRelu, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid };
+
+// What linear_act_backward's `out` argument holds for act: the forward's output (relu, tanh, sigmoid,
+// whose derivatives are functions of it), or the pre-activation x @ W + b (gelu, gelu_tanh, silu, whose
+// derivatives need it). 'none' needs neither.
+enum class ActSaved : int8_t { kNothing, kOutput, kPreActivation };
+
+constexpr ActSaved act_saved(Activation act) {
+  switch (act) {
+    case Activation::kNone: return ActSaved::kNothing;
+    case Activation::kRelu:
+    case Activation::kTanh:
+    case Activation::kSigmoid: return ActSaved::kOutput;
+    default: return ActSaved::kPreActivation;
+  }
+}
+
+// Scalar math (float, double). Specialized for at::vec vectors in common/cpu_vec.h.
+template <typename V>
+struct ActMath {
+  static CUSTOMLAYERS_HOST_DEVICE V exp(V v) { return CUSTOMLAYERS_MATH(exp)(v); }
+  static CUSTOMLAYERS_HOST_DEVICE V erf(V v) { return CUSTOMLAYERS_MATH(erf)(v); }
+  static CUSTOMLAYERS_HOST_DEVICE V tanh(V v) { return CUSTOMLAYERS_MATH(tanh)(v); }
+  // torch.relu: NaN stays NaN.
+  static CUSTOMLAYERS_HOST_DEVICE V relu(V v) { return v <= V(0) ? V(0) : v; }
+  // torch.relu's backward: g where !(out <= 0) (a NaN output passes g), else +0.
+  static CUSTOMLAYERS_HOST_DEVICE V relu_mask(V g, V out) { return out <= V(0) ? V(0) : g; }
+};
+
+namespace act_constants {
+constexpr double kSqrtHalf = 0.70710678118654752440;       // M_SQRT1_2: gelu's erf(x / sqrt(2))
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;     // 1 / sqrt(2 pi): gelu's pdf
+constexpr double kBeta = 0.79788456080286535588;           // sqrt(2 / pi): gelu_tanh's
+constexpr double kKappa = 0.044715;
+}  // namespace act_constants
+
+// act(v).
+template <typename V>
+CUSTOMLAYERS_HOST_DEVICE V activate(Activation act, V v) {
+  using M = ActMath<V>;
+  using namespace act_constants;
+  switch (act) {
+    case Activation::kNone: return v;
+    case Activation::kRelu: return M::relu(v);
+    case Activation::kGelu: return V(0.5) * v * (V(1) + M::erf(v * V(kSqrtHalf)));
+    case Activation::kGeluTanh: return V(0.5) * v * (V(1) + M::tanh(V(kBeta) * (v + V(kKappa) * v * v * v)));
+    case Activation::kSilu: return v / (V(1) + M::exp(V(0) - v));
+    case Activation::kTanh: return M::tanh(v);
+    case Activation::kSigmoid: return V(1) / (V(1) + M::exp(V(0) - v));
+  }
+  return v;
+}
+
+// g * act'(.) from `saved`, which is what act_saved(act) names (the output or the pre-activation; unused
+// for 'none').
+template <typename V>
+CUSTOMLAYERS_HOST_DEVICE V activation_grad(Activation act, V g, V saved) {
+  using M = ActMath<V>;
+  using namespace act_constants;
+  switch (act) {
+    case Activation::kNone: return g;
+    case Activation::kRelu: return M::relu_mask(g, saved);
+    case Activation::kGelu: {
+      const V cdf = V(0.5) * (V(1) + M::erf(saved * V(kSqrtHalf)));
+      const V pdf = V(kInvSqrt2Pi) * M::exp(V(-0.5) * saved * saved);
+      return g * (cdf + saved * pdf);
+    }
+    case Activation::kGeluTanh: {
+      const V sq = saved * saved;
+      const V t = M::tanh(V(kBeta) * (saved + V(kKappa) * sq * saved));
+      const V left = V(0.5) * saved, right = V(1) + t;
+      const V right_derivative = (V(1) - t * t) * V(kBeta) * (V(1) + V(3 * kKappa) * sq);
+      return g * (V(0.5) * right + left * right_derivative);
+    }
+    case Activation::kSilu: {
+      const V s = V(1) / (V(1) + M::exp(V(0) - saved));
+      return g * s * (V(1) + saved * (V(1) - s));
+    }
+    case Activation::kTanh: return g * (V(1) - saved * saved);
+    case Activation::kSigmoid: return g * (V(1) - saved) * saved;
+  }
+  return g;
+}
+
+}  // namespace customlayers

@@ -1,0 +1,296 @@
+"""customlayers.convert(): fusing a model's nn.Linear layers with the activations that follow them into
+FusedLinear layers (LinearReLU, LinearGELU, LinearSiLU, or FusedLinear(activation=...)), in nn.Sequential
+and, through torch.fx, in any traceable forward; and its output layers into FusedLinear."""
+from __future__ import annotations
+
+import copy
+import dis
+import importlib
+import linecache
+import logging
+import types
+import warnings
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from . import _activations
+from .nn import CenteredLayer, FusedLinear, LinearGELU, LinearReLU, LinearSiLU, MyLinear
+
+__all__ = ["OUTPUT_FEATURES", "convert"]
+
+# convert() runs nn.Linear layers with at most this many outputs (output layers) as FusedLinear: there the
+# CPU kernels' dot products beat BLAS's GEMMs, which waste most of their tiles on so few columns.
+OUTPUT_FEATURES = 16
+# The activations with a class of their own; the others fuse into FusedLinear(activation=...).
+_NAMED = {cls._act: cls for cls in (LinearReLU, LinearGELU, LinearSiLU)}
+_log = logging.getLogger("customlayers")
+
+
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, with the customlayers modules as leaves too (their ops are not traceable
+    by fx)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (CenteredLayer, MyLinear, FusedLinear)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def convert(model: nn.Module, inplace: bool = False, report: bool = False, outputs: bool = True):
+    """Fuse every ``nn.Linear`` whose output goes only to an activation into one FusedLinear (sharing the
+    Linear's Parameters): LinearReLU for ReLU, LinearGELU for GELU (erf), LinearSiLU for SiLU, and
+    FusedLinear(activation=...) for GELU's tanh approximation ('gelu_tanh'), Tanh and Sigmoid. The model
+    computes the same outputs and gradients with one op per pair. With ``outputs=True`` (the default) every
+    other ``nn.Linear`` with at most ``OUTPUT_FEATURES`` (16) outputs (an output layer, such as the book's
+    256 -> 10) becomes a FusedLinear (same Parameters), one op forward and one backward where nn.Linear runs
+    a GEMM and a bias add, then three GEMM-sized ops.
+
+    Where ``torch.fx.symbolic_trace`` can trace a module's forward, any form of an activation counts
+    (customlayers._activations' MODULES, FUNCTIONS and METHODS): the modules ``nn.ReLU``, ``nn.GELU`` (both
+    ``approximate`` values), ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` (in place or not); the functions
+    ``F.relu``, ``torch.relu``, ``F.gelu`` (``approximate='tanh'`` too), ``F.silu``, ``torch.tanh``,
+    ``F.tanh``, ``torch.sigmoid``, ``F.sigmoid`` and their in-place forms (``inplace=True``, ``torch.relu_``,
+    ``torch.tanh_``, ...); the methods ``x.relu()``, ``x.tanh()``, ``x.sigmoid()`` and their in-place forms
+    (e.g. the book's ``MLP``, whose forward is ``self.out(F.relu(self.hidden(X)))``, ``MySequential``,
+    nested blocks, a residual block ``x + self.fc2(F.gelu(self.fc1(x)))``). An activation module left
+    without a use becomes ``nn.Identity``; when a functional activation is fused, the traced module's
+    forward becomes the traced code without it (the module keeps its class as a base class, its attributes
+    and methods; it pickles with ``torch.save`` and loads wherever its class imports, the fused forward
+    rebuilt from its code, and scripts with ``torch.jit.script``).
+    A module fx cannot trace (Python control flow on tensors, as the book's ``FixedHiddenMLP``), or whose
+    forward reads ``self.training`` (a trace would fix that branch to the current mode) or sets attributes
+    (side effects a trace drops), is not traced but searched inside: its children are tried, and in an
+    ``nn.Sequential`` every ``nn.Linear`` directly followed by an activation module is fused.
+
+    Initializers that test ``type(m) == nn.Linear`` (the book's) skip a FusedLinear: apply them before
+    convert() (``isinstance(m, nn.Linear)`` reaches it). Lazy layers are fused once a first input has
+    given them their shapes.
+
+    Parameter names are unchanged (FusedLinear has nn.Linear's), so checkpoints load both ways. A Linear
+    used in several places (tied) is fused only where every use is followed by the same activation, and
+    becomes one FusedLinear object wherever it appears. Linears and activation modules with hooks
+    (pruning's, the old ``weight_norm``'s), parametrized Linears and Linears whose weight or bias is not a
+    plain Parameter (a pruned tensor, a torchao-quantized or DTensor subclass) are left alone, on every
+    path. With ``inplace=False`` the model is deep-copied first (ties within the model are kept in the copy).
+
+    Returns the model, or with ``report=True`` ``(model, names)``, ``names`` the qualified names of the
+    replaced Linears (fused with their activation, or output layers). What was fused is also logged
+    (logger ``customlayers``, level INFO: the activation, the class and the names); a ``UserWarning`` says
+    when nothing was replaced.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    fused: Dict[int, FusedLinear] = {}
+    _convert(model, fused)
+    made = {id(m) for m in fused.values()}
+    if outputs:
+        made |= {id(m) for m in _convert_outputs(model).values()}
+    names = [name for name, module in model.named_modules(remove_duplicate=False) if id(module) in made]
+    kinds: Dict[tuple, list] = {}  # (activation, class) -> names
+    for name in names:
+        module = model.get_submodule(name)
+        kinds.setdefault((module.activation, type(module).__name__), []).append(name)
+    for (act, cls), these in kinds.items():
+        what = f"nn.Linear + {act} into {cls}" if act != "none" else f"output nn.Linear into {cls}"
+        _log.info("customlayers.convert: fused %d %s: %s", len(these), what, ", ".join(these))
+    if not names:
+        warnings.warn("customlayers.convert: found no nn.Linear whose output goes only to an activation ("
+                      + ", ".join(name for name in _activations.NAMES if name != "none") + ")"
+                      + (f" and no other submodule nn.Linear with at most {OUTPUT_FEATURES} outputs" if outputs else "")
+                      + "; the model is unchanged (lazy layers are converted once a first input has given them"
+                      " their shapes)", UserWarning, stacklevel=2)
+    return (model, names) if report else model
+
+
+def _convert_outputs(model: nn.Module) -> Dict[int, "FusedLinear"]:
+    """Every nn.Linear left with at most OUTPUT_FEATURES outputs -> a FusedLinear, wherever it appears (one per
+    Linear; a Linear fused with a ReLU elsewhere keeps its plain uses here, as a FusedLinear over the same
+    Parameters). Linears with hooks (e.g. the old weight_norm's, which recomputes the weight) or whose weight
+    or bias is not a Parameter are left alone."""
+    made: Dict[int, FusedLinear] = {}
+    for sub in model.modules():
+        for name, child in sub._modules.items():
+            if _plain_output_layer(child):
+                if id(child) not in made:
+                    made[id(child)] = FusedLinear.from_linear(child)
+                sub._modules[name] = made[id(child)]
+    return made
+
+
+def _plain_output_layer(m: Optional[nn.Module]) -> bool:
+    return _replaceable(m, nn.Linear) and m.out_features <= OUTPUT_FEATURES
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _replaceable(m: Optional[nn.Module], cls: type) -> bool:
+    """m is exactly a cls (nn.Linear or an activation module; a parametrized Linear is a subclass) without hooks (pruning,
+    the old weight_norm and spectral_norm recompute the weight in a pre-hook), and a Linear's weight and bias are
+    plain Parameters: not plain tensors (pruned), nor tensor subclasses (quantized by torchao, DTensor)."""
+    if type(m) is not cls or _hooked(m):
+        return False
+    if cls is nn.Linear:
+        return (not torch.nn.utils.parametrize.is_parametrized(m) and type(m.weight) is nn.Parameter
+                and (m.bias is None or type(m.bias) is nn.Parameter))
+    return True
+
+
+def _convert(module: nn.Module, fused: Dict[int, FusedLinear]) -> None:
+    tracer = _Tracer()
+    graph = None
+    if not _trace_would_change_behaviour(module, tracer):
+        try:
+            graph = tracer.trace(module)
+        except Exception:  # noqa: BLE001 (fx raises many kinds: TraceError, TypeError, NotImplementedError, ...)
+            graph = None
+    if graph is not None:
+        _fuse_graph(module, graph, fused)
+        return
+    _fuse_sequential(module, fused)
+    for child in module.children():
+        _convert(child, fused)
+
+
+def _trace_would_change_behaviour(module: nn.Module, tracer: _Tracer) -> bool:
+    """A forward a trace runs (module's or a traced submodule's) reads ``self.training`` (the trace keeps the
+    branch of the current mode) or sets or deletes attributes (tracing would run those side effects with
+    fx Proxies, and the traced code drops them)."""
+    for m in module.modules():
+        code = getattr(type(m).forward, "__code__", None)
+        if code is None or (m is not module and tracer.is_leaf_module(m, "")):
+            continue
+        if "training" in code.co_names or any(ins.opname in ("STORE_ATTR", "DELETE_ATTR")
+                                              for ins in dis.get_instructions(code)):
+            return True
+    return False
+
+
+def _module_activation(m: Optional[nn.Module]) -> Optional[str]:
+    """The activation an activation module computes (an exact class of _activations.MODULES, without hooks),
+    else None."""
+    of = _activations.MODULES.get(type(m))
+    return of(m) if of is not None and _replaceable(m, type(m)) else None
+
+
+def _fused(linear: nn.Linear, act: str, fused: Dict[int, FusedLinear]) -> FusedLinear:
+    """The fused layer of linear with act, made once per Linear."""
+    if id(linear) not in fused:
+        cls = _NAMED.get(act)
+        fused[id(linear)] = cls.from_linear(linear) if cls is not None else FusedLinear.from_linear(linear, act)
+    return fused[id(linear)]
+
+
+def _fuse_sequential(module: nn.Module, fused: Dict[int, FusedLinear]) -> None:
+    """In an nn.Sequential: each nn.Linear directly followed by an activation module."""
+    if not isinstance(module, nn.Sequential):
+        return
+    names = list(module._modules)
+    for first, second in zip(names, names[1:]):
+        linear, act = module._modules[first], _module_activation(module._modules[second])
+        known = fused.get(id(linear))
+        if _replaceable(linear, nn.Linear) and act is not None and (known is None or known.activation == act):
+            module._modules[first] = _fused(linear, act, fused)
+            module._modules[second] = nn.Identity()
+
+
+def _activation_of(node: torch.fx.Node, module: nn.Module) -> Optional[str]:
+    """The activation node computes of its first argument (and nothing else), or None."""
+    if node.op == "call_module":
+        return _module_activation(module.get_submodule(node.target))
+    if node.op == "call_function":
+        return _activations.of_call(node.target, node.kwargs) if len(node.args) == 1 else None
+    if node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
+        return _activations.METHODS.get(node.target)
+    return None
+
+
+def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, FusedLinear]) -> None:
+    """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one activation
+    only, the same one for every call."""
+    calls: Dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and _replaceable(module.get_submodule(node.target), nn.Linear):
+            calls.setdefault(node.target, []).append(node)
+    pairs, linears = [], {}
+    for target, nodes in calls.items():
+        users = [next(iter(node.users)) if len(node.users) == 1 else None for node in nodes]
+        acts = {_activation_of(user, module) if user is not None and user.args[0] is node else None
+                for node, user in zip(nodes, users)}
+        linear = module.get_submodule(target)
+        known = fused.get(id(linear))
+        if len(acts) == 1 and None not in acts and (known is None or known.activation in acts):
+            linears[id(linear)] = (linear, acts.pop())
+            pairs += list(zip(nodes, users))
+    if not pairs:
+        return
+    # Activation modules the graph will no longer call become nn.Identity: the forward needs no change for those.
+    erased = {act for _, act in pairs}
+    called = {node.target for node in graph.nodes if node.op == "call_module" and node not in erased}
+    removed = {act.target for act in erased if act.op == "call_module"} - called
+    new_forward = any(act.op != "call_module" or act.target not in removed for act in erased)
+    for linear, act in linears.values():
+        _fused(linear, act, fused)
+    # Every reference to a fused Linear inside module (the forward may call it by any of them) -> its fusion.
+    for sub in module.modules():
+        for name, child in sub._modules.items():
+            if id(child) in linears:
+                sub._modules[name] = fused[id(child)]
+    for target in removed:
+        parent, _, name = target.rpartition(".")
+        setattr(module.get_submodule(parent), name, nn.Identity())
+    if new_forward:
+        for node, act in pairs:
+            act.replace_all_uses_with(node)
+            graph.erase_node(act)
+        code = graph.python_code(root_module="self")
+        module.__class__ = _converted_class(type(module), code.src, _globals_spec(code.globals))
+
+
+# The classes of modules whose forward convert() rewrote: (base class, forward source, globals) -> class.
+_CONVERTED: Dict[tuple, type] = {}
+
+
+def _globals_spec(namespace: Dict[str, object]) -> tuple:
+    """The traced code's globals, modules by name (so that the spec pickles and deep-copies)."""
+    return tuple(sorted((name, ("module", value.__name__) if isinstance(value, types.ModuleType) else ("object", value))
+                        for name, value in namespace.items()))
+
+
+def _converted_class(base: type, src: str, spec: tuple) -> type:
+    """A subclass of base whose forward is the traced, fused code src. It keeps base's name, attributes and
+    methods; it pickles (torch.save of the whole model, copy.deepcopy) as base's state plus the code, and
+    unpickling rebuilds the class here (_rebuild_converted), so no class needs to be importable by its name."""
+    base = base.__dict__.get("_customlayers_converted_from", base)  # converting a converted module again
+    try:
+        key = (base, src, tuple((name, repr(ref) if isinstance(ref, float) else ref)  # nan != nan
+                                for name, (_, ref) in spec))
+        cls = _CONVERTED.get(key)
+    except TypeError:  # an unhashable global: a class per call
+        key, cls = None, None
+    if cls is not None:
+        return cls
+    namespace = {name: importlib.import_module(ref) if kind == "module" else ref for name, (kind, ref) in spec}
+    filename = f"<customlayers.convert: {base.__module__}.{base.__qualname__}.forward #{len(_CONVERTED)}>"
+    # The source in linecache, as torch.fx does for GraphModules: tracebacks, inspect and torch.jit.script read it.
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    exec(compile(src, filename, "exec"), namespace)
+
+    def __reduce_ex__(self, protocol):
+        rebuilt = object.__reduce_ex__(self, protocol)  # (copyreg.__newobj__, (cls,), state, ...)
+        return (_rebuild_converted, (base, src, spec), *rebuilt[2:])
+
+    cls = type(base.__name__, (base,), {"forward": namespace["forward"], "__module__": base.__module__,
+                                         "__qualname__": base.__qualname__, "__reduce_ex__": __reduce_ex__,
+                                         "_customlayers_converted_from": base})
+    if key is not None:
+        _CONVERTED[key] = cls
+    return cls
+
+
+def _rebuild_converted(base: type, src: str, spec: tuple) -> nn.Module:
+    """Unpickling a module whose forward convert() rewrote: an empty instance of its class, rebuilt from the
+    base class and the fused forward's code; pickle then restores its state (nn.Module.__setstate__)."""
+    cls = _converted_class(base, src, spec)
+    return cls.__new__(cls)
