@@ -5,6 +5,8 @@
 
 #include "common/linear_act.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/sigmoid_backward.h>
@@ -80,6 +82,21 @@ at::Tensor apply_activation(const at::Tensor& z, Activation act) {
   }
 }
 
+// apply_activation with bits that do not depend on the thread count: torch's CPU activation kernels take a
+// scalar path on each parallel chunk's tail, whose bits differ from their vector path's, so they run in one
+// chunk (inside a parallel region ATen's loops are serial), with the caller's thread-local state.
+at::Tensor apply_activation_fixed(const at::Tensor& z, Activation act) {
+  if (!z.is_cpu() || at::get_num_threads() == 1 || at::in_parallel_region()) return apply_activation(z, act);
+  at::Tensor out;
+  const at::ThreadLocalState state;
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t) {
+    if (begin != 0) return;
+    const at::ThreadLocalStateGuard guard(state);
+    out = apply_activation(z, act);
+  });
+  return out;
+}
+
 // g * act'(.) from differentiable ops, `saved` being what act_saved(act) names.
 at::Tensor activation_backward(const at::Tensor& g, const at::Tensor& saved, Activation act) {
   switch (act) {
@@ -109,7 +126,7 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
       at::AutoDispatchBelowADInplaceOrView guard;
       if (needs == ActSaved::kPreActivation && grad_wanted) {
         saved = linear_act(x, weight, bias, "none", weight_t);
-        out = apply_activation(saved, activation);
+        out = apply_activation_fixed(saved, activation);
       } else {
         out = linear_act(x, weight, bias, act, weight_t);
         if (needs == ActSaved::kOutput) saved = out;
