@@ -21,20 +21,21 @@
 
 #include <string>
 
-namespace customlayers {
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+// The autograd Functions are at global scope: torch prints a C++ node's name from the last "::" of
+// "torch::autograd::CppNode<T>", so a tensor shows grad_fn=<CppNode<CustomlayersLinearActBackward>>, where a
+// namespaced T would print as a truncated "LinearActFunction>".
 
 // y = x - mean(x, dim) is a symmetric projection: dx = centered(dy, dim).
-struct CenteredFunction : torch::autograd::Function<CenteredFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::OptionalIntArrayRef dim) {
+struct CustomlayersCenteredBackward : torch::autograd::Function<CustomlayersCenteredBackward> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::OptionalIntArrayRef dim) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    using namespace customlayers;
     if (dim.has_value()) ctx->saved_data["dim"] = dim->vec();
     return centered(x, dim);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    using namespace customlayers;
     const auto it = ctx->saved_data.find("dim");
     if (it == ctx->saved_data.end()) return {centered(grads[0], std::nullopt), at::Tensor()};
     const std::vector<int64_t> dim = it->second.toIntVector();
@@ -42,8 +43,11 @@ struct CenteredFunction : torch::autograd::Function<CenteredFunction> {
   }
 };
 
+namespace customlayers {
+namespace {
+
 at::Tensor centered_autograd(const at::Tensor& x, at::OptionalIntArrayRef dim) {
-  return CenteredFunction::apply(x, dim);
+  return ::CustomlayersCenteredBackward::apply(x, dim);
 }
 
 // masked_uniform_ is an initializer with no derivative: filling a tensor that autograd tracks would cut
@@ -114,10 +118,14 @@ at::Tensor activation_backward(const at::Tensor& g, const at::Tensor& saved, Act
   TORCH_INTERNAL_ASSERT(false, "activation_backward: unknown activation");
 }
 
-struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+}  // namespace
+}  // namespace customlayers
+
+struct CustomlayersLinearActBackward : torch::autograd::Function<CustomlayersLinearActBackward> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, c10::string_view act, bool weight_t,
                             bool grad_wanted) {
+    using namespace customlayers;
     const Activation activation = activation_of(act, "linear_act");
     const bool has_bias = bias.has_value() && bias->defined();
     const ActSaved needs = act_saved(activation);
@@ -142,8 +150,10 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
     return out;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    using namespace customlayers;
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const bool weight_t = ctx->saved_data["weight_t"].toBool();
     const at::Tensor weight = weight_t ? saved[1].t() : saved[1];  // W, (in, out)
@@ -179,12 +189,15 @@ struct LinearActFunction : torch::autograd::Function<LinearActFunction> {
   }
 };
 
+namespace customlayers {
+namespace {
+
 at::Tensor linear_act_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::string_view act, bool weight_t) {
   // Whether a gradient may be asked for, known here (forward runs with grad mode off).
   const bool grad_wanted = at::GradMode::is_enabled() &&
                            (x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->defined() && bias->requires_grad()));
-  return LinearActFunction::apply(x, weight, bias, act, weight_t, grad_wanted);
+  return ::CustomlayersLinearActBackward::apply(x, weight, bias, act, weight_t, grad_wanted);
 }
 
 }  // namespace

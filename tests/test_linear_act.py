@@ -729,3 +729,12 @@ def test_huge_inputs_backward_no_nan_where_exact_has_none(act, transposed, dtype
         fin = rounded.isfinite()
         assert torch.equal(o.double()[~fin], rounded[~fin])  # the same infinities
         check_close(o[fin], r[fin], dtype, k)
+
+
+@requires_extension()
+def test_grad_fn_prints_a_whole_name():
+    # torch prints a C++ node from the last "::" of its name: ours are at global scope for that.
+    y = customlayers.nn.LinearReLU(3, 2)(torch.randn(4, 3))
+    assert "grad_fn=<CppNode<CustomlayersLinearActBackward>>" in repr(y)
+    assert repr(customlayers.nn.CenteredLayer()(torch.randn(3, requires_grad=True))).endswith(
+        "grad_fn=<CppNode<CustomlayersCenteredBackward>>)")
