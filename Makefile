@@ -86,24 +86,23 @@ test-portable: $(DEPS_STAMP)
 test-long:
 	$(MAKE) test PYTEST_ENV="CUSTOMLAYERS_RUN_SLOW=1 HYPOTHESIS_PROFILE=long"
 
-# GoogleTest for the C++ tests: Debian/Ubuntu's libgtest-dev, installed when missing and apt-get can.
-gtest:
-	@if [ -e /usr/include/gtest/gtest.h ] || [ -e /usr/local/include/gtest/gtest.h ]; then exit 0; fi; \
+# $(call apt_install,CHECK,PACKAGE,WHAT,OTHERWISE): when the shell test CHECK fails, installs the Debian/Ubuntu
+# PACKAGE (WHAT names it in the message) if apt-get can, else runs OTHERWISE.
+apt_install = if $(1); then exit 0; fi; \
 	if command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	  echo "installing GoogleTest (libgtest-dev)"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libgtest-dev; \
-	else echo "GoogleTest not found: install it (e.g. libgtest-dev) for the C++ tests" >&2; exit 1; fi
+	  echo "installing $(3) ($(2))"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(2); \
+	else $(4); fi
+
+# GoogleTest for the C++ tests: Debian/Ubuntu's libgtest-dev, installed when missing and apt-get can.
+gtest:
+	@$(call apt_install,[ -e /usr/include/gtest/gtest.h ] || [ -e /usr/local/include/gtest/gtest.h ],libgtest-dev,GoogleTest,echo "GoogleTest not found: install it (e.g. libgtest-dev) for the C++ tests" >&2; exit 1)
 
 # A C++ cross-compiler for aarch64 (Debian/Ubuntu's g++-aarch64-linux-gnu), installed when missing and apt-get
 # can: tests/test_build.py compiles the CPU sources for aarch64 with it.
 cross-gxx:
-	@if command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then exit 0; fi; \
-	if command -v apt-get >/dev/null 2>&1; then \
-	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	  echo "installing the aarch64 cross-compiler (g++-aarch64-linux-gnu)"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu; \
-	else echo "aarch64-linux-gnu-g++ not found: the aarch64 cross-compile test will be skipped" >&2; fi
+	@$(call apt_install,command -v aarch64-linux-gnu-g++ >/dev/null 2>&1,g++-aarch64-linux-gnu,the aarch64 cross-compiler,echo "aarch64-linux-gnu-g++ not found: the aarch64 cross-compile test will be skipped" >&2)
 
 # The venv's bin first: its python (with torch) for the Torch CMake package, pip's ninja, and pip's
 # cmake where the system has none.

@@ -165,6 +165,21 @@ def activation_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act:
     return truth
 
 
+def layer_inputs(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    """x (m, k), nn.Linear's (out, in) weight seen through .t() as LinearReLU uses it, the bias, and a gradient
+    of the output (m, n)."""
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = (torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5).t()
+    b = torch.randn(n, device=device, dtype=dtype)
+    g = torch.randn(m, n, device=device, dtype=dtype)
+    return x, w, b, g
+
+
+def mode_inputs(mode: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The inputs as a mode's implementations take them: leaves requiring grad for FWD_BWD."""
+    return (x, w, b) if mode == FWD else tuple(t.detach().requires_grad_() for t in (x, w, b))
+
+
 def activation_cases(device: torch.device, quick: bool) -> List[Case]:
     out = []
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
@@ -174,12 +189,9 @@ def activation_cases(device: torch.device, quick: bool) -> List[Case]:
 
         for (m, k, n) in ACTIVATION_SHAPES[:1] if quick else ACTIVATION_SHAPES:
             for dtype in dtypes:
-                x = torch.randn(m, k, device=device, dtype=dtype)
-                w = (torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5).t()
-                b = torch.randn(n, device=device, dtype=dtype)
-                g = torch.randn(m, n, device=device, dtype=dtype)
+                x, w, b, g = layer_inputs(m, k, n, device, dtype)
                 for mode in (FWD, FWD_BWD):
-                    inputs = (x, w, b) if mode == FWD else tuple(t.detach().requires_grad_() for t in (x, w, b))
+                    inputs = mode_inputs(mode, x, w, b)
                     fns: Dict[str, Callable] = {OURS: lambda x, w, b, act=act: linear_act(x, w, b, act),
                                                 "eager": eager_act,
                                                 "torch.compile": compile_fresh(eager_act, dynamic=False)}
@@ -199,12 +211,9 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
     shapes += [(s, torch.bfloat16) for s in (QUICK_SHAPES[-1:] if quick else BF16_SHAPES.get(device.type, []))]
     out = []
     for (m, k, n), dtype in shapes:
-        x = torch.randn(m, k, device=device, dtype=dtype)
-        w = (torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5).t()
-        b = torch.randn(n, device=device, dtype=dtype)
-        g = torch.randn(m, n, device=device, dtype=dtype)
+        x, w, b, g = layer_inputs(m, k, n, device, dtype)
         for mode in (FWD, FWD_BWD):
-            inputs = (x, w, b) if mode == FWD else tuple(t.detach().requires_grad_() for t in (x, w, b))
+            inputs = mode_inputs(mode, x, w, b)
             fns: Dict[str, Callable] = {OURS: linear_act, "eager": eager, "nn.Linear+ReLU": nn_linear_relu,
                                         "torch.compile": compile_fresh(eager, dynamic=False)}
             if mode == FWD:
