@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -189,6 +190,36 @@ class FusedLinear(nn.Linear):
     @property
     def activation(self) -> str:
         return self._act
+
+    # torch.ao.quantization's eager flows (quantize_dynamic, prepare, prepare_qat) give every module a qconfig
+    # (None: leave it float) before converting and delete it after; a property so that this layer, left
+    # without one, says so.
+    __jit_unused_properties__ = ["qconfig"]
+
+    @property
+    def qconfig(self):
+        try:
+            return self.__dict__["_qconfig"]
+        except KeyError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'qconfig'") from None
+
+    @qconfig.setter
+    def qconfig(self, value) -> None:
+        # Only a None that torch.ao.quantization gives is reported, not one the user sets to keep it float.
+        given_by_torch = sys._getframe(2).f_globals.get("__name__", "").startswith("torch.ao.quantization")
+        if value is None and "_qconfig" not in self.__dict__ and given_by_torch:
+            name = type(self).__name__
+            advice = (f"Name {name} in the spec, or use customlayers.quantization.quantize_dynamic (docs/deploy.md)"
+                      if self._act in ("relu", "none") else
+                      f"torch.ao.quantization has no quantized Linear + {self._act} either")
+            warnings.warn(f"customlayers: {name} was given no qconfig, so quantization leaves it in float "
+                          f"(torch.ao.quantization matches module types exactly: a spec naming nn.Linear does not "
+                          f"cover its subclasses). {advice}.", UserWarning, stacklevel=3)
+        self.__dict__["_qconfig"] = value
+
+    @qconfig.deleter
+    def qconfig(self) -> None:
+        self.__dict__.pop("_qconfig", None)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
         weight = self.weight

@@ -58,13 +58,41 @@ def test_dynamic_quantization_dict_spec_and_names():
     assert quantized(x).shape == (3, 3)
 
 
-def test_torch_default_spec_needs_our_classes_named():
-    # torch's quantize_dynamic picks modules by exact type: its default spec names nn.Linear only.
-    ours = customlayers.convert(_native())
-    quantized = torch.ao.quantization.quantize_dynamic(ours)
-    assert type(quantized[0]) is LinearReLU
+@pytest.mark.parametrize("spec", [None, {nn.Linear}])
+def test_torch_spec_naming_nn_linear_leaves_ours_float_with_a_warning(spec):
+    # torch's quantize_dynamic picks modules by exact type: its default spec, or {nn.Linear}, skips our classes.
+    model = customlayers.convert(_native())
+    with pytest.warns(UserWarning) as record:
+        quantized = torch.ao.quantization.quantize_dynamic(model, spec)
+    assert [type(m) for m in quantized] == [LinearReLU, nn.Identity, LinearReLU, nn.Identity, FusedLinear]
+    ours = [str(w.message) for w in record if str(w.message).startswith("customlayers")]
+    assert sorted({message.split()[1] for message in ours}) == ["FusedLinear", "LinearReLU"]
+    assert all("was given no qconfig, so quantization leaves it in float" in message for message in ours)
+    assert not hasattr(quantized[0], "qconfig")  # torch deletes the qconfig it gave, as on nn.Linear
     assert torch.ao.quantization.quantization_mappings.get_default_dynamic_quant_module_mappings()[LinearReLU] \
         is customlayers.quantization.DYNAMIC_MAPPINGS[LinearReLU]
+
+
+def test_no_qconfig_warning_when_quantized_or_kept_float_by_the_user():
+    ours = customlayers.convert(_native())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        customlayers.quantization.quantize_dynamic(ours, {nn.Linear})
+        for layer in (ours[0], ours[2], ours[4]):
+            layer.qconfig = None  # torch.ao.quantization's way to keep a layer float
+        quantized = torch.ao.quantization.quantize_dynamic(ours, {nn.Linear}, inplace=True)
+    assert not [w for w in record if str(w.message).startswith("customlayers")]
+    assert [type(m) for m in quantized] == [LinearReLU, nn.Identity, LinearReLU, nn.Identity, FusedLinear]
+    ours[2].qconfig = torch.ao.quantization.default_dynamic_qconfig
+    assert ours[2].qconfig is torch.ao.quantization.default_dynamic_qconfig
+    del ours[2].qconfig
+    assert not hasattr(ours[2], "qconfig")
+
+
+def test_no_qconfig_warning_names_missing_counterpart_for_other_activations():
+    model = nn.Sequential(customlayers.nn.LinearGELU(6, 4))
+    with pytest.warns(UserWarning, match=r"LinearGELU was given no qconfig.*no quantized Linear \+ gelu"):
+        torch.ao.quantization.quantize_dynamic(model, {nn.Linear})
 
 
 def _with_stubs(model):
