@@ -19,6 +19,7 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
 // The autograd Functions are at global scope: torch prints a C++ node's name from the last "::" of
@@ -77,26 +78,39 @@ void masked_uniform_autograd(at::Tensor& self, double low, double high, double t
 // gelu/silu), dX = linear_act(g', W^T, act='none'), dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
 // With weight_t (weight (out, in), nn.Linear's), W is weight's transposed view and the weight's gradient
 // is dW's: one autograd node, where weight.t() would add a view's node and its backward.
-at::Tensor apply_activation(const at::Tensor& z, Activation act) {
+at::Tensor& apply_activation_out(at::Tensor& out, const at::Tensor& z, Activation act) {
   switch (act) {
-    case Activation::kGelu: return at::gelu(z);
-    case Activation::kGeluTanh: return at::gelu(z, "tanh");
-    case Activation::kSilu: return at::silu(z);
+    case Activation::kGelu: return at::gelu_out(out, z);
+    case Activation::kGeluTanh: return at::gelu_out(out, z, "tanh");
+    case Activation::kSilu: return at::silu_out(out, z);
     default: TORCH_INTERNAL_ASSERT(false, "apply_activation: not a pre-activation activation");
   }
 }
 
-// apply_activation with bits that do not depend on the thread count: torch's CPU activation kernels take a
-// scalar path on each parallel chunk's tail, whose bits differ from their vector path's, so they run in one
-// chunk (inside a parallel region ATen's loops are serial), with the caller's thread-local state.
+// torch's activation of z, with bits that do not depend on the thread count. Its CPU kernels take a scalar
+// path on each parallel chunk's tail, whose bits differ from their vector path's; here the chunks are fixed
+// blocks of kActivationBlock elements (a multiple of every vector width), each one call run serially inside
+// a parallel region (where ATen's loops are serial) with the caller's thread-local state, so every element
+// but the tensor's last few takes the vector path, whatever the thread count.
+constexpr int64_t kActivationBlock = int64_t{1} << 18;
+
 at::Tensor apply_activation_fixed(const at::Tensor& z, Activation act) {
-  if (!z.is_cpu() || at::get_num_threads() == 1 || at::in_parallel_region()) return apply_activation(z, act);
-  at::Tensor out;
+  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
+  if (!z.is_cpu() || z.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || !z.is_contiguous() ||
+      at::get_num_threads() == 1 || at::in_parallel_region())
+    return apply_activation_out(out, z, act);
+  const int64_t n = z.numel();
+  const at::Tensor flat = z.view(-1), flat_out = out.view(-1);
   const at::ThreadLocalState state;
-  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t) {
-    if (begin != 0) return;
+  // At least two tasks, so that one block too runs inside a parallel region.
+  const int64_t blocks = (n + kActivationBlock - 1) / kActivationBlock;
+  at::parallel_for(0, std::max<int64_t>(blocks, 2), 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(state);
-    out = apply_activation(z, act);
+    for (int64_t block = begin; block < std::min(end, blocks); ++block) {
+      const int64_t start = block * kActivationBlock, length = std::min(kActivationBlock, n - start);
+      at::Tensor dst = flat_out.narrow(0, start, length);
+      apply_activation_out(dst, flat.narrow(0, start, length), act);
+    }
   });
   return out;
 }

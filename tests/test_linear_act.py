@@ -738,3 +738,34 @@ def test_grad_fn_prints_a_whole_name():
     assert "grad_fn=<CppNode<CustomlayersLinearActBackward>>" in repr(y)
     assert repr(customlayers.nn.CenteredLayer()(torch.randn(3, requires_grad=True))).endswith(
         "grad_fn=<CppNode<CustomlayersCenteredBackward>>)")
+
+
+SPECIALS = [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 3e38, -3e38, 12.0, -12.0]
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_t", [False, True])
+# The small-weight kernel, the narrow-output kernel (32 <= in, out <= 16) and BLAS.
+@pytest.mark.parametrize("shape", [((7, 20), 20, 18), ((40, 65), 65, 9), ((130, 300), 300, 45)], ids=str)
+def test_special_values_like_torch(act, dtype, weight_t, shape):
+    """±inf, NaN, ±0 and huge pre-activations (the bias carries them: x @ w stays small) through each
+    activation, forward and backward: NaN and ±inf exactly where torch's own function in the same dtype
+    (on nn.Linear's output) has them, the rest close."""
+    (rows, k), _, n = shape
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(rows, k, generator=g, dtype=torch.float64) / k).to(dtype).requires_grad_()
+    w = (torch.randn(n, k, generator=g, dtype=torch.float64) / k).to(dtype).requires_grad_()
+    b = torch.tensor((SPECIALS * n)[:n], dtype=torch.float64).to(dtype).requires_grad_()
+    grad = torch.randn(rows, n, generator=g, dtype=torch.float64).to(dtype)
+    ours_y = F.linear_act(x, w if weight_t else w.t(), b, act, weight_t=weight_t)
+    ours = (ours_y, *torch.autograd.grad(ours_y, (x, w, b), grad))
+    native_y = apply_activation(act, torch.nn.functional.linear(x, w, b))
+    native = (native_y, *torch.autograd.grad(native_y, (x, w, b), grad))
+    for name, o, e in zip(("y", "dx", "dw", "db"), ours, native):
+        assert torch.equal(o.isnan(), e.isnan()), f"{name}: NaN at {o.isnan().nonzero().tolist()[:4]}, " \
+                                                  f"torch's at {e.isnan().nonzero().tolist()[:4]}"
+        special = e.isinf()
+        assert torch.equal(o[special], e[special]), f"{name}: ±inf differ"
+        finite = e.isfinite()
+        check_close(o[finite], e[finite].double(), dtype, k if name in ("y", "dx") else rows)

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define CUSTOMLAYERS_HOST_DEVICE __host__ __device__ __forceinline__
@@ -107,6 +108,24 @@ CUSTOMLAYERS_HOST_DEVICE V activation_grad(Activation act, V g, V saved) {
     case Activation::kSigmoid: return g * (V(1) - saved) * saved;
   }
   return g;
+}
+
+// f(std::integral_constant<Activation, act>{}): host loops that apply an activation are compiled once per
+// activation, with activate's and activation_grad's switch folded away (a runtime switch inside the loop
+// keeps the vector math from being scheduled and its registers from being kept across the calls).
+template <typename F>
+inline decltype(auto) with_activation(Activation act, F&& f) {
+  using A = Activation;
+  switch (act) {
+    case A::kRelu: return f(std::integral_constant<A, A::kRelu>{});
+    case A::kGelu: return f(std::integral_constant<A, A::kGelu>{});
+    case A::kGeluTanh: return f(std::integral_constant<A, A::kGeluTanh>{});
+    case A::kSilu: return f(std::integral_constant<A, A::kSilu>{});
+    case A::kTanh: return f(std::integral_constant<A, A::kTanh>{});
+    case A::kSigmoid: return f(std::integral_constant<A, A::kSigmoid>{});
+    case A::kNone: break;
+  }
+  return f(std::integral_constant<A, A::kNone>{});
 }
 
 }  // namespace customlayers

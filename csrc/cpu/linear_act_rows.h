@@ -104,50 +104,48 @@ struct MaskSinks {
 
 // The masked gradient g' = g * act'(.) (activation_grad; for relu g where !(out <= 0) and +0 elsewhere,
 // as torch.relu's backward: a NaN output passes the gradient), in acc_t, of rows [r0, r0 + rows) of src,
-// stored to dst's rows 0.. and added to dst.sums. Rows are taken four at a time, summed in registers and then added to the sums: one
-// read-modify-write of the sums per four rows, in an order fixed by the row index alone.
-template <typename T>
-inline void mask_rows(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const MaskSinks<T>& dst) {
+// stored to dst's rows 0.. and added to dst.sums. One row at a time, streamed (g's and the saved row's
+// elements in order; the sums, N values, stay in cache), each row added to the sums in row order.
+template <typename T, Activation kAct>
+inline void mask_rows_as(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const MaskSinks<T>& dst) {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
   using A = acc_t<T>;
   constexpr int64_t kW = Vec::size();
-  constexpr int64_t kGroup = 4;
   const int64_t N = src.N;
-  const Vec zero(0);
-  for (int64_t q0 = 0; q0 < rows; q0 += kGroup) {
-    const int64_t nq = std::min(kGroup, rows - q0);
+  A* const sums = dst.sums;
+  for (int64_t q = 0; q < rows; ++q) {
+    const T* g = src.g.row(r0 + q);
+    const T* saved = kAct != Activation::kNone ? src.saved.row(r0 + q) : nullptr;
     int64_t c = 0;
     for (; c + L::kStep <= N; c += L::kStep) {
-      Vec s[L::kVecs];
-      for (auto& v : s) v = zero;
-      for (int64_t q = q0; q < q0 + nq; ++q) {
-        Vec v[L::kVecs], m[L::kVecs];
-        L::load(src.g.row(r0 + q) + c, v);
-        if (src.saved) {
-          L::load(src.saved.row(r0 + q) + c, m);
-          for (int j = 0; j < L::kVecs; ++j) v[j] = activation_grad(src.act, v[j], m[j]);
-        }
-        if (dst.gp) L::store(dst.gp.row(q) + c, v);
-        if (dst.buf)
-          for (int j = 0; j < L::kVecs; ++j) v[j].store(dst.buf.row(q) + c + j * kW);
-        for (int j = 0; j < L::kVecs; ++j) s[j] = s[j] + v[j];
+      Vec v[L::kVecs];
+      L::load(g + c, v);
+      if constexpr (kAct != Activation::kNone) {
+        Vec m[L::kVecs];
+        L::load(saved + c, m);
+        for (int j = 0; j < L::kVecs; ++j) v[j] = activation_grad(kAct, v[j], m[j]);
       }
-      if (dst.sums != nullptr)
-        for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(dst.sums + c + j * kW) + s[j]).store(dst.sums + c + j * kW);
+      if (dst.gp) L::store(dst.gp.row(q) + c, v);
+      if (dst.buf)
+        for (int j = 0; j < L::kVecs; ++j) v[j].store(dst.buf.row(q) + c + j * kW);
+      if (sums != nullptr)
+        for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(sums + c + j * kW) + v[j]).store(sums + c + j * kW);
     }
     for (; c < N; ++c) {
-      A sum = 0;
-      for (int64_t q = q0; q < q0 + nq; ++q) {
-        A v = static_cast<A>(src.g.row(r0 + q)[c]);
-        if (src.saved) v = activation_grad(src.act, v, static_cast<A>(src.saved.row(r0 + q)[c]));
-        if (dst.gp) dst.gp.row(q)[c] = static_cast<T>(v);
-        if (dst.buf) dst.buf.row(q)[c] = v;
-        sum += v;
-      }
-      if (dst.sums != nullptr) dst.sums[c] += sum;
+      A v = static_cast<A>(g[c]);
+      if constexpr (kAct != Activation::kNone) v = activation_grad(kAct, v, static_cast<A>(saved[c]));
+      if (dst.gp) dst.gp.row(q)[c] = static_cast<T>(v);
+      if (dst.buf) dst.buf.row(q)[c] = v;
+      if (sums != nullptr) sums[c] += v;
     }
   }
+}
+
+template <typename T>
+inline void mask_rows(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const MaskSinks<T>& dst) {
+  with_activation(src.saved ? src.act : Activation::kNone,
+                  [&](auto act) { mask_rows_as<T, decltype(act)::value>(src, r0, rows, dst); });
 }
 
 // The bias gradient's partial sums: chunk k's column sums (in double) at partial[k * N ...], each

@@ -426,10 +426,11 @@ int64_t dw_block_rows(int64_t M) {
   return std::max<int64_t>(kMinDwBlockRows, (per_block + kChunkRows - 1) / kChunkRows * kChunkRows);
 }
 
-// dW's entries that are not finite, recomputed in double from x and the masked gradient: the chunk, block
-// and partial sums (each sequential in acc_t) may reach +inf and -inf where the exact sum is finite or of
-// one sign, and inf + -inf = NaN. As in dot_recomputed, float products are summed in double (double: a
-// sequential fused sum), so NaN stays only where an input or gradient is NaN or inf.
+// dW's entries that are not finite, recomputed in double from x and the masked gradient g' (as the main pass
+// computes it, in acc_t: NaN exactly where dx's and db's are): the chunk, block and partial sums (each
+// sequential in acc_t) may reach +inf and -inf where the exact sum is finite or of one sign, and
+// inf + -inf = NaN. As in dot_recomputed, float products are summed in double (double: a sequential fused
+// sum), so NaN stays only where an input or gradient is NaN or inf.
 template <typename T>
 void recompute_nonfinite_dw(const MaskedGrad<T>& src, Strided<const T> x, int64_t M, int64_t K, Strided<T> dw) {
   const int64_t N = src.N;
@@ -440,8 +441,10 @@ void recompute_nonfinite_dw(const MaskedGrad<T>& src, Strided<const T> x, int64_
         if (std::isfinite(static_cast<double>(d))) continue;
         double s = 0.0;
         for (int64_t m = 0; m < M; ++m) {
-          double gv = static_cast<double>(src.g.row(m)[n]);
-          if (src.saved) gv = activation_grad(src.act, gv, static_cast<double>(src.saved.row(m)[n]));
+          // g' as the main pass has it (in acc_t: where act' overflows there, it is NaN here too).
+          acc_t<T> g = static_cast<acc_t<T>>(src.g.row(m)[n]);
+          if (src.saved) g = activation_grad(src.act, g, static_cast<acc_t<T>>(src.saved.row(m)[n]));
+          const double gv = static_cast<double>(g);
           const double xv = static_cast<double>(x.data[m * x.rs + k * x.cs]);
           if constexpr (std::is_same_v<T, double>) s = std::fma(xv, gv, s);
           else s += xv * gv;
