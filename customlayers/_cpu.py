@@ -39,17 +39,26 @@ def has_avx2() -> bool:
     return all(cpuid_features().values())
 
 
-def cpu_flags() -> set:
-    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none). For reports
-    only: has_avx2 (CPUID) decides."""
+def cpuinfo() -> dict:
+    """The first processor's fields in /proc/cpuinfo ('model name', 'cpu family', 'flags', ...; empty where
+    there is none). For reports only: has_avx2 (CPUID) decides."""
+    fields: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return set()
+    return fields
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none). For reports
+    only: has_avx2 (CPUID) decides."""
+    return set(cpuinfo().get("flags", "").split())
 
 
 def build_isa(machine: str = "") -> str:
