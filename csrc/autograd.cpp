@@ -6,6 +6,7 @@
 #include "common/linear_act.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
@@ -89,25 +90,28 @@ at::Tensor& apply_activation_out(at::Tensor& out, const at::Tensor& z, Activatio
 
 // torch's activation of z, with bits that do not depend on the thread count. Its CPU kernels take a scalar
 // path on each parallel chunk's tail, whose bits differ from their vector path's; here the chunks are fixed
-// blocks of kActivationBlock elements (a multiple of every vector width), each one call run serially inside
-// a parallel region (where ATen's loops are serial) with the caller's thread-local state, so every element
-// but the tensor's last few takes the vector path, whatever the thread count.
+// blocks of kActivationBlock elements (a multiple of every vector width; the last block takes the rest, so
+// the tail is the whole tensor's), each one call run serially inside a parallel region (where ATen's loops
+// are serial) with the caller's thread-local state: every element but the tensor's last few takes the
+// vector path, whatever the thread count. Tensors that are not plain (fake, functional, traced; dispatch
+// modes) get the one call: their ops stay on the calling thread.
 constexpr int64_t kActivationBlock = int64_t{1} << 18;
 
 at::Tensor apply_activation_fixed(const at::Tensor& z, Activation act) {
   at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
-  if (!z.is_cpu() || z.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || !z.is_contiguous() ||
-      at::get_num_threads() == 1 || at::in_parallel_region())
+  if (!z.is_cpu() || at::isTensorSubclassLike(z) || z.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+      !z.is_contiguous() || at::get_num_threads() == 1 || at::in_parallel_region())
     return apply_activation_out(out, z, act);
   const int64_t n = z.numel();
+  const int64_t blocks = std::max<int64_t>(1, n / kActivationBlock);
   const at::Tensor flat = z.view(-1), flat_out = out.view(-1);
   const at::ThreadLocalState state;
   // At least two tasks, so that one block too runs inside a parallel region.
-  const int64_t blocks = (n + kActivationBlock - 1) / kActivationBlock;
   at::parallel_for(0, std::max<int64_t>(blocks, 2), 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(state);
     for (int64_t block = begin; block < std::min(end, blocks); ++block) {
-      const int64_t start = block * kActivationBlock, length = std::min(kActivationBlock, n - start);
+      const int64_t start = block * kActivationBlock;
+      const int64_t length = block + 1 == blocks ? n - start : kActivationBlock;
       at::Tensor dst = flat_out.narrow(0, start, length);
       apply_activation_out(dst, flat.narrow(0, start, length), act);
     }

@@ -156,6 +156,15 @@ _OP_TENSORS = {torch.Tensor, nn.Parameter, torch._subclasses.fake_tensor.FakeTen
                torch._subclasses.functional_tensor.FunctionalTensor}
 
 
+def _assigned_by_torch_quantization() -> bool:
+    """Whether the attribute assignment being made (in a property setter) comes from torch.ao.quantization:
+    the first caller past nn.Module.__setattr__."""
+    frame = sys._getframe(2)  # the setter's caller: nn.Module.__setattr__, or the assigning code itself
+    while frame is not None and frame.f_code is nn.Module.__setattr__.__code__:
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith("torch.ao.quantization")
+
+
 class FusedLinear(nn.Linear):
     """``act(nn.Linear(x))`` as one linear_act op: the GEMM, the bias and the activation in one kernel, dX, dW
     and the bias gradient in one backward. A drop-in subclass of nn.Linear (``isinstance(m, nn.Linear)``
@@ -198,28 +207,32 @@ class FusedLinear(nn.Linear):
 
     @property
     def qconfig(self):
-        try:
-            return self.__dict__["_qconfig"]
-        except KeyError:
-            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'qconfig'") from None
+        d = self.__dict__
+        if "_qconfig" in d:
+            return d["_qconfig"]
+        if "qconfig" in d:  # pickled before qconfig was a property
+            return d["qconfig"]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute 'qconfig'")
 
     @qconfig.setter
     def qconfig(self, value) -> None:
+        d = self.__dict__
         # Only a None that torch.ao.quantization gives is reported, not one the user sets to keep it float.
-        given_by_torch = sys._getframe(2).f_globals.get("__name__", "").startswith("torch.ao.quantization")
-        if value is None and "_qconfig" not in self.__dict__ and given_by_torch:
+        if value is None and "_qconfig" not in d and "qconfig" not in d and _assigned_by_torch_quantization():
             name = type(self).__name__
-            advice = (f"Name {name} in the spec, or use customlayers.quantization.quantize_dynamic (docs/deploy.md)"
-                      if self._act in ("relu", "none") else
+            advice = (f"To quantize it, name {name} in the spec, or use customlayers.quantization.quantize_dynamic "
+                      f"(docs/deploy.md)" if self._act in ("relu", "none") else
                       f"torch.ao.quantization has no quantized Linear + {self._act} either")
             warnings.warn(f"customlayers: {name} was given no qconfig, so quantization leaves it in float "
                           f"(torch.ao.quantization matches module types exactly: a spec naming nn.Linear does not "
                           f"cover its subclasses). {advice}.", UserWarning, stacklevel=3)
-        self.__dict__["_qconfig"] = value
+        d.pop("qconfig", None)
+        d["_qconfig"] = value
 
     @qconfig.deleter
     def qconfig(self) -> None:
         self.__dict__.pop("_qconfig", None)
+        self.__dict__.pop("qconfig", None)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
         weight = self.weight

@@ -487,6 +487,20 @@ def test_torch_compile_fullgraph(device):
         assert_compiled_matches_eager(model.to(device), x)
 
 
+@requires_extension()
+def test_torch_compile_training_past_one_activation_block():
+    """A gelu/silu pre-activation of several of the training forward's fixed activation blocks (2^18
+    elements, split over threads in eager) traces as one call: compiled gradients equal eager's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for act in ("gelu", "silu"):
+            model = customlayers.nn.FusedLinear(32, 1100, activation=act)
+            assert_compiled_matches_eager(model, torch.randn(600, 32))
+    finally:
+        torch.set_num_threads(before)
+
+
 # (rows, in, out) on every CPU path: small weights, narrow outputs, and BLAS GEMMs cut into one tile, into
 # row tiles, into row and column tiles, and with a narrow row-major right operand (out < 16, in > 8192).
 THREAD_SHAPES = [(3000, 17, 33), (3000, 100, 10), (3000, 300, 33), (40, 300, 70), (64, 1024, 700),

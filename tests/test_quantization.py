@@ -87,6 +87,10 @@ def test_no_qconfig_warning_when_quantized_or_kept_float_by_the_user():
     assert ours[2].qconfig is torch.ao.quantization.default_dynamic_qconfig
     del ours[2].qconfig
     assert not hasattr(ours[2], "qconfig")
+    ours[2].__dict__["qconfig"] = torch.ao.quantization.default_dynamic_qconfig  # pickled before the property
+    assert ours[2].qconfig is torch.ao.quantization.default_dynamic_qconfig
+    del ours[2].qconfig
+    assert not hasattr(ours[2], "qconfig") and "qconfig" not in ours[2].__dict__
 
 
 def test_no_qconfig_warning_names_missing_counterpart_for_other_activations():
