@@ -79,11 +79,15 @@ void masked_uniform_autograd(at::Tensor& self, double low, double high, double t
 // gelu/silu), dX = linear_act(g', W^T, act='none'), dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
 // With weight_t (weight (out, in), nn.Linear's), W is weight's transposed view and the weight's gradient
 // is dW's: one autograd node, where weight.t() would add a view's node and its backward.
-at::Tensor& apply_activation_out(at::Tensor& out, const at::Tensor& z, Activation act) {
+// torch's activation of z (gelu, gelu_tanh, silu), into `out` when given.
+at::Tensor apply_activation(const at::Tensor& z, Activation act, at::Tensor* out = nullptr) {
   switch (act) {
-    case Activation::kGelu: return at::gelu_out(out, z);
-    case Activation::kGeluTanh: return at::gelu_out(out, z, "tanh");
-    case Activation::kSilu: return at::silu_out(out, z);
+    case Activation::kGelu:
+    case Activation::kGeluTanh: {
+      const char* approximate = act == Activation::kGelu ? "none" : "tanh";
+      return out != nullptr ? at::gelu_out(*out, z, approximate) : at::gelu(z, approximate);
+    }
+    case Activation::kSilu: return out != nullptr ? at::silu_out(*out, z) : at::silu(z);
     default: TORCH_INTERNAL_ASSERT(false, "apply_activation: not a pre-activation activation");
   }
 }
@@ -98,10 +102,10 @@ at::Tensor& apply_activation_out(at::Tensor& out, const at::Tensor& z, Activatio
 constexpr int64_t kActivationBlock = int64_t{1} << 18;
 
 at::Tensor apply_activation_fixed(const at::Tensor& z, Activation act) {
-  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
   if (!z.is_cpu() || at::isTensorSubclassLike(z) || z.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
       !z.is_contiguous() || at::get_num_threads() == 1 || at::in_parallel_region())
-    return apply_activation_out(out, z, act);
+    return apply_activation(z, act);
+  at::Tensor out = at::empty_like(z);
   const int64_t n = z.numel();
   const int64_t blocks = std::max<int64_t>(1, n / kActivationBlock);
   const at::Tensor flat = z.view(-1), flat_out = out.view(-1);
@@ -113,7 +117,7 @@ at::Tensor apply_activation_fixed(const at::Tensor& z, Activation act) {
       const int64_t start = block * kActivationBlock;
       const int64_t length = block + 1 == blocks ? n - start : kActivationBlock;
       at::Tensor dst = flat_out.narrow(0, start, length);
-      apply_activation_out(dst, flat.narrow(0, start, length), act);
+      apply_activation(flat.narrow(0, start, length), act, &dst);
     }
   });
   return out;

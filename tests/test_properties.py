@@ -331,19 +331,26 @@ def test_linear_act_reduced_precision_with_bias_rounds_once(data, dtype, path, a
     assert_close_to(y, truth, accumulation + half_ulp + torch.finfo(dtype).tiny)
 
 
+def gradients_truth(g1, g1_error, x, w, b):
+    """(dx, dw, db) in float64 from the masked gradient g1 = g * act'(.) (float64, y's shape), with their error
+    bounds in x's dtype: the GEMMs' and g1_error's (g1's own error bound, a tensor of its shape, or 0)
+    carried through them."""
+    (k, n), m, dtype = w.shape, math.prod(x.shape[:-1]), x.dtype
+    g1_error = torch.as_tensor(g1_error, dtype=torch.float64).expand(g1.shape)
+    g2, e2, x2, wd = g1.reshape(m, n), g1_error.reshape(m, n), x.double().reshape(m, k), w.double()
+    truth = [(g1 @ wd.t(), gemm_bound(g1.abs() @ wd.abs().t(), n, dtype) + g1_error @ wd.abs().t()),
+             (x2.t() @ g2, gemm_bound(x2.abs().t() @ g2.abs(), m, dtype) + x2.abs().t() @ e2),
+             (g2.sum(0), gemm_bound(g2.abs().sum(0), m, dtype) + e2.sum(0))]
+    return truth if b is not None else truth[:2]
+
+
 def linear_backward_truth(g, x, w, b, y, act):
     """(dx, dw, db) and their error bounds in float64, with torch.relu's derivative: the gradient passes
     where the output is not <= 0."""
-    k, n = w.shape
     gd = g.double()
     if act == "relu":
         gd = torch.where(y <= 0, 0.0, gd)
-    m = math.prod(x.shape[:-1])
-    g2, x2, wd = gd.reshape(m, n), x.double().reshape(m, k), w.double()
-    truth = [(gd @ wd.t(), gemm_bound(gd.abs() @ wd.abs().t(), n, g.dtype)),
-             (x2.t() @ g2, gemm_bound(x2.abs().t() @ g2.abs(), m, g.dtype)),
-             (g2.sum(0), gemm_bound(g2.abs().sum(0), m, g.dtype))]
-    return truth if b is not None else truth[:2]
+    return gradients_truth(gd, 0.0, x, w, b)
 
 
 # With act='relu' a NaN output passes the gradient, as torch.relu's backward does (the truth's mask is
@@ -429,11 +436,7 @@ def test_linear_act_smooth_activations_backward(data, dtype, act):
     gd = g.double()
     g1 = customlayers._activations.derivative(act, gd, saved)
     g1_error = gd.abs() * (slope * saved_error + 8 * eps * (1 + pre.abs()))
-    m, (k, n) = math.prod(x.shape[:-1]), w.shape
-    g2, e2, x2, wd = g1.reshape(m, n), g1_error.reshape(m, n), x.detach().double().reshape(m, k), w.detach().double()
-    truth = [(g1 @ wd.t(), gemm_bound(g1.abs() @ wd.abs().t(), n, dtype) + g1_error @ wd.abs().t()),
-             (x2.t() @ g2, gemm_bound(x2.abs().t() @ g2.abs(), m, dtype) + x2.abs().t() @ e2),
-             (g2.sum(0), gemm_bound(g2.abs().sum(0), m, dtype) + e2.sum(0))]
+    truth = gradients_truth(g1, g1_error, x.detach(), w.detach(), b)
     for ours, (expected, bound) in zip(grads, truth):
         assert ours.dtype == dtype and ours.shape == expected.shape
         assert_close_to(ours, expected, bound)
