@@ -1,7 +1,7 @@
 # make demo   create .venv, install torch + build deps (+ the demo's: scikit-learn, tqdm), build the extension,
 #             run the tour (examples/demo.py), the training demo (examples/train_digits.py) and a quick benchmark
 # make test   the same setup (demo extras included), then the full test suite: pytest, the C++ tests (cpp-test),
-#             then the CPU kernel tests on the portable build (test-portable)
+#             then the CPU kernel tests again under each lower CPU tier this machine runs (test-tiers)
 # make test-long  the full suite with the slow tests too (tests marked slow: tensors beyond 2^31 elements)
 # make cpp-test  configure + build the CMake library, C++ tests and example in build/cmake, run ctest
 # make sanitize  the CMake library and its GoogleTest suite under AddressSanitizer + UBSan (build/sanitize)
@@ -43,7 +43,7 @@ DEVICE_VENV ?= .venv-device
 DEVICE_ARCH ?= 9.0
 DEVICE_OUT := build/device
 
-.PHONY: demo test test-portable test-long bench build clean cpp-build cpp-test gtest cross-gxx device-build sanitize
+.PHONY: demo test test-tiers test-long bench build clean cpp-build cpp-test gtest cross-gxx device-build sanitize
 
 $(DEPS_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,19 +68,21 @@ test: build cpp-build cross-gxx $(DEMO_STAMP)
 	$(PYTEST_ENV) CUSTOMLAYERS_CMAKE_LIBRARY=$(CMAKE_LIBRARY) $(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 	$(CPP_ENV) ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
-	$(MAKE) test-portable
+	$(MAKE) test-tiers
 
-# The CPU kernel tests again, on the portable CPU kernels (CUSTOMLAYERS_CPU_ISA=default: no x86 flag, as on
-# aarch64 or an x86-64 CPU without AVX2), built as the CMake library and loaded in the package's place.
-PORTABLE_BUILD_DIR ?= build/portable
-PORTABLE_TESTS := tests/test_linear_act.py tests/test_centered.py tests/test_masked_uniform.py tests/test_properties.py
-test-portable: $(DEPS_STAMP)
-	$(CPP_ENV) cmake -S . -B $(PORTABLE_BUILD_DIR) -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) \
-	  -DCUSTOMLAYERS_WITH_CUDA=OFF -DCUSTOMLAYERS_CPU_ISA=default -DCUSTOMLAYERS_BUILD_TESTS=OFF \
-	  -DCUSTOMLAYERS_BUILD_EXAMPLES=OFF
-	$(CPP_ENV) cmake --build $(PORTABLE_BUILD_DIR) --target customlayers -j $(MAX_JOBS)
-	$(PYTEST_ENV) CUSTOMLAYERS_TEST_LIBRARY=$(abspath $(PORTABLE_BUILD_DIR))/libcustomlayers.so \
-	  $(PY) -m pytest $(PORTABLE_TESTS) $(PYTEST_ARGS)
+# The CPU kernel tests again under each CPU tier below the one this machine loads (the full suite ran that
+# one), each selected with ATEN_CPU_CAPABILITY as a user would: e.g. default and avx2 on an AVX-512 CPU.
+# Each with an Inductor cache of its own: torch 2.14's reuses C++ kernels and headers made under another
+# ATEN_CPU_CAPABILITY, which then fail to compile (plain torch.compile does that too).
+KERNEL_TESTS := tests/test_linear_act.py tests/test_centered.py tests/test_masked_uniform.py tests/test_properties.py
+LOWER_TIERS = $(shell $(PY) -c 'import customlayers as c; b = c.backend_report()["build"]; t = list(b.get("cpu_tiers_built", ())); print(*t[:t.index(b["cpu_tier"])] if b.get("cpu_tier") in t else "")' 2>/dev/null)
+test-tiers: build
+	@tiers="$(LOWER_TIERS)"; [ -n "$$tiers" ] || echo "test-tiers: no CPU tier below the loaded one here"; \
+	for tier in $$tiers; do \
+	  echo "== the CPU kernel tests on the $$tier tier (ATEN_CPU_CAPABILITY=$$tier)"; \
+	  ATEN_CPU_CAPABILITY=$$tier CUSTOMLAYERS_EXPECT_CPU_TIER=$$tier \
+	  TORCHINDUCTOR_CACHE_DIR=$${TMPDIR:-/tmp}/torchinductor_customlayers_$$tier $(PYTEST_ENV) $(PY) -m pytest $(KERNEL_TESTS) $(PYTEST_ARGS) || exit 1; \
+	done
 
 # make test with the slow tests and the long hypothesis profile.
 test-long:
@@ -135,10 +137,10 @@ bench: build
 device-build:
 	test -x $(DEVICE_VENV)/bin/python || $(DEVICE_PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/python -m pip install --quiet "$(DEVICE_TORCH)" ninja setuptools wheel numpy
-	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(DEVICE_ARCH)" CUSTOMLAYERS_CPU_ISA=default MAX_JOBS=$(MAX_JOBS) \
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(DEVICE_ARCH)" CUSTOMLAYERS_CPU_TIERS=default MAX_JOBS=$(MAX_JOBS) \
 	  $(DEVICE_VENV)/bin/python setup.py --quiet build_ext --build-lib $(DEVICE_OUT) --build-temp $(DEVICE_OUT)-temp
 	rm -rf $(DEVICE_OUT)-check && mkdir -p $(DEVICE_OUT)-check && cp -r customlayers $(DEVICE_OUT)-check/ \
-	  && rm -f $(DEVICE_OUT)-check/customlayers/_C*.so && cp $(DEVICE_OUT)/customlayers/* $(DEVICE_OUT)-check/customlayers/
+	  && rm -f $(DEVICE_OUT)-check/customlayers/*.so && cp $(DEVICE_OUT)/customlayers/* $(DEVICE_OUT)-check/customlayers/
 	cd $(DEVICE_OUT)-check && PYTHONPATH=. ../../$(DEVICE_VENV)/bin/python -W error::RuntimeWarning -c \
 	  'import customlayers as c; r = c.backend_report(); print(r); assert r["backend"] == "extension", r; \
 	   assert all(d == {"cpu": "kernel", "cuda": "kernel"} for d in r["ops"].values()), r'
@@ -146,5 +148,5 @@ device-build:
 	@ls -l $(DEVICE_OUT)/customlayers/
 
 clean:
-	rm -rf build dist *.egg-info customlayers/_C*.so customlayers/_build_info.py
+	rm -rf build dist *.egg-info customlayers/*.so customlayers/_build_info.py
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -51,17 +51,18 @@ command_of() {
   esac
 }
 
-# The prebuilt extension if it loads with every CUDA kernel, else a build here.
+# The prebuilt extension (the core _C*.so and its CPU tiers' libcustomlayers_cpu_*.so) if it loads with every
+# CUDA kernel, else a build here.
 build_extension() {
   if compgen -G "$PREBUILT/_C*.so" >/dev/null && [ -f "$PREBUILT/_build_info.py" ]; then
     echo "prebuilt extension: $PREBUILT"
-    cp "$PREBUILT"/_C*.so "$PREBUILT/_build_info.py" customlayers/
+    cp "$PREBUILT"/*.so "$PREBUILT/_build_info.py" customlayers/
     "$PY" benchmarks/cuda_exercise.py --report && return 0
     echo "the prebuilt extension is not usable here: building it"
   else
     echo "no prebuilt extension in $PREBUILT: building it"
   fi
-  rm -f customlayers/_C*.so customlayers/_build_info.py
+  rm -f customlayers/*.so customlayers/_build_info.py
   "$PY" setup.py build_ext --inplace && "$PY" benchmarks/cuda_exercise.py --report
 }
 

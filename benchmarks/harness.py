@@ -20,6 +20,7 @@ import torch
 from torch.utils import benchmark
 
 import customlayers
+from customlayers import _cpu
 
 OURS = "customlayers"
 FWD, FWD_BWD = "fwd", "fwd+bwd"
@@ -44,7 +45,7 @@ _AMD_ZEN = ((25, range(0x00, 0x10), "Zen 3"), (25, range(0x20, 0x60), "Zen 3"), 
 def _cpu_model() -> str:
     """The CPU's model name, with its core generation when the name alone does not say it (e.g. 'AMD EPYC
     Zen 5'), or the CPUID family and model where that is unknown."""
-    fields = customlayers._cpu.cpuinfo()
+    fields = _cpu.cpuinfo()
     name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
     if fields.get("vendor_id") == "AuthenticAMD" and name.strip() == "AMD EPYC":
         family, model = int(fields.get("cpu family", "0")), int(fields.get("model", "0"))

@@ -1,12 +1,14 @@
-"""CPU feature detection and the CPU kernels' build configuration, shared by setup.py (which sources, which
-CPU ISA and its flags to build with), _ops.py (whether this CPU can run the build) and the tests (which
-cross-compile the sources for aarch64). Standalone: setup.py loads this file without importing the package.
+"""The CPU kernels' tiers and build configuration, shared by setup.py (which sources, which tiers and their
+flags to build), the package (the tier report) and the tests (which cross-compile the sources for aarch64).
+Standalone: setup.py loads this file without importing the package.
 
-One source decides: CPUID, as torch reads it (torch.cpu.get_capabilities, from the cpuinfo library),
-i.e. what the instructions can actually run. /proc/cpuinfo is not consulted for any decision: it can
-disagree with CPUID (qemu-user emulating a CPU without AVX2 shows the host's flags there), and loading
-an AVX2 build on such a CPU dies of SIGILL. torch's ATEN_CPU_CAPABILITY does not change the answer: it
-lowers the kernels torch dispatches to, not what the CPU can run."""
+The library is built in two parts. The core (op schemas, autograd, autocast, checks, the CUDA kernels) is
+compiled with no ISA flag, so it loads on any CPU. The CPU kernels (csrc/cpu/) are compiled once per tier,
+each into its own library (libcustomlayers_cpu_<tier>.so, beside the core), with that tier's flags and
+ATen's CPU_CAPABILITY macros (at::vec then uses that tier's vector width). When the core is loaded it
+loads exactly one tier (csrc/cpu_tier.cpp): the highest that is built, that CPUID says this CPU runs,
+and that does not exceed torch's CPU capability (torch.backends.cpu.get_cpu_capability(), which
+ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers). /proc/cpuinfo is read for reports only."""
 from __future__ import annotations
 
 import glob
@@ -14,34 +16,42 @@ import os
 import platform
 import sys
 
-# The x86-64 features an AVX2 build of the CPU kernels uses, named as the build record lists them.
-AVX2_FLAGS = ("avx2", "fma", "f16c")
-# The compiler flags of each ISA the CPU kernels are built for: 'default' adds none (any x86-64, aarch64).
-ISA_COMPILE_FLAGS = {"default": (), "avx2": ("-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")}
-# The same features as torch.cpu.get_capabilities() names them.
-_CPUID_NAMES = {"avx2": "avx2", "fma": "fma3", "f16c": "f16c"}
+# The tiers, lowest first: 'default' adds no flag (any x86-64, aarch64 and others).
+TIERS = ("default", "avx2", "avx512")
+TIER_FLAGS = {
+    "default": (),
+    "avx2": ("-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"),
+    # ATen's AVX512 flags (cmake/Codegen.cmake), plus F16C for the float16 conversions.
+    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"),
+}
 
 
-def cpuid_features() -> dict:
-    """{feature: present} for AVX2_FLAGS, as CPUID reports them through torch (all False where torch
-    cannot say, e.g. a torch without torch.cpu.get_capabilities, or a CPU that is not x86-64)."""
-    import torch
-    try:
-        avx2 = bool(torch.cpu._is_avx2_supported())
-        caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        return {flag: False for flag in AVX2_FLAGS}
-    return {flag: avx2 if flag == "avx2" else bool(caps.get(_CPUID_NAMES[flag], False)) for flag in AVX2_FLAGS}
+def tier_library(tier: str) -> str:
+    """The file name of a tier's library (the same in setup.py's and CMake's builds)."""
+    return f"libcustomlayers_cpu_{tier}.so"
 
 
-def has_avx2() -> bool:
-    """Whether this CPU runs an AVX2 build: AVX2, FMA and F16C, as CPUID reports them (cpuid_features)."""
-    return all(cpuid_features().values())
+def build_tiers(machine: str = "") -> tuple:
+    """The tiers to build on `machine` (platform.machine(); default: this one): every tier on x86-64 (Linux
+    and macOS: GCC/Clang flags), 'default' alone elsewhere (aarch64 among others: no x86 flag there).
+    CUSTOMLAYERS_CPU_TIERS (a comma-separated list, e.g. 'default' for a quicker build) narrows it; it must
+    name 'default', which every CPU runs."""
+    is_x86 = (machine or platform.machine()).lower() in ("x86_64", "amd64")
+    available = TIERS if is_x86 and sys.platform != "win32" else ("default",)
+    value = os.environ.get("CUSTOMLAYERS_CPU_TIERS", "").strip().lower()
+    if not value:
+        return available
+    wanted = {t.strip() for t in value.split(",") if t.strip()}
+    if not wanted <= set(available) or "default" not in wanted:
+        raise RuntimeError(f"customlayers: CUSTOMLAYERS_CPU_TIERS must list 'default' and any of "
+                           f"{', '.join(available[1:]) or 'no other tier on this machine'}, got {value!r}")
+    return tuple(t for t in available if t in wanted)
 
 
 def cpuinfo() -> dict:
     """The first processor's fields in /proc/cpuinfo ('model name', 'cpu family', 'flags', ...; empty where
-    there is none). For reports only: has_avx2 (CPUID) decides."""
+    there is none). For reports only: CPUID (csrc/cpu_tier.cpp) decides."""
     fields: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -55,28 +65,16 @@ def cpuinfo() -> dict:
     return fields
 
 
-def cpu_flags() -> set:
-    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none). For reports
-    only: has_avx2 (CPUID) decides."""
-    return set(cpuinfo().get("flags", "").split())
+def _sources(root: str, *folders: str) -> list:
+    return sorted(s for folder in folders for s in glob.glob(os.path.join(root, "csrc", *folder.split("/"), "*.cpp")))
 
 
-def build_isa(machine: str = "") -> str:
-    """The ISA to build the CPU kernels for on `machine` (platform.machine(); default: this one): 'avx2' on an
-    x86-64 CPU that has AVX2/FMA/F16C as CPUID reports them (has_avx2; the kernels then use at::vec's AVX2
-    vectors, and import checks the running CPU the same way), else 'default' (aarch64 among others: no x86
-    flag there). CUSTOMLAYERS_CPU_ISA=default|avx2 overrides."""
-    isa = os.environ.get("CUSTOMLAYERS_CPU_ISA", "").strip().lower()
-    if isa in ISA_COMPILE_FLAGS:
-        return isa
-    if isa:
-        raise RuntimeError(f"customlayers: CUSTOMLAYERS_CPU_ISA must be 'default' or 'avx2', got {isa!r}")
-    is_x86 = (machine or platform.machine()).lower() in ("x86_64", "amd64")
-    return "avx2" if is_x86 and sys.platform != "win32" and has_avx2() else "default"
+def core_sources(root: str = "") -> list:
+    """The core library's C++ sources under root (default: relative to the current directory, as setup.py
+    names them), sorted; CMakeLists.txt globs the same folders."""
+    return _sources(root, "", "common")
 
 
-def cpu_sources(root: str = "") -> list:
-    """The C++ sources of the library (op schemas, checks, CPU kernels) under root (default: relative to the
-    current directory, as setup.py names them), sorted; CMakeLists.txt globs the same folders."""
-    return sorted(glob.glob(os.path.join(root, "csrc", "*.cpp")) + glob.glob(os.path.join(root, "csrc", "common", "*.cpp"))
-                  + glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp")))
+def tier_sources(root: str = "") -> list:
+    """The C++ sources of each tier's library: the CPU kernels and what they share with the other devices."""
+    return _sources(root, "cpu", "common")

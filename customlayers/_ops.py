@@ -3,8 +3,9 @@ registered inside the dispatcher wherever no compiled kernel serves, so that eve
 wrappers, torch.compile, torch.export, the torch.func transforms) sees the same ops either way.
 
 - The compiled library (customlayers._C) defines every op schema (csrc/ops.cpp) and registers its
-  kernels, autograd and autocast. It is loaded when it was built for the running torch, CUDA and CPU and
-  ``CUSTOMLAYERS_FORCE_FALLBACK`` is unset (or 0); the fake (meta) implementations below come with it.
+  kernels, autograd and autocast; it loads the CPU kernels of one tier itself (customlayers._cpu). It is
+  loaded when it was built for the running torch and CUDA and ``CUSTOMLAYERS_FORCE_FALLBACK`` is unset
+  (or 0); the fake (meta) implementations below come with it.
 - Without it, the schemas below (the same as csrc/ops.cpp; a test compares them) are defined here and
   the references (customlayers.reference) registered as CompositeImplicitAutograd kernels: autograd and
   every transform see their PyTorch ops.
@@ -16,6 +17,7 @@ The first call that runs a reference warns once, with the reason.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import inspect
 import os
@@ -24,7 +26,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
-from . import _cpu, reference
+from . import reference
 
 NAMESPACE = "customlayers"
 # The op schemas, as csrc/ops.cpp defines them (tests/test_build.py checks that they agree).
@@ -74,7 +76,7 @@ def _load_library() -> Optional[str]:
         from . import _build_info
     except ImportError:
         return "the compiled extension has no build record (customlayers/_build_info.py); rebuild it"
-    _build.update(torch=_build_info.TORCH_VERSION, cuda=_build_info.CUDA_VERSION, cpu_isa=_build_info.CPU_ISA)
+    _build.update(torch=_build_info.TORCH_VERSION, cuda=_build_info.CUDA_VERSION)
     mismatch = None
     if _build_info.TORCH_VERSION != torch.__version__:
         mismatch = (f"it was built for torch {_build_info.TORCH_VERSION} but torch {torch.__version__} "
@@ -82,16 +84,13 @@ def _load_library() -> Optional[str]:
     elif _build_info.CUDA_VERSION is not None and _build_info.CUDA_VERSION != torch.version.cuda:
         mismatch = (f"its CUDA kernels were built with CUDA {_build_info.CUDA_VERSION} but torch uses "
                     f"CUDA {torch.version.cuda}")
-    elif _build_info.CPU_ISA_FLAGS and not _cpu.has_avx2():
-        mismatch = (f"it was built for CPUs with {', '.join(_build_info.CPU_ISA_FLAGS)}, which this CPU "
-                    "lacks as CPUID reports it (rebuild here, or with CUSTOMLAYERS_CPU_ISA=default for a "
-                    "portable build)")
     if mismatch is None:
         try:
             torch.ops.load_library(spec.origin)
         except (OSError, RuntimeError) as exc:
             mismatch = f"loading {spec.origin} failed: {exc}"
     if mismatch is None:
+        _read_cpu_tier([spec.origin])
         return None
     message = f"customlayers: the compiled extension is not used: {mismatch}. Rebuild it."
     _warned.add(message)
@@ -176,6 +175,20 @@ def reference_kernels(devices: Sequence[str], why: str = "CUSTOMLAYERS_FORCE_FAL
         has_kernel.update(saved[0]), fallback_why.update(saved[1])
 
 
+def _read_cpu_tier(paths) -> None:
+    """The CPU tier the loaded library chose (csrc/cpu_tier.cpp), from the first of `paths` that reports
+    it, into the build info: cpu_tier ('' when none is loaded), cpu_tier_reason, cpu_tiers_built."""
+    for path in paths:
+        try:
+            report = ctypes.CDLL(path).customlayers_cpu_tier_report
+        except (OSError, AttributeError):
+            continue
+        report.restype = ctypes.c_char_p
+        tier, why, built = report().decode().split("\n")
+        _build.update(cpu_tier=tier, cpu_tier_reason=why, cpu_tiers_built=tuple(built.split(",")) if built else ())
+        return
+
+
 def _registered_elsewhere() -> bool:
     """Whether the ops were registered before this import: a libcustomlayers (the CMake build, a C++
     program embedding Python) loaded with torch.ops.load_library. Then those kernels serve."""
@@ -191,6 +204,7 @@ def _load() -> None:
     forced = _forced_devices()
     if _registered_elsewhere():
         _build.update(source="a customlayers library loaded before the package (torch.ops.load_library)")
+        _read_cpu_tier(sorted(torch.ops.loaded_libraries))
     elif forced is not None and "library" in forced:
         _reason = "CUSTOMLAYERS_FORCE_FALLBACK is set"
     else:
@@ -203,9 +217,12 @@ def _load() -> None:
         for device, key in DEVICES.items():
             _has_kernel[(name, device)] = torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key)
     missing = sorted({device for (_, device), has in _has_kernel.items() if not has})
-    if missing:  # a device without compiled kernels: CUDA in a CPU-only build
-        why = "built without CUDA kernels" if missing == ["cuda"] and _build.get("cuda") is None else "not built"
-        _process_contexts.enter_context(reference_kernels(missing, why))
+    for device in missing:  # CUDA in a CPU-only build; the CPU when no tier of its kernels could be loaded
+        if device == "cuda":
+            why = "built without CUDA kernels" if _build.get("cuda") is None else "not built"
+        else:
+            why = f"no CPU tier is loaded: {_build.get('cpu_tier_reason', 'not built')}"
+        _process_contexts.enter_context(reference_kernels([device], why))
     forced_devices = sorted((forced or set()) & set(DEVICES))
     if forced_devices:
         _process_contexts.enter_context(reference_kernels(forced_devices, "CUSTOMLAYERS_FORCE_FALLBACK names this device"))

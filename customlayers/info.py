@@ -1,8 +1,9 @@
 """What to paste into a bug report: ``python -m customlayers.info``.
 
 Prints our version and location, the build record (the torch, CUDA, GPU architectures and CPU ISA the
-compiled extension was built for, or that it is CPU-only), the running Python, torch, CUDA, GPUs and CPU,
-and for each op and device whether a compiled kernel or the pure-PyTorch fallback runs, and why.
+compiled extension was built for, or that it is CPU-only, and its CPU tiers), the running Python, torch, CUDA,
+GPUs and CPU, which CPU tier runs and why, and for each op and device whether a compiled kernel or the
+pure-PyTorch fallback runs, and why.
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ def _build_lines() -> List[str]:
     arch = getattr(b, "CUDA_ARCH_LIST", None)
     cuda = "none (CPU-only build)" if b.CUDA_VERSION is None else \
         f"{b.CUDA_VERSION}, architectures {arch if arch else 'not recorded'}"
-    flags = f" ({', '.join(b.CPU_ISA_FLAGS)})" if b.CPU_ISA_FLAGS else ""
     return [f"built for torch: {b.TORCH_VERSION}",
             f"built with CUDA: {cuda}",
-            f"built CPU ISA:   {b.CPU_ISA}{flags}"]
+            f"built CPU tiers: {', '.join(getattr(b, 'CPU_TIERS', ())) or 'not recorded'}"]
 
 
 def _running_lines() -> List[str]:
@@ -41,11 +41,13 @@ def _running_lines() -> List[str]:
             lines.append(f"GPU {i}:           {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     else:
         lines.append("GPUs:            none visible")
-    avx2 = "yes" if _cpu.has_avx2() else "no"
-    listed = sorted(set(_cpu.AVX2_FLAGS) & _cpu.cpu_flags())
-    lines.append(f"CPU:             {platform.machine()}, AVX2/FMA/F16C {avx2} (CPUID via torch: decides whether an "
-                 f"AVX2 build loads; /proc/cpuinfo lists {', '.join(listed) or 'none of them'}), "
-                 f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    model = _cpu.cpuinfo().get("model name", "model not listed in /proc/cpuinfo")
+    lines.append(f"CPU:             {platform.machine()}, {model}, torch CPU capability "
+                 f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    build = _ops.build_info()
+    if "cpu_tier" in build:
+        lines.append(f"CPU tier:        {build['cpu_tier'] or 'none'} ({build['cpu_tier_reason']}; "
+                     f"tiers beside the library: {', '.join(build['cpu_tiers_built']) or 'none'})")
     return lines
 
 

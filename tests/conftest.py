@@ -3,19 +3,7 @@ import os
 import pytest
 import torch
 
-# CUSTOMLAYERS_TEST_LIBRARY=<a CMake-built libcustomlayers.so>: the tests run that library's kernels instead of
-# the package's extension (make test runs the kernel tests so against the portable, CUSTOMLAYERS_CPU_ISA=default
-# build: the CPU paths of machines without AVX2, e.g. aarch64, tested on any machine). Loaded before the package,
-# whose ops it then provides.
-TEST_LIBRARY = os.environ.get("CUSTOMLAYERS_TEST_LIBRARY")
-if TEST_LIBRARY:
-    torch.ops.load_library(TEST_LIBRARY)
-
-import customlayers  # noqa: E402
-
-if TEST_LIBRARY:
-    assert "loaded before the package" in customlayers.backend_report()["build"].get("source", ""), \
-        customlayers.backend_report()
+import customlayers
 
 CUDA_SKIP = "no CUDA device on this machine: the CUDA kernels are only compiled here, not run"
 
@@ -43,9 +31,20 @@ else:
     _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_sessionstart(session):
+    """make test-tiers sets CUSTOMLAYERS_EXPECT_CPU_TIER with ATEN_CPU_CAPABILITY: the run must be on that tier."""
+    expected = os.environ.get("CUSTOMLAYERS_EXPECT_CPU_TIER")
+    tier = customlayers.backend_report()["build"].get("cpu_tier")
+    if expected and tier != expected:
+        raise pytest.UsageError(f"CUSTOMLAYERS_EXPECT_CPU_TIER={expected} but the {tier or 'no'} tier is loaded: "
+                                f"{customlayers.backend_report()['build']}")
+
+
 def pytest_report_header(config):
     report = customlayers.backend_report()
-    return [f"customlayers backend: {report['backend']} (reason: {report['reason']}), build: {report['build']}",
+    build = report["build"]
+    tier = f"CPU tier {build.get('cpu_tier') or 'none'} ({build.get('cpu_tier_reason', 'no compiled library')})"
+    return [f"customlayers backend: {report['backend']} (reason: {report['reason']}), build: {build}, {tier}",
             f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, "
             f"threads: {torch.get_num_threads()}"]
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import customlayers
+from customlayers import _cpu
 from conftest import load_file, requires_extension, strict_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,43 +163,8 @@ def test_backend_report_lists_every_op():
     assert set(report["ops"]) == set(customlayers._ops.OPS)
 
 
-@requires_extension()
-def test_cpu_without_build_isa_falls_back_with_message():
-    if not customlayers._build_info.CPU_ISA_FLAGS:
-        pytest.skip("this is a portable (CUSTOMLAYERS_CPU_ISA=default) build: it runs on any CPU")
-    out = run_python("""
-        import sys, types
-        fake = types.ModuleType("customlayers._cpu")
-        fake.has_avx2 = lambda: False
-        sys.modules["customlayers._cpu"] = fake
-        import customlayers
-        print(customlayers.backend())
-    """)
-    assert "fallback" in out.splitlines()
-    assert "which this CPU lacks" in out and "CUSTOMLAYERS_CPU_ISA=default" in out
-
-
-def _load_cpu_module():
-    """customlayers/_cpu.py loaded standalone, as setup.py loads it."""
-    return load_file("_cpu_standalone", "customlayers", "_cpu.py")
-
-
-def test_cpuid_alone_decides_avx2(monkeypatch):
-    """setup.py (which ISA to build) and the loader (whether this CPU runs the build) ask the same
-    question: CPUID, as torch reads it. /proc/cpuinfo's flags do not count."""
-    cpu = _load_cpu_module()
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: set(cpu.AVX2_FLAGS) | {"sse2"})
-    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: False)
-    assert not cpu.has_avx2()
-    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "fma3": True, "f16c": False})
-    assert not cpu.has_avx2()  # an AVX2 build also needs F16C
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "fma3": True, "f16c": True})
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: set())
-    assert cpu.has_avx2()
-
-
-def test_aten_cpu_capability_does_not_change_the_cpuid_answer():
+def test_aten_cpu_capability_does_not_change_what_torch_says_the_cpu_runs():
+    """ATEN_CPU_CAPABILITY lowers the kernels torch (and customlayers) choose, not what CPUID reports."""
     out = run_python("""
         import torch
         print(torch.backends.cpu.get_cpu_capability(), torch.cpu._is_avx2_supported())
@@ -209,55 +175,51 @@ def test_aten_cpu_capability_does_not_change_the_cpuid_answer():
 
 
 @requires_extension()
-def test_cpuid_without_avx2_refuses_the_avx2_build_whatever_proc_cpuinfo_says():
-    """CPUID says no AVX2 while /proc/cpuinfo lists it (as under qemu-user emulating an older CPU): the
-    AVX2 build is refused with the reason, and the fallback serves (loading it would die of SIGILL)."""
-    if not customlayers._build_info.CPU_ISA_FLAGS:
-        pytest.skip("this is a portable (CUSTOMLAYERS_CPU_ISA=default) build: it runs on any CPU")
-    if not set(customlayers._cpu.AVX2_FLAGS) <= customlayers._cpu.cpu_flags():
-        pytest.skip("/proc/cpuinfo does not list avx2, fma and f16c here")
-    out = run_python("""
-        import torch
-        torch.cpu._is_avx2_supported = lambda: False
-        import customlayers
-        print(customlayers.backend())
-        print(customlayers.functional.centered(torch.tensor([1.0, 3.0])).tolist())
-    """)
-    assert "fallback" in out.splitlines() and "[-1.0, 1.0]" in out
-    assert "built for CPUs with avx2, fma, f16c, which this CPU lacks as CPUID reports it" in out
-    assert "Falling back to pure-PyTorch implementations" in out
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 vector registers")
+def test_only_the_tiers_libraries_use_wider_vectors():
+    """The core (_C: schemas, autograd, the CUDA plumbing) and the default tier use no AVX register (they
+    load and run on any x86-64 CPU), the avx2 tier no AVX-512 register; only the avx512 tier uses zmm."""
+    import glob
+    import shutil
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    folder = os.path.dirname(customlayers.__file__)
 
+    def registers(path):
+        text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
+                              check=True).stdout
+        return {"ymm": "%ymm" in text, "zmm": "%zmm" in text}
 
-@requires_extension()
-def test_aten_cpu_capability_default_keeps_the_avx2_build():
-    """ATEN_CPU_CAPABILITY=default lowers torch's own kernels; the CPU still runs AVX2, so the build loads."""
-    if not customlayers._cpu.has_avx2():
-        pytest.skip("this CPU has no AVX2 (CPUID)")
-    out = run_python("""
-        import customlayers
-        print(customlayers.backend())
-    """, ATEN_CPU_CAPABILITY="default")
-    assert out.splitlines()[0] == "extension", out
+    (core,) = glob.glob(os.path.join(folder, "_C*.so"))
+    assert registers(core) == {"ymm": False, "zmm": False}
+    built = customlayers._build_info.CPU_TIERS
+    allowed = {"default": set(), "avx2": {"ymm"}, "avx512": {"ymm", "zmm"}}
+    for tier in built:
+        used = {r for r, present in registers(os.path.join(folder, _cpu.tier_library(tier))).items() if present}
+        assert used <= allowed[tier], (tier, used)
+    if "avx512" in built:
+        assert registers(os.path.join(folder, _cpu.tier_library("avx512")))["zmm"]
 
 
 @pytest.mark.slow
-def test_import_under_qemu_without_avx2_falls_back():
-    """Under qemu-user emulating a CPU without AVX2 (Nehalem), import picks the fallback and exits 0
-    (/proc/cpuinfo still shows the host's flags there). Slow: about a minute under emulation."""
+def test_import_under_qemu_without_avx2_runs_the_default_tier():
+    """Under qemu-user emulating a CPU without AVX2 (Nehalem), the core loads the default tier and its
+    kernels run, exit 0 (/proc/cpuinfo still shows the host's flags there). Slow: about a minute."""
     import shutil
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
         pytest.skip("qemu-x86_64 is not installed (apt-get install qemu-user)")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("not an x86-64 machine")
-    env = {k: v for k, v in os.environ.items() if k != "CUSTOMLAYERS_FORCE_FALLBACK"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CUSTOMLAYERS_FORCE_FALLBACK", "ATEN_CPU_CAPABILITY")}
     env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    out = subprocess.run([qemu, "-cpu", "Nehalem", sys.executable, "-c",
-                          "import customlayers, torch; print(customlayers.backend(), torch.cpu._is_avx2_supported())"],
+    code = ("import customlayers, torch; print(customlayers.backend(), customlayers.backend_report()['build'].get('cpu_tier'), "
+            "customlayers.functional.centered(torch.tensor([1.0, 3.0])).tolist())")
+    out = subprocess.run([qemu, "-cpu", "Nehalem", sys.executable, "-c", code],
                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
-    expected = "extension" if customlayers._ops.loaded() and not customlayers._build_info.CPU_ISA_FLAGS else "fallback"
-    assert out.stdout.split()[:2] == [expected, "False"], out.stdout
+    expected = "extension default" if customlayers._ops.loaded() else "fallback None"
+    assert out.stdout.startswith(expected + " [-1.0, 1.0]"), out.stdout
 
 
 def test_compile_before_any_eager_call():
@@ -295,26 +257,31 @@ AARCH64_GXX = "aarch64-linux-gnu-g++"
 
 def test_aarch64_build_passes_no_x86_flags(monkeypatch):
     cpu = load_file("_customlayers_cpu_test", "customlayers", "_cpu.py")
-    monkeypatch.delenv("CUSTOMLAYERS_CPU_ISA", raising=False)
-    assert cpu.build_isa("aarch64") == "default" and cpu.ISA_COMPILE_FLAGS["default"] == ()
-    monkeypatch.setenv("CUSTOMLAYERS_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="CUSTOMLAYERS_CPU_ISA must be 'default' or 'avx2', got 'sse9'"):
-        cpu.build_isa("x86_64")
+    monkeypatch.delenv("CUSTOMLAYERS_CPU_TIERS", raising=False)
+    assert cpu.build_tiers("aarch64") == ("default",) and cpu.TIER_FLAGS["default"] == ()
+    assert cpu.build_tiers("x86_64") == cpu.TIERS
+    monkeypatch.setenv("CUSTOMLAYERS_CPU_TIERS", "default, avx512")
+    assert cpu.build_tiers("x86_64") == ("default", "avx512")
+    for bad in ("avx2", "default,sse9"):
+        monkeypatch.setenv("CUSTOMLAYERS_CPU_TIERS", bad)
+        with pytest.raises(RuntimeError, match=f"CUSTOMLAYERS_CPU_TIERS must list 'default' and any of avx2, avx512, got '{bad}'"):
+            cpu.build_tiers("x86_64")
 
 
 @pytest.mark.skipif(not __import__("shutil").which(AARCH64_GXX),
                     reason=f"{AARCH64_GXX} is not installed (make cross-gxx installs Debian's g++-aarch64-linux-gnu)")
 def test_cpu_sources_cross_compile_for_aarch64(tmp_path):
-    """Every C++ source setup.py builds compiles for aarch64 with the flags a build there would use (the
-    'default' ISA: no x86 flag), against this torch's headers; each object is an aarch64 ELF file."""
+    """Every C++ source setup.py builds (the core's and the CPU tier's) compiles for aarch64 with the flags a
+    build there would use (the 'default' tier: no x86 flag), against this torch's headers; each object is
+    an aarch64 ELF file."""
     from concurrent.futures import ThreadPoolExecutor
     from torch.utils import cpp_extension
 
     cpu = load_file("_customlayers_cpu_test", "customlayers", "_cpu.py")
     flags = ["-std=c++20", "-O1", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-DCUSTOMLAYERS_BUILDING_LIBRARY",
-             *cpu.ISA_COMPILE_FLAGS[cpu.build_isa("aarch64")], f"-I{os.path.join(ROOT, 'csrc')}",
+             *(f for tier in cpu.build_tiers("aarch64") for f in cpu.TIER_FLAGS[tier]), f"-I{os.path.join(ROOT, 'csrc')}",
              f"-I{os.path.join(ROOT, 'csrc', 'include')}", *(f"-I{d}" for d in cpp_extension.include_paths())]
-    sources = cpu.cpu_sources(ROOT)
+    sources = sorted(set(cpu.core_sources(ROOT)) | set(cpu.tier_sources(ROOT)))
     assert any(s.endswith(os.path.join("cpu", "linear_act_small.cpp")) for s in sources)
 
     def compile_one(src):

@@ -24,12 +24,19 @@ def cmake_library():
 def test_load_cmake_library_from_python(cmake_library):
     # Loaded before the package: the package then uses those ops instead of registering its own (one
     # process can register the customlayers library once).
+    import customlayers
+    own = customlayers.backend_report()["build"]  # the package's own extension, when it is in use
+    best_tier = own.get("cpu_tier", "")
     code = textwrap.dedent(f"""
         import torch
         torch.ops.load_library({cmake_library!r})
         import customlayers
         assert customlayers.backend() == "extension", customlayers.backend_report()
-        assert "loaded before the package" in customlayers.backend_report()["build"]["source"]
+        build = customlayers.backend_report()["build"]
+        assert "loaded before the package" in build["source"]
+        # CMake builds the same CPU tiers beside the library, which loads the one this CPU runs.
+        assert build["cpu_tier"] in build["cpu_tiers_built"], build
+        assert build["cpu_tier"] == ({best_tier!r} or build["cpu_tier"]), build
         op = torch.ops.customlayers.centered
         print(op(torch.tensor([1.0, 2, 3, 4, 5]), None).tolist())
         x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)

@@ -13,7 +13,7 @@
 #include <cmath>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -72,11 +72,15 @@ struct ActMath<at::vec::Vectorized<A>> {
 
 namespace customlayers::cpu {
 
-// Widening to double. A float vector (at::vec's AVX2 build: 8 lanes) as two double vectors: lanes
-// [0, kW/2) in lo, the rest in hi.
+// Widening to double. A float vector (8 lanes in the default and AVX2 tiers, 16 in AVX512) as two double
+// vectors: lanes [0, kW/2) in lo, the rest in hi.
 static_assert(Vectorized<float>::size() == 2 * Vectorized<double>::size());
 inline void widen(const Vectorized<float>& v, Vectorized<double>& lo, Vectorized<double>& hi) {
-#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+  hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
+#elif defined(CPU_CAPABILITY_AVX2)
   const __m256 f = v;
   lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
   hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
@@ -119,39 +123,34 @@ struct DoubleLanes {
   }
 };
 
-// Sum of p[0..n) in double: every element is added in double lanes (eight independent vector
-// accumulators), the accumulators and then their lanes added in a fixed order. float32, float16 and
-// bfloat16 sums thus never overflow, and a constant tensor's sum is exact (n * v needs 24 + log2(n) bits:
-// below 2^29 elements it fits a double), so its mean is v exactly. The order of additions depends only on
-// n: results are reproducible bit for bit.
+// Sum of p[0..n) in double: every element is added in double lanes, the lanes then added in a fixed order.
+// float32, float16 and bfloat16 sums thus never overflow, and a constant tensor's sum is exact (n * v needs
+// 24 + log2(n) bits: below 2^29 elements it fits a double), so its mean is v exactly. Element i is added
+// into logical lane i % kSumLanes, in order, whatever the vector width: the same bits on every CPU tier.
+constexpr int64_t kSumLanes = 32;
+
 template <typename T>
 inline double sum_contiguous(const T* p, int64_t n) {
   using D = DoubleLanes<T>;
   using DVec = Vectorized<double>;
-  constexpr int kUnroll = std::max(1, 8 / D::kVecs);
-  constexpr int64_t kStep = D::kStep;
-  DVec acc[kUnroll][D::kVecs];
-  for (auto& a : acc)
-    for (auto& v : a) v = DVec(0);
+  constexpr int64_t kStep = D::kStep;  // elements per load: kSumLanes / kStep loads per block of lanes
+  static_assert(kSumLanes % kStep == 0 && kSumLanes % DVec::size() == 0);
+  constexpr int kAcc = kSumLanes / DVec::size();
+  DVec acc[kAcc];
+  for (auto& a : acc) a = DVec(0);
   DVec v[D::kVecs];
   int64_t i = 0;
-  for (; i + kUnroll * kStep <= n; i += kUnroll * kStep) {
-    for (int k = 0; k < kUnroll; ++k) {
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+    for (int64_t k = 0; k < kSumLanes / kStep; ++k) {
       D::load(p + i + k * kStep, v);
-      for (int j = 0; j < D::kVecs; ++j) acc[k][j] = acc[k][j] + v[j];
+      for (int j = 0; j < D::kVecs; ++j) acc[k * D::kVecs + j] = acc[k * D::kVecs + j] + v[j];
     }
   }
-  for (; i < n; i += kStep) {
-    D::load(p + i, std::min(kStep, n - i), v);
-    for (int j = 0; j < D::kVecs; ++j) acc[0][j] = acc[0][j] + v[j];
-  }
-  DVec s(0);
-  for (int k = 0; k < kUnroll; ++k)
-    for (int j = 0; j < D::kVecs; ++j) s = s + acc[k][j];
-  double lanes[DVec::size()];
-  s.store(lanes);
+  double lanes[kSumLanes];
+  for (int k = 0; k < kAcc; ++k) acc[k].store(lanes + k * DVec::size());
+  for (int64_t l = 0; i + l < n; ++l) lanes[l] += static_cast<double>(p[i + l]);
   double total = 0.0;
-  for (int64_t k = 0; k < DVec::size(); ++k) total += lanes[k];
+  for (int64_t l = 0; l < kSumLanes; ++l) total += lanes[l];
   return total;
 }
 
@@ -186,9 +185,9 @@ inline void add_column_sums(const T* p, int64_t rows, int64_t cols, int64_t ld, 
 }
 
 // dst[c * ldd + r] = D(src[r * lds + c]) for r < rows, c < cols: a transposing copy (with conversion).
-// float to float goes through 8x8 register transposes on AVX2; the rest, in 8-row strips, element by
-// element, reading each source line once per strip.
-#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+// float to float goes through 8x8 register transposes on AVX2 (and AVX512) CPUs; the rest, in 8-row strips,
+// element by element, reading each source line once per strip.
+#if defined(__AVX2__)
 inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
@@ -215,7 +214,7 @@ inline void transpose_copy(const S* src, int64_t lds, int64_t rows, int64_t cols
   for (int64_t r0 = 0; r0 < rows; r0 += kB) {
     const int64_t r1 = std::min(rows, r0 + kB);
     int64_t c0 = 0;
-#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#if defined(__AVX2__)
     if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>)
       if (r1 - r0 == kB)
         for (; c0 + kB <= cols; c0 += kB) transpose_8x8(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);

@@ -38,12 +38,18 @@ CUSTOMLAYERS_HOST_DEVICE void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint
 inline void mulhilo(uint32_t m, const at::vec::Vectorized<int32_t>& a, at::vec::Vectorized<int32_t>& hi,
                     at::vec::Vectorized<int32_t>& lo) {
   using V = at::vec::Vectorized<int32_t>;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i mv = _mm512_set1_epi32(static_cast<int32_t>(m));
+  const __m512i even = _mm512_mul_epu32(a, mv);                          // even lanes
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), mv);    // odd lanes
+  hi = V(_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd));
+  lo = V(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)));  // cheaper than mullo
+#elif defined(CPU_CAPABILITY_AVX2)
   const __m256i mv = _mm256_set1_epi32(static_cast<int32_t>(m));
   const __m256i even = _mm256_mul_epu32(a, mv);                          // lanes 0, 2, 4, 6
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), mv);    // lanes 1, 3, 5, 7
   hi = V(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA));
-  lo = V(_mm256_mullo_epi32(a, mv));
+  lo = V(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA));  // cheaper than mullo
 #else
   alignas(64) int32_t in[V::size()], h[V::size()], l[V::size()];
   a.store(in);
@@ -79,6 +85,27 @@ CUSTOMLAYERS_HOST_DEVICE void philox4x32_10(U& c0, U& c1, U& c2, U& c3, uint32_t
     k1 += kW1;
   }
 }
+
+#if !defined(__CUDACC__)
+// The same on N independent counters (vectors of them in the CPU kernels), round by round, so that the N
+// dependency chains overlap.
+template <int N, typename U>
+inline void philox4x32_10(U (&c0)[N], U (&c1)[N], U (&c2)[N], U (&c3)[N], uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < kRounds; ++r) {
+    for (int v = 0; v < N; ++v) {
+      U hi0, lo0, hi1, lo1;
+      mulhilo(kM0, c0[v], hi0, lo0);
+      mulhilo(kM1, c2[v], hi1, lo1);
+      c0[v] = hi1 ^ c1[v] ^ U(static_cast<int32_t>(k0));
+      c1[v] = lo1;
+      c2[v] = hi0 ^ c3[v] ^ U(static_cast<int32_t>(k1));
+      c3[v] = lo0;
+    }
+    k0 += kW0;
+    k1 += kW1;
+  }
+}
+#endif
 
 // Uniform floats in [0, 1) built exactly from random bits: 24 bits for float, 53 for double.
 CUSTOMLAYERS_HOST_DEVICE float uniform_float(uint32_t x) { return static_cast<float>(x >> 8) * 0x1p-24f; }

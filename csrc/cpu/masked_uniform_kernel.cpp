@@ -28,8 +28,55 @@ namespace {
 using namespace masked_uniform;
 
 using V = at::vec::Vectorized<int32_t>;  // Philox counters, one per lane
-constexpr int kLanes = 16;               // Philox counters per block (a multiple of V::size())
+// Philox counters per block: vectors of them generated together (their dependency chains overlap), as
+// many as the vector registers hold with the temporaries (16 on x86-64 below AVX-512, 32 with it).
+constexpr int kBlockVecs = V::size() >= 16 ? 4 : 2;
+constexpr int kLanes = kBlockVecs * V::size();
 constexpr int64_t kGrain = 1 << 14;   // counters per parallel task at least
+
+// The float draws of kLanes counters, vectorized where FMA is an instruction (the AVX2 and AVX512 tiers):
+// the same operations as masked_value (fused multiply-add, then the clamps and cuts as selects), so the
+// same bits as the scalar code of the default tier, whose std::fma is exact too.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+constexpr bool kVectorMask = true;
+
+inline at::vec::Vectorized<float> masked_vec(const V& x, const Params<float>& p) {
+  using F = at::vec::Vectorized<float>;
+  // u = (x >> 8) * 2^-24 (philox::uniform_float): >> on int32 lanes is arithmetic, so mask the sign bits off
+  const F u = at::vec::convert_to_fp_of_same_size<float>((x >> V(8)) & V(0x00FFFFFF)) * F(0x1p-24f);
+  const F w = at::vec::fmadd(F(p.scale), u, F(p.low));
+  const F pos = F::blendv(F::blendv(w, F(p.pos_hi), w > F(p.pos_hi)), F(p.pos_lo), w < F(p.pos_lo));
+  const F neg = F::blendv(F::blendv(w, F(p.neg_hi), w > F(p.neg_hi)), F(p.neg_lo), w < F(p.neg_lo));
+  return F::blendv(F::blendv(F(0), neg, w <= F(p.neg_cut)), pos, w >= F(p.pos_cut));
+}
+
+// values[j * 4 + w] = the draw of word w of counter j, for the kLanes counters (c0..c3: word 0..3 of each):
+// the four words' vectors interleaved in registers (two rounds of interleave2: a 4 x kW transpose).
+inline void masked_values_vec(const uint32_t* c0, const uint32_t* c1, const uint32_t* c2, const uint32_t* c3,
+                              const Params<float>& p, float* values) {
+  constexpr int kW = V::size();
+  for (int j = 0; j < kLanes; j += kW) {
+    const auto r0 = masked_vec(V::loadu(reinterpret_cast<const int32_t*>(c0 + j)), p);
+    const auto r1 = masked_vec(V::loadu(reinterpret_cast<const int32_t*>(c1 + j)), p);
+    const auto r2 = masked_vec(V::loadu(reinterpret_cast<const int32_t*>(c2 + j)), p);
+    const auto r3 = masked_vec(V::loadu(reinterpret_cast<const int32_t*>(c3 + j)), p);
+    const auto [a_lo, a_hi] = at::vec::interleave2(r0, r2);  // r0[l] r2[l] ..., lanes [0, kW/2) then the rest
+    const auto [b_lo, b_hi] = at::vec::interleave2(r1, r3);
+    const auto [o0, o1] = at::vec::interleave2(a_lo, b_lo);  // r0[l] r1[l] r2[l] r3[l] for l < kW/2
+    const auto [o2, o3] = at::vec::interleave2(a_hi, b_hi);
+    float* out = values + j * 4;
+    o0.store(out);
+    o1.store(out + kW);
+    o2.store(out + 2 * kW);
+    o3.store(out + 3 * kW);
+  }
+}
+#else
+constexpr bool kVectorMask = false;
+
+void masked_values_vec(const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*, const Params<float>&,
+                       float*);  // not defined: never called in this tier
+#endif
 
 // Groups [begin, end) of out[0..numel): element i from Philox counter i / kPer of (seed, offset).
 // A function of its own, with everything by value: called from inside an OpenMP region, the loop
@@ -44,24 +91,34 @@ void fill_range(T* out, int64_t numel, int64_t begin, int64_t end, uint32_t k0, 
   alignas(64) uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
   alignas(64) A values[kLanes * kPer];
   for (int64_t g = begin; g < end; g += kLanes) {
-    for (int j = 0; j < kLanes; j += V::size()) {
+    V x0[kBlockVecs], x1[kBlockVecs], x2[kBlockVecs], x3[kBlockVecs];
+    for (int v = 0; v < kBlockVecs; ++v) {
+      const int j = v * V::size();
       const uint64_t first = static_cast<uint64_t>(g + j);
-      V x0, x1, x2 = offset_lo, x3 = offset_hi;
+      x2[v] = offset_lo;
+      x3[v] = offset_hi;
       if (static_cast<uint32_t>(first) <= UINT32_MAX - V::size()) {  // no carry into the high word
-        x0 = V(static_cast<int32_t>(first)) + lane;
-        x1 = V(static_cast<int32_t>(first >> 32));
+        x0[v] = V(static_cast<int32_t>(first)) + lane;
+        x1[v] = V(static_cast<int32_t>(first >> 32));
       } else {
         for (int k = 0; k < V::size(); ++k) counter(first + k, offset, c0[j + k], c1[j + k], c2[j + k], c3[j + k]);
-        x0 = V::loadu(c0 + j);
-        x1 = V::loadu(c1 + j);
+        x0[v] = V::loadu(c0 + j);
+        x1[v] = V::loadu(c1 + j);
       }
-      philox::philox4x32_10(x0, x1, x2, x3, k0, k1);
-      x0.store(c0 + j);
-      x1.store(c1 + j);
-      x2.store(c2 + j);
-      x3.store(c3 + j);
     }
-    for (int j = 0; j < kLanes; ++j) masked_values(c0[j], c1[j], c2[j], c3[j], p, values + j * kPer);
+    philox::philox4x32_10(x0, x1, x2, x3, k0, k1);
+    for (int v = 0; v < kBlockVecs; ++v) {
+      const int j = v * V::size();
+      x0[v].store(c0 + j);
+      x1[v].store(c1 + j);
+      x2[v].store(c2 + j);
+      x3[v].store(c3 + j);
+    }
+    if constexpr (kVectorMask && kPer == 4) {
+      masked_values_vec(c0, c1, c2, c3, p, values);
+    } else {
+      for (int j = 0; j < kLanes; ++j) masked_values(c0[j], c1[j], c2[j], c3[j], p, values + j * kPer);
+    }
     const int64_t first = g * kPer;
     const int64_t n = std::min<int64_t>({kLanes * kPer, (end - g) * kPer, numel - first});
     if constexpr (std::is_same_v<T, A>) {

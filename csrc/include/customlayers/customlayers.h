@@ -11,11 +11,11 @@
 #include <c10/util/string_view.h>
 
 #include <array>
-#include <optional>
-#include <tuple>
-
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
 
 // The library is built with hidden visibility: only what is marked CUSTOMLAYERS_API is exported.
 #if defined(_WIN32)
@@ -55,5 +55,17 @@ CUSTOMLAYERS_API std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backw
                                                                    const std::optional<at::Tensor>& out,
                                                                    c10::string_view act,
                                                                    std::array<bool, 3> output_mask);
+
+// The CPU kernels' tier: which build of them runs ("default", "avx2" or "avx512"; empty when none could be
+// loaded, and the pure-PyTorch references registered by the Python package, if any, serve the CPU), why, and
+// which tiers were built beside the library. The library loads one tier when it is loaded: the highest
+// built one that this CPU runs (CPUID) and torch's CPU capability allows (ATEN_CPU_CAPABILITY=default|avx2
+// lowers it, as for PyTorch's own kernels).
+struct CpuTierInfo {
+  std::string tier;
+  std::string reason;
+  std::vector<std::string> built;
+};
+CUSTOMLAYERS_API CpuTierInfo cpu_tier();
 
 }  // namespace customlayers
