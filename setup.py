@@ -131,12 +131,17 @@ class BuildExtension(cpp_extension.BuildExtension):
     commands (sdist, egg_info, ...) leave the checkout's record alone, so it never describes a library
     that was not built."""
     build_info = ""
+    tiers: tuple = ()
 
     def get_ext_filename(self, fullname):
         name = fullname.rsplit(".", 1)[-1]
         if name.startswith(TIER_PREFIX):
             return os.path.join(*fullname.split(".")[:-1], _cpu.tier_library(name[len(TIER_PREFIX):]))
         return super().get_ext_filename(fullname)
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.parallel = None  # build_extension below swaps build_temp: one extension at a time (ninja is parallel)
 
     def build_extension(self, ext):
         build_temp = self.build_temp
@@ -153,6 +158,11 @@ class BuildExtension(cpp_extension.BuildExtension):
             dirs.add(os.path.join(ROOT, "customlayers"))
         for folder in dirs:
             os.makedirs(folder, exist_ok=True)
+            # A tier an earlier build made and this one did not (CUSTOMLAYERS_CPU_TIERS) would be loaded, stale.
+            for tier in set(_cpu.TIERS) - set(self.tiers):
+                stale = os.path.join(folder, _cpu.tier_library(tier))
+                if os.path.exists(stale):
+                    os.remove(stale)
             path = os.path.join(folder, "_build_info.py")
             if not os.path.exists(path) or open(path).read() != self.build_info:
                 with open(path, "w") as f:
@@ -161,23 +171,23 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def _extensions():
     with_cuda, detail = _want_cuda()
-    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fvisibility=hidden"] if sys.platform != "win32" else ["/O2"]
+    # torch's vector headers carry nvcc's `#pragma unroll`: warnings that say nothing about these sources.
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+                 "-Wno-unknown-pragmas"] if sys.platform != "win32" else ["/O2"]
     # at::parallel_for is an OpenMP region inlined from torch's headers: compiled without OpenMP, the
     # CPU kernels would run on one thread. (torch's bundled libgomp.so.1 then serves both.)
-    link_args = []
+    link_args = ["-ldl"] if sys.platform.startswith("linux") else []  # the core's dlopen of a tier (glibc < 2.34)
     if torch._C.has_openmp and sys.platform != "win32":
         cxx_flags.append("-fopenmp")
         link_args.append("-fopenmp")
     define_macros = [("CUSTOMLAYERS_BUILDING_LIBRARY", None)]  # exports the public C++ API (customlayers.h)
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    tiers = _cpu.build_tiers()
+    tiers = BuildExtension.tiers = _cpu.build_tiers()
     # One library of CPU kernels per tier, with that tier's flags; the core loads one of them.
-    # torch's vector headers carry nvcc's `#pragma unroll`, and GCC 12 sees its own AVX-512 intrinsics'
-    # `__Y` as maybe uninitialized: hundreds of warnings per file that say nothing about these sources.
-    quiet = ["-Wno-unknown-pragmas"] if sys.platform != "win32" else []
+    # GCC 12 sees its own AVX-512 intrinsics' `__Y` as maybe uninitialized: hundreds of false warnings.
     tier_extensions = [cpp_extension.CppExtension(
         f"customlayers.{TIER_PREFIX}{tier}", _cpu.tier_sources(), include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags + quiet + (["-Wno-maybe-uninitialized"] if tier == "avx512" else [])
+        extra_compile_args={"cxx": cxx_flags + (["-Wno-maybe-uninitialized"] if tier == "avx512" else [])
                             + list(_cpu.TIER_FLAGS[tier])},
         extra_link_args=link_args, define_macros=define_macros) for tier in tiers]
     files = (f"{len(_core_sources(False))} core and {len(tiers)} x {len(_cpu.tier_sources())} CPU-tier C++ files "

@@ -7,6 +7,7 @@
 #include "customlayers/customlayers.h"
 
 #include <ATen/Version.h>
+#include <c10/util/Exception.h>
 
 #include <dlfcn.h>
 #include <unistd.h>
@@ -39,12 +40,14 @@ int supported_tier() {  // CPUID: what this CPU and its OS (XCR0: the vector reg
 #endif
 }
 
-std::string library_dir() {  // where this library was loaded from
+// Where this library was loaded from; empty when that is unknown (then no tier is loaded: never one from
+// whatever the working directory holds).
+std::string library_dir() {
   Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&library_dir), &info) == 0 || info.dli_fname == nullptr) return ".";
+  if (dladdr(reinterpret_cast<void*>(&library_dir), &info) == 0 || info.dli_fname == nullptr) return "";
   const std::string path = info.dli_fname;
   const auto slash = path.rfind('/');
-  return slash == std::string::npos ? "." : path.substr(0, slash);
+  return slash == std::string::npos ? "" : path.substr(0, slash);
 }
 
 std::string tier_path(const std::string& dir, int tier) {
@@ -54,6 +57,11 @@ std::string tier_path(const std::string& dir, int tier) {
 CpuTierInfo load_tier() {
   const std::string dir = library_dir();
   CpuTierInfo info;
+  if (dir.empty()) {
+    info.reason = "the folder this library was loaded from is unknown (dladdr), so no CPU tier beside it is loaded";
+    TORCH_WARN("customlayers: ", info.reason);
+    return info;
+  }
   unsigned built = 0;
   for (int t = 0; t < kCount; ++t) {
     if (access(tier_path(dir, t).c_str(), R_OK) == 0) {
@@ -74,7 +82,9 @@ CpuTierInfo load_tier() {
     built &= ~(1u << choice.tier);
     choice.tier = choose(choice.tier, choice.tier, built).tier;
   }
-  info.reason += " (no CPU kernels are loaded: the pure-PyTorch references serve the CPU)";
+  info.reason += " (no CPU kernels are loaded: the ops have no CPU kernel, unless the Python package's "
+                 "pure-PyTorch references serve the CPU)";
+  TORCH_WARN("customlayers: ", info.reason);
   return info;
 }
 

@@ -3,7 +3,8 @@ registered inside the dispatcher wherever no compiled kernel serves, so that eve
 wrappers, torch.compile, torch.export, the torch.func transforms) sees the same ops either way.
 
 - The compiled library (customlayers._C) defines every op schema (csrc/ops.cpp) and registers its
-  kernels, autograd and autocast; it loads the CPU kernels of one tier itself (customlayers._cpu). It is
+  kernels, autograd and autocast; when loaded it loads the CPU kernels of one tier (csrc/cpu_tier.cpp;
+  the tiers: customlayers._cpu). It is
   loaded when it was built for the running torch and CUDA and ``CUSTOMLAYERS_FORCE_FALLBACK`` is unset
   (or 0); the fake (meta) implementations below come with it.
 - Without it, the schemas below (the same as csrc/ops.cpp; a test compares them) are defined here and
@@ -81,6 +82,9 @@ def _load_library() -> Optional[str]:
     if _build_info.TORCH_VERSION != torch.__version__:
         mismatch = (f"it was built for torch {_build_info.TORCH_VERSION} but torch {torch.__version__} "
                     "is installed")
+    elif not hasattr(_build_info, "CPU_TIERS"):
+        # Such a build has its CPU kernels in the core, compiled for the build machine's CPU.
+        mismatch = "it was built before the CPU kernels came in run-time tiers, for one CPU"
     elif _build_info.CUDA_VERSION is not None and _build_info.CUDA_VERSION != torch.version.cuda:
         mismatch = (f"its CUDA kernels were built with CUDA {_build_info.CUDA_VERSION} but torch uses "
                     f"CUDA {torch.version.cuda}")
@@ -184,7 +188,9 @@ def _read_cpu_tier(paths) -> None:
         except (OSError, AttributeError):
             continue
         report.restype = ctypes.c_char_p
-        tier, why, built = report().decode().split("\n")
+        text = report().decode(errors="replace")  # "tier\nreason\nbuilt": the reason may hold newlines (dlerror)
+        tier, rest = text.split("\n", 1)
+        why, built = rest.rsplit("\n", 1)
         _build.update(cpu_tier=tier, cpu_tier_reason=why, cpu_tiers_built=tuple(built.split(",")) if built else ())
         return
 

@@ -1,7 +1,7 @@
 """What to paste into a bug report: ``python -m customlayers.info``.
 
-Prints our version and location, the build record (the torch, CUDA, GPU architectures and CPU ISA the
-compiled extension was built for, or that it is CPU-only, and its CPU tiers), the running Python, torch, CUDA,
+Prints our version and location, the build record (the torch, CUDA and GPU architectures the compiled
+extension was built for, or that it is CPU-only, and its CPU tiers), the running Python, torch, CUDA,
 GPUs and CPU, which CPU tier runs and why, and for each op and device whether a compiled kernel or the
 pure-PyTorch fallback runs, and why.
 """

@@ -175,6 +175,23 @@ def test_aten_cpu_capability_does_not_change_what_torch_says_the_cpu_runs():
 
 
 @requires_extension()
+def test_a_build_from_before_the_cpu_tiers_is_refused():
+    """A build record without CPU_TIERS is of a library whose CPU kernels sit in the core, compiled for the
+    build machine's CPU: it is not loaded (it could die of SIGILL here), and the fallback says why."""
+    out = run_python("""
+        import runpy, sys, types
+        real = runpy.run_path("customlayers/_build_info.py")  # the record alone, the package not imported
+        old = types.ModuleType("customlayers._build_info")
+        old.__dict__.update({k: v for k, v in real.items() if k.isupper() and k != "CPU_TIERS"})
+        sys.modules["customlayers._build_info"] = old
+        import customlayers
+        print(customlayers.backend())
+    """)
+    assert "fallback" in out.splitlines()
+    assert "built before the CPU kernels came in run-time tiers" in out
+
+
+@requires_extension()
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 vector registers")
 def test_only_the_tiers_libraries_use_wider_vectors():
     """The core (_C: schemas, autograd, the CUDA plumbing) and the default tier use no AVX register (they

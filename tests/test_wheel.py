@@ -21,6 +21,10 @@ SMOKE = """
     assert customlayers.__file__.startswith(sys.argv[1]), customlayers.__file__
     assert importlib.util.find_spec("customlayers._C").origin.startswith(sys.argv[1])
     assert customlayers.backend() == "extension", customlayers.backend_report()
+    build = customlayers.backend_report()["build"]  # a CPU tier came with the wheel and serves every op
+    from customlayers import _build_info
+    assert build["cpu_tier"] and tuple(build["cpu_tiers_built"]) == _build_info.CPU_TIERS, build
+    assert all(devices["cpu"] == "kernel" for devices in customlayers.backend_report()["ops"].values())
     x, w, b = torch.randn(8, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     torch.testing.assert_close(F.linear_act(x, w, b), R.linear_act(x, w, b))
     torch.testing.assert_close(customlayers.nn.CenteredLayer()(x), R.centered(x))
@@ -33,7 +37,6 @@ SMOKE = """
     from customlayers import info  # the environment report, with the wheel's build record
     report = info.report()
     assert f"built for torch: {torch.__version__}" in report, report
-    from customlayers import _build_info
     record = {k: v for k, v in vars(_build_info).items() if k.isupper()}
     assert record == eval(sys.argv[2]), (record, sys.argv[2])  # the checkout's build, as the wheel was built
     print("installed", customlayers.__version__, customlayers.__file__)

@@ -134,7 +134,8 @@ inline double sum_contiguous(const T* p, int64_t n) {
   using D = DoubleLanes<T>;
   using DVec = Vectorized<double>;
   constexpr int64_t kStep = D::kStep;  // elements per load: kSumLanes / kStep loads per block of lanes
-  static_assert(kSumLanes % kStep == 0 && kSumLanes % DVec::size() == 0);
+  // acc[k] then holds lanes [k * DVec::size(), ...) of each block: D::load gives kVecs vectors in element order.
+  static_assert(kSumLanes % kStep == 0 && kStep == D::kVecs * DVec::size());
   constexpr int kAcc = kSumLanes / DVec::size();
   DVec acc[kAcc];
   for (auto& a : acc) a = DVec(0);

@@ -38,7 +38,7 @@ constexpr int64_t kGrain = 1 << 14;   // counters per parallel task at least
 // the same operations as masked_value (fused multiply-add, then the clamps and cuts as selects), so the
 // same bits as the scalar code of the default tier, whose std::fma is exact too.
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-constexpr bool kVectorMask = true;
+#define CUSTOMLAYERS_VECTOR_MASK 1
 
 inline at::vec::Vectorized<float> masked_vec(const V& x, const Params<float>& p) {
   using F = at::vec::Vectorized<float>;
@@ -71,11 +71,6 @@ inline void masked_values_vec(const uint32_t* c0, const uint32_t* c1, const uint
     o3.store(out + 3 * kW);
   }
 }
-#else
-constexpr bool kVectorMask = false;
-
-void masked_values_vec(const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*, const Params<float>&,
-                       float*);  // not defined: never called in this tier
 #endif
 
 // Groups [begin, end) of out[0..numel): element i from Philox counter i / kPer of (seed, offset).
@@ -114,9 +109,12 @@ void fill_range(T* out, int64_t numel, int64_t begin, int64_t end, uint32_t k0, 
       x2[v].store(c2 + j);
       x3[v].store(c3 + j);
     }
-    if constexpr (kVectorMask && kPer == 4) {
+#if defined(CUSTOMLAYERS_VECTOR_MASK)
+    if constexpr (kPer == 4) {
       masked_values_vec(c0, c1, c2, c3, p, values);
-    } else {
+    } else
+#endif
+    {
       for (int j = 0; j < kLanes; ++j) masked_values(c0[j], c1[j], c2[j], c3[j], p, values + j * kPer);
     }
     const int64_t first = g * kPer;
