@@ -85,11 +85,12 @@ def test_philox_model_known_answers():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed,offset", [(0, 0), (123456789, 0), ((1 << 63) + 77, 5), (42, (1 << 40) + 3)])
-def test_kernel_matches_philox_model(device, dtype, seed, offset):
-    w = torch.empty(37, dtype=dtype, device=device)
+@pytest.mark.parametrize("numel", [37, 1029])  # 1029: whole vector blocks (written in place) and a partial one
+def test_kernel_matches_philox_model(device, dtype, seed, offset, numel):
+    w = torch.empty(numel, dtype=dtype, device=device)
     signed = seed - (1 << 64) if seed >= 1 << 63 else seed
     torch.ops.customlayers.masked_uniform_(w, 0.0, 1.0, 0.0, signed, offset)
-    assert torch.equal(w.double().cpu(), model(37, dtype, seed, offset))
+    assert torch.equal(w.double().cpu(), model(numel, dtype, seed, offset))
 
 
 # ------------------------------------------------------------------------------------------ distribution

@@ -36,40 +36,73 @@ constexpr int64_t kGrain = 1 << 14;   // counters per parallel task at least
 
 // The float draws of kLanes counters, vectorized where FMA is an instruction (the AVX2 and AVX512 tiers):
 // the same operations as masked_value (fused multiply-add, then the clamps and cuts as selects), so the
-// same bits as the scalar code of the default tier, whose std::fma is exact too.
+// same bits as the scalar code of the default tier, whose std::fma is exact too. Written with the ISA's
+// own compares and selects: at::vec's blendv takes a mask vector, which costs two more instructions per
+// select on AVX-512 (mask register -> vector -> mask register).
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #define CUSTOMLAYERS_VECTOR_MASK 1
 
-inline at::vec::Vectorized<float> masked_vec(const V& x, const Params<float>& p) {
-  using F = at::vec::Vectorized<float>;
-  // u = (x >> 8) * 2^-24 (philox::uniform_float): >> on int32 lanes is arithmetic, so mask the sign bits off
-  const F u = at::vec::convert_to_fp_of_same_size<float>((x >> V(8)) & V(0x00FFFFFF)) * F(0x1p-24f);
-  const F w = at::vec::fmadd(F(p.scale), u, F(p.low));
-  const F pos = F::blendv(F::blendv(w, F(p.pos_hi), w > F(p.pos_hi)), F(p.pos_lo), w < F(p.pos_lo));
-  const F neg = F::blendv(F::blendv(w, F(p.neg_hi), w > F(p.neg_hi)), F(p.neg_lo), w < F(p.neg_lo));
-  return F::blendv(F::blendv(F(0), neg, w <= F(p.neg_cut)), pos, w >= F(p.pos_cut));
+#if defined(CPU_CAPABILITY_AVX512)
+using RawF = __m512;
+inline RawF set1(float v) { return _mm512_set1_ps(v); }
+// (x >> 8) as float: the 24 random bits, exactly
+inline RawF high_bits(const V& x) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 8)); }
+inline RawF vfma(RawF a, RawF b, RawF c) { return _mm512_fmadd_ps(a, b, c); }
+inline RawF vmul(RawF a, RawF b) { return _mm512_mul_ps(a, b); }
+inline RawF vmin(RawF a, RawF b) { return _mm512_min_ps(a, b); }  // a < b ? a : b
+inline RawF vmax(RawF a, RawF b) { return _mm512_max_ps(a, b); }  // a > b ? a : b
+// w >= pos_cut ? pos : (w <= neg_cut ? neg : 0)
+inline RawF cut(RawF w, RawF pos_cut, RawF neg_cut, RawF pos, RawF neg) {
+  const RawF kept_neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, neg_cut, _CMP_LE_OQ), neg);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(w, pos_cut, _CMP_GE_OQ), kept_neg, pos);
+}
+#else
+using RawF = __m256;
+inline RawF set1(float v) { return _mm256_set1_ps(v); }
+inline RawF high_bits(const V& x) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 8)); }
+inline RawF vfma(RawF a, RawF b, RawF c) { return _mm256_fmadd_ps(a, b, c); }
+inline RawF vmul(RawF a, RawF b) { return _mm256_mul_ps(a, b); }
+inline RawF vmin(RawF a, RawF b) { return _mm256_min_ps(a, b); }
+inline RawF vmax(RawF a, RawF b) { return _mm256_max_ps(a, b); }
+inline RawF cut(RawF w, RawF pos_cut, RawF neg_cut, RawF pos, RawF neg) {
+  const RawF kept_neg = _mm256_and_ps(_mm256_cmp_ps(w, neg_cut, _CMP_LE_OQ), neg);
+  return _mm256_blendv_ps(kept_neg, pos, _mm256_cmp_ps(w, pos_cut, _CMP_GE_OQ));
+}
+#endif
+
+// Params<float> broadcast once per task (constructible from Params<double> too, for fill_range's sake:
+// only float draws use it).
+struct VecParams {
+  RawF low, scale, pos_cut, neg_cut, pos_lo, pos_hi, neg_lo, neg_hi;
+  template <typename A>
+  explicit VecParams(const Params<A>& p)
+      : low(set1(p.low)), scale(set1(p.scale)), pos_cut(set1(p.pos_cut)), neg_cut(set1(p.neg_cut)),
+        pos_lo(set1(p.pos_lo)), pos_hi(set1(p.pos_hi)), neg_lo(set1(p.neg_lo)), neg_hi(set1(p.neg_hi)) {}
+};
+
+// masked_value of every lane's draw. Its clamp `w < lo ? lo : (w > hi ? hi : w)` is max(lo, min(hi, w))
+// wherever it is used: a side is kept (its cut finite) only when lo <= hi (check_args), and min/max only
+// select, so the bits are the scalar code's.
+inline at::vec::Vectorized<float> masked_vec(const V& x, const VecParams& p) {
+  const RawF w = vfma(p.scale, vmul(high_bits(x), set1(0x1p-24f)), p.low);
+  const RawF pos = vmax(p.pos_lo, vmin(p.pos_hi, w));
+  const RawF neg = vmax(p.neg_lo, vmin(p.neg_hi, w));
+  return cut(w, p.pos_cut, p.neg_cut, pos, neg);
 }
 
-// values[j * 4 + w] = the draw of word w of counter j, for the kLanes counters (c0..c3: word 0..3 of each):
+// values[j * 4 + w] = the draw of word w of counter j, for the kW counters of x0..x3 (word 0..3 of each):
 // the four words' vectors interleaved in registers (two rounds of interleave2: a 4 x kW transpose).
-inline void masked_values_vec(const uint32_t* c0, const uint32_t* c1, const uint32_t* c2, const uint32_t* c3,
-                              const Params<float>& p, float* values) {
+inline void masked_values_vec(const V& x0, const V& x1, const V& x2, const V& x3, const VecParams& p,
+                              float* values) {
   constexpr int kW = V::size();
-  for (int j = 0; j < kLanes; j += kW) {
-    const auto r0 = masked_vec(V::loadu(reinterpret_cast<const int32_t*>(c0 + j)), p);
-    const auto r1 = masked_vec(V::loadu(reinterpret_cast<const int32_t*>(c1 + j)), p);
-    const auto r2 = masked_vec(V::loadu(reinterpret_cast<const int32_t*>(c2 + j)), p);
-    const auto r3 = masked_vec(V::loadu(reinterpret_cast<const int32_t*>(c3 + j)), p);
-    const auto [a_lo, a_hi] = at::vec::interleave2(r0, r2);  // r0[l] r2[l] ..., lanes [0, kW/2) then the rest
-    const auto [b_lo, b_hi] = at::vec::interleave2(r1, r3);
-    const auto [o0, o1] = at::vec::interleave2(a_lo, b_lo);  // r0[l] r1[l] r2[l] r3[l] for l < kW/2
-    const auto [o2, o3] = at::vec::interleave2(a_hi, b_hi);
-    float* out = values + j * 4;
-    o0.store(out);
-    o1.store(out + kW);
-    o2.store(out + 2 * kW);
-    o3.store(out + 3 * kW);
-  }
+  const auto [a_lo, a_hi] = at::vec::interleave2(masked_vec(x0, p), masked_vec(x2, p));  // lanes [0, kW/2), rest
+  const auto [b_lo, b_hi] = at::vec::interleave2(masked_vec(x1, p), masked_vec(x3, p));
+  const auto [o0, o1] = at::vec::interleave2(a_lo, b_lo);  // x0[l] x1[l] x2[l] x3[l] for l < kW/2
+  const auto [o2, o3] = at::vec::interleave2(a_hi, b_hi);
+  o0.store(values);
+  o1.store(values + kW);
+  o2.store(values + 2 * kW);
+  o3.store(values + 3 * kW);
 }
 #endif
 
@@ -85,6 +118,9 @@ void fill_range(T* out, int64_t numel, int64_t begin, int64_t end, uint32_t k0, 
   const V offset_lo(static_cast<int32_t>(offset)), offset_hi(static_cast<int32_t>(offset >> 32));
   alignas(64) uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
   alignas(64) A values[kLanes * kPer];
+#if defined(CUSTOMLAYERS_VECTOR_MASK)
+  const VecParams vp(p);
+#endif
   for (int64_t g = begin; g < end; g += kLanes) {
     V x0[kBlockVecs], x1[kBlockVecs], x2[kBlockVecs], x3[kBlockVecs];
     for (int v = 0; v < kBlockVecs; ++v) {
@@ -102,23 +138,27 @@ void fill_range(T* out, int64_t numel, int64_t begin, int64_t end, uint32_t k0, 
       }
     }
     philox::philox4x32_10(x0, x1, x2, x3, k0, k1);
-    for (int v = 0; v < kBlockVecs; ++v) {
-      const int j = v * V::size();
-      x0[v].store(c0 + j);
-      x1[v].store(c1 + j);
-      x2[v].store(c2 + j);
-      x3[v].store(c3 + j);
-    }
+    const int64_t first = g * kPer;
+    const int64_t n = std::min<int64_t>({kLanes * kPer, (end - g) * kPer, numel - first});
 #if defined(CUSTOMLAYERS_VECTOR_MASK)
     if constexpr (kPer == 4) {
-      masked_values_vec(c0, c1, c2, c3, p, values);
+      // a whole block of a float tensor goes straight into it, the rest through values
+      const bool direct = std::is_same_v<T, float> && n == kLanes * kPer;
+      float* dst = direct ? reinterpret_cast<float*>(out + first) : values;
+      for (int v = 0; v < kBlockVecs; ++v) masked_values_vec(x0[v], x1[v], x2[v], x3[v], vp, dst + v * V::size() * 4);
+      if (direct) continue;
     } else
 #endif
     {
+      for (int v = 0; v < kBlockVecs; ++v) {
+        const int j = v * V::size();
+        x0[v].store(c0 + j);
+        x1[v].store(c1 + j);
+        x2[v].store(c2 + j);
+        x3[v].store(c3 + j);
+      }
       for (int j = 0; j < kLanes; ++j) masked_values(c0[j], c1[j], c2[j], c3[j], p, values + j * kPer);
     }
-    const int64_t first = g * kPer;
-    const int64_t n = std::min<int64_t>({kLanes * kPer, (end - g) * kPer, numel - first});
     if constexpr (std::is_same_v<T, A>) {
       std::copy(values, values + n, out + first);
     } else {
