@@ -10,7 +10,7 @@ import torch
 
 from customlayers.init import masked_uniform_
 
-from .harness import FWD, OURS, Case, Device
+from .harness import FWD, OURS, Case, Ceiling, Device
 
 LOW, HIGH, THRESHOLD = -10.0, 10.0, 5.0  # the book's (masked_uniform_'s defaults)
 SIGMAS = 6.0  # how far a random statistic may stray from its expectation before a fill is called wrong
@@ -102,7 +102,8 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
         impls = {OURS: _filler(ours, w), "book (uniform_ + mask)": _filler(book, w),
                  "uniform_ alone": _filler(uniform_only, w)}
         out.append(Case(OP, n, w.dtype, FWD, impls, bytes_moved=n * w.element_size(),  # one write pass
-                        check=check_fill, unchecked=("uniform_ alone",)))
+                        check=check_fill, unchecked=("uniform_ alone",),
+                        ceiling=Ceiling("fill_", lambda w=w: w.fill_(1.0), n * w.element_size())))
     return out
 
 

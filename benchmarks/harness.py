@@ -98,6 +98,16 @@ class Truth:
 
 
 @dataclasses.dataclass
+class Ceiling:
+    """What the machine's memory allows: a plain PyTorch call moving `bytes_moved` bytes (a fill of the
+    same tensor, a copy between two of its size), timed with the case's implementations (interleaved, not
+    judged, not a baseline), so that customlayers' bandwidth reads as a fraction of it."""
+    name: str
+    fn: Callable[[], object]
+    bytes_moved: int
+
+
+@dataclasses.dataclass
 class Case:
     """One measurement point: every callable in `impls` takes no argument and runs on the SAME inputs
     (customlayers first by convention: it is the one the speedups are relative to).
@@ -120,8 +130,11 @@ class Case:
     check: Optional[Callable[[object], Optional[str]]] = None
     k: int = 1
     unchecked: Tuple[str, ...] = ()
+    ceiling: Optional[Ceiling] = None      # needs bytes_moved
 
     def __post_init__(self) -> None:
+        if self.ceiling is not None and (not self.bytes_moved or self.ceiling.name in self.impls):
+            raise ValueError("a ceiling needs the case's bytes_moved and a name of its own")
         self.label = self.label or size_label(self.size)
         unknown = set(self.unchecked) - set(self.impls)
         if unknown:
@@ -145,6 +158,8 @@ class Result:
     correctness: str = ""                  # how outputs were judged (see Case)
     tolerance: Optional[float] = None      # with a float64 reference: tolerance(dtype, k)
     unchecked: List[str] = dataclasses.field(default_factory=list)
+    # with a Ceiling: its name, times, GB/s, and customlayers' bandwidth as a fraction of it
+    ceiling: Optional[Dict[str, object]] = None
 
 
 def bind(fns: Dict[str, Callable], inputs: Sequence[torch.Tensor], mode: str,
@@ -277,7 +292,7 @@ def _combine(rounds: List[Dict[str, float]]) -> Dict[str, float]:
 def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True) -> List[Result]:
     """Time every implementation of every case, after one warm-up call (which compiles torch.compile
     and whose output is checked as Case describes, customlayers' too), in ROUNDS interleaved rounds."""
-    total, done = sum(len(c.impls) for c in cases) * ROUNDS, 0
+    total, done = sum(len(_timed(c)) for c in cases) * ROUNDS, 0
     results = []
     for case in cases:
         rounds: Dict[str, List[Dict[str, float]]] = {}
@@ -298,10 +313,11 @@ def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True)
                 judged = False
                 print(f"\n{where} reference failed, outputs not checked: {type(exc).__name__}: {exc}",
                       file=sys.stderr)
-        for name, fn in case.impls.items():
+        timed = _timed(case)
+        for name, fn in timed.items():
             try:
                 out = fn()
-                if judged and name not in case.unchecked:
+                if judged and name in case.impls and name not in case.unchecked:
                     try:
                         why = case.check(out) if truth is None else _mismatch(out, truth, case.dtype, case.k)
                     except Exception as exc:  # an output the check cannot read is wrong, not a failed run
@@ -315,7 +331,7 @@ def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True)
                 fail(name, exc)
         del truth
         for _ in range(ROUNDS):
-            for name, fn in case.impls.items():
+            for name, fn in timed.items():
                 if progress:
                     _progress(done, total, f"{where} {name}")
                 done += 1
@@ -333,19 +349,34 @@ def run_cases(cases: Sequence[Case], min_run_time: float, progress: bool = True)
     return results
 
 
+def _timed(case: Case) -> Dict[str, Callable[[], object]]:
+    """The case's implementations, and its ceiling when it has one."""
+    return {**case.impls, **({case.ceiling.name: case.ceiling.fn} if case.ceiling else {})}
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 def _result(case: Case, times: Dict[str, Dict[str, float]], errors: Dict[str, str],
             mismatches: Dict[str, str], correctness: str = "") -> Result:
+    ceiling = None
+    if case.ceiling is not None:
+        name = case.ceiling.name
+        errors.pop(name, None)  # a ceiling that failed leaves the fraction out, not a "failed" baseline
+        ceiling_time = times.pop(name, {}).get("median")
+        if ceiling_time:
+            ceiling = {"name": name, "median": ceiling_time, "bytes_moved": case.ceiling.bytes_moved,
+                       "gbs": case.ceiling.bytes_moved / ceiling_time / 1e9}
     ours = times.get(OURS, {}).get("median")
     speedup = {name: t["median"] / ours for name, t in times.items() if ours and name != OURS}
     bandwidth = case.bytes_moved / ours / 1e9 if ours and case.bytes_moved else None
+    if ceiling and bandwidth:
+        ceiling["fraction"] = bandwidth / ceiling["gbs"]
     return Result(case.op, case.size, case.label, _dtype_name(case.dtype), case.mode, times, errors,
                   mismatches, speedup, case.bytes_moved, bandwidth, correctness=correctness or _correctness(case),
                   tolerance=tolerance(case.dtype, case.k) if case.reference is not None else None,
-                  unchecked=list(case.unchecked))
+                  unchecked=list(case.unchecked), ceiling=ceiling)
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -400,7 +431,9 @@ def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> st
     kernels = [ops.get(o, {}).get(meta["device_type"]) for o in meta.get("ops_used") or [op]]
     backend = ("the compiled kernel" if all(k == "kernel" for k in kernels) else
                f"**the pure-PyTorch fallback** ({meta['backend_report']['reason'] or 'no kernel for this device'})")
-    header = ["size", "dtype", "mode", *names, *(f"vs {b}" for b in baselines), *([f"{OURS} GB/s"] if with_bw else [])]
+    ceilings = list(dict.fromkeys(r.ceiling["name"] for r in results if r.ceiling))
+    header = ["size", "dtype", "mode", *names, *(f"vs {b}" for b in baselines), *([f"{OURS} GB/s"] if with_bw else []),
+              *([f"{' / '.join(f'`{c}`' for c in ceilings)} GB/s", "fraction of it"] if ceilings else [])]
     rows = []
     for r in results:
         cells = [r.label, r.dtype, r.mode]
@@ -408,6 +441,9 @@ def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> st
         cells += [f"{r.speedup[b]:.2f}x" if b in r.speedup else "" for b in baselines]
         if with_bw:
             cells.append(f"{r.bandwidth_gbs:.1f}" if r.bandwidth_gbs else "")
+        if ceilings:
+            c = r.ceiling or {}
+            cells += [f"{c['gbs']:.1f}" if "gbs" in c else "", f"{c['fraction']:.0%}" if "fraction" in c else ""]
         rows.append(cells)
     lines = [
         f"## {op}",
@@ -422,6 +458,10 @@ def _markdown(results: Sequence[Result], op: str, meta: Dict[str, object]) -> st
         "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|",
         *("| " + " | ".join(c) + " |" for c in rows),
     ]
+    if ceilings:
+        lines += ["", f"`{OURS} GB/s`: the bytes the op must move (each pass over an input or output counted) per "
+                  f"second; the ceiling: the same tensor's {' / '.join(f'`{c}`' for c in ceilings)} in plain PyTorch "
+                  f"(into an existing tensor), timed in the same rounds. The fraction compares the two bandwidths."]
     lines += ["", _correctness_note(results)]
     if any(r.errors or r.mismatches for r in results):
         lines += ["", f"`failed`: raised an error; `(wrong)`: output outside that tolerance (random fills: failing "

@@ -204,3 +204,23 @@ def test_speed_up_chart_and_replot(tmp_path):
     run.main(["--replot", str(tmp_path)])
     assert (tmp_path / "linear_act.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![linear_act](linear_act.png)" in (tmp_path / "README.md").read_text()
+
+
+def test_bandwidth_ceiling_is_timed_and_reported_apart():
+    # A case's ceiling (plain PyTorch moving known bytes) is timed with the implementations but is neither a
+    # baseline nor judged: it gives customlayers' bandwidth as a fraction of the machine's, in the table too.
+    from benchmarks import harness
+
+    case = bench_centered.cases("cpu", quick=True)[0]
+    assert case.mode == FWD and case.ceiling.name == "copy_"
+    result = _run(case)
+    assert "copy_" not in result.times and "copy_" not in result.speedup and not result.mismatches
+    c = result.ceiling
+    assert c["gbs"] == pytest.approx(c["bytes_moved"] / c["median"] / 1e9)
+    assert c["fraction"] == pytest.approx(result.bandwidth_gbs / c["gbs"])
+    table = harness._markdown([result], "centered", _meta())
+    assert "`copy_` GB/s | fraction of it |" in table and f"{c['fraction']:.0%} |" in table
+    assert all(r.ceiling is None for r in map(_run, bench_centered.cases("cpu", quick=True)[1:2]))
+    assert bench_masked_uniform.cases("cpu", quick=True)[0].ceiling.name == "fill_"
+    with pytest.raises(ValueError, match="ceiling needs"):
+        harness.Case("x", 1, torch.float32, FWD, {OURS: lambda: None}, ceiling=case.ceiling)
