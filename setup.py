@@ -223,6 +223,7 @@ def _extensions():
 
 setup(
     packages=find_packages(include=["customlayers", "customlayers.*"]),
+    package_data={"customlayers": ["cpu_tiers.txt"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

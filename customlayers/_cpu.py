@@ -16,15 +16,20 @@ import os
 import platform
 import sys
 
-# The tiers, lowest first: 'default' adds no flag (any x86-64, aarch64 and others).
-TIERS = ("default", "avx2", "avx512")
-TIER_FLAGS = {
-    "default": (),
-    "avx2": ("-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"),
-    # ATen's AVX512 flags (cmake/Codegen.cmake), plus F16C for the float16 conversions.
-    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"),
-}
+
+def _read_tiers() -> dict:
+    """cpu_tiers.txt (beside this file, shared with CMakeLists.txt): tier name -> its compiler flags."""
+    tiers = {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_tiers.txt")) as f:
+        for line in f:
+            words = line.split("#", 1)[0].split()
+            if words:
+                tiers[words[0]] = tuple(words[1:])
+    return tiers
+
+
+TIER_FLAGS = _read_tiers()
+TIERS = tuple(TIER_FLAGS)  # lowest first
 
 
 def tier_library(tier: str) -> str:

@@ -264,7 +264,8 @@ def test_sdist_has_every_source(tmp_path):
         packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     wanted = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "csrc"))
               for f in files} | {"CMakeLists.txt", "setup.py", "pyproject.toml", "LICENSE", "CHANGELOG.md",
-                                 "customlayers/_build_check.py", "customlayers/_cpu.py"} \
+                                 "customlayers/_build_check.py", "customlayers/_cpu.py",
+                                 "customlayers/cpu_tiers.txt"} \
         | {os.path.join("cmake", f) for f in os.listdir(os.path.join(ROOT, "cmake"))}
     assert not wanted - packed, f"missing from the sdist: {sorted(wanted - packed)}"
 
