@@ -71,7 +71,9 @@ CUSTOMLAYERS_HOST_DEVICE V activate(Activation act, V v) {
     case Activation::kNone: return v;
     case Activation::kRelu: return M::relu(v);
     case Activation::kGelu: return V(0.5) * v * (V(1) + M::erf(v * V(kSqrtHalf)));
-    case Activation::kGeluTanh: return V(0.5) * v * (V(1) + M::tanh(V(kBeta) * (v + V(kKappa) * v * v * v)));
+    // 0.5 v (1 + tanh(z)) written as v sigmoid(2 z), z = beta (v + kappa v^3): one exp, cheaper than
+    // tanh, and the same at +-0, +-inf and NaN (and where z overflows) as torch's formula
+    case Activation::kGeluTanh: return v / (V(1) + M::exp(V(0) - V(2 * kBeta) * (v + V(kKappa) * v * v * v)));
     case Activation::kSilu: return v / (V(1) + M::exp(V(0) - v));
     case Activation::kTanh: return M::tanh(v);
     case Activation::kSigmoid: return V(1) / (V(1) + M::exp(V(0) - v));
@@ -94,11 +96,12 @@ CUSTOMLAYERS_HOST_DEVICE V activation_grad(Activation act, V g, V saved) {
       return g * (cdf + saved * pdf);
     }
     case Activation::kGeluTanh: {
+      // with s = sigmoid(2 z) (activate's): 1 + tanh(z) = 2 s and 1 - tanh(z)^2 = 4 s (1 - s), so torch's
+      // 0.5 (1 + t) + 0.5 v (1 - t^2) z' is s + v s (1 - s) 2 z', non-finite where torch's is
       const V sq = saved * saved;
-      const V t = M::tanh(V(kBeta) * (saved + V(kKappa) * sq * saved));
-      const V left = V(0.5) * saved, right = V(1) + t;
-      const V right_derivative = (V(1) - t * t) * V(kBeta) * (V(1) + V(3 * kKappa) * sq);
-      return g * (V(0.5) * right + left * right_derivative);
+      const V s = V(1) / (V(1) + M::exp(V(0) - V(2 * kBeta) * (saved + V(kKappa) * sq * saved)));
+      const V two_z_derivative = V(2 * kBeta) * (V(1) + V(3 * kKappa) * sq);
+      return g * (s + saved * (s * (V(1) - s)) * two_z_derivative);
     }
     case Activation::kSilu: {
       const V s = V(1) / (V(1) + M::exp(V(0) - saved));
