@@ -2,6 +2,7 @@
 first and second order, errors, torch.library.opcheck, torch.compile, module conversion and training,
 on every device present."""
 import io
+import itertools
 import os
 import subprocess
 import sys
@@ -587,20 +588,68 @@ def check_accuracy_like_native():
     assert not failures, "\n".join(failures)
 
 
+def check_bf16_views_and_specials():
+    """bfloat16 forwards of every activation on the BLAS path (no autograd: the fused forward), with x and
+    the weight as views of other strides (transposed, sliced), odd in_features, tails of rows and columns,
+    more rows than columns and fewer (the AVX512-BF16 kernel then packs x instead of an (out, in) weight),
+    and NaN/inf in x: NaN and inf where the float64 reference has them, the rest within 1.5x nn.Linear +
+    activation's error (as check_accuracy_like_native). Raises AssertionError listing failures."""
+    failures = []
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in [(75, 131, 45), (21, 131, 90)]:
+        x_base = torch.randn(2 * k, 2 * k, generator=g).bfloat16()
+        w_base = (torch.randn(2 * k, 2 * n, generator=g) / k ** 0.5).bfloat16()  # (in, out) and (out, in) = .t()
+        b = torch.randn(n, generator=g).bfloat16()
+        xs = {"contiguous": x_base[:m, :k].contiguous(), "row stride > k": x_base[:m, 3:k + 3],
+              "transposed": x_base[:k, :m].t()}
+        specials = xs["contiguous"].clone()
+        specials[3, 5], specials[7, 9], specials[11, 0] = float("nan"), float("inf"), -float("inf")
+        xs["nan and inf"] = specials
+        weights = {"(in, out)": (w_base[:k, :n].contiguous(), False), "(in, out) sliced": (w_base[1:k + 1, :n], False),
+                   "(out, in)": (w_base[:k, :n].t().contiguous(), True),
+                   "(out, in) sliced": (w_base.t().contiguous()[:n, 5:k + 5], True)}
+        for (xname, x), (wname, (w, weight_t)), act in itertools.product(xs.items(), weights.items(), ACTIVATIONS):
+            w_in_out = w.t() if weight_t else w
+            with torch.no_grad():
+                ours = F.linear_act(x, w, b, act, weight_t=weight_t)
+                native = apply_activation(act, x @ w_in_out + b)
+            truth = apply_activation(act, x.double() @ w_in_out.double() + b.double())
+            what = f"{(m, k, n)}, x {xname}, weight {wname}, {act}"
+            if not (torch.equal(ours.isnan(), truth.isnan()) and torch.equal(ours.isinf(), truth.isinf())):
+                failures.append(f"{what}: NaN/inf differ from the reference's")
+                continue
+            finite = truth.isfinite()
+            if finite.any():
+                scale = truth[finite].abs().max()
+                o, r = ((t[finite].double() - truth[finite]).abs().max() / scale for t in (ours, native))
+                if o > 1.5 * r + 0.01 * torch.finfo(torch.bfloat16).eps:
+                    failures.append(f"{what}: error {o:.3g} vs nn.Linear's {r:.3g}")
+    assert not failures, "\n".join(failures)
+
+
+DOT_UNSUPPORTED = "needs a CPU with AVX512-BF16"
+
+
 @requires_extension()
-@pytest.mark.parametrize("blas16", ["native", "float"])
+@pytest.mark.parametrize("blas16", ["native", "float", "dot"])
 def test_reduced_precision_accuracy_like_native(blas16):
     """float16/bfloat16 against a float64 reference on every CPU path, with and without bias, weight_t both
-    ways: each error (y, dx, dW, db) at most 1.5x that of nn.Linear + the activation in the same dtype. Both
-    ways of running 16-bit BLAS GEMMs are forced (CUSTOMLAYERS_CPU_BLAS16), so each is tested on any CPU:
-    'native' (16-bit operands, float32 accumulation; ATen's generic GEMM where the CPU has no 16-bit dot
-    products) and 'float' (operands widened to float32)."""
-    code = "import conftest, test_linear_act as t; t.check_accuracy_like_native()"  # conftest first: it may load a library
+    ways: each error (y, dx, dW, db) at most 1.5x that of nn.Linear + the activation in the same dtype; and
+    the bfloat16 forward with views and NaN/inf (check_bf16_views_and_specials). Each way of running 16-bit
+    GEMMs is forced (CUSTOMLAYERS_CPU_BLAS16): 'native' (16-bit operands, float32 accumulation; ATen's
+    generic GEMM where the CPU has no 16-bit dot products) and 'float' (operands widened to float32) on any
+    CPU; 'dot' (the AVX512-BF16 kernel for the bfloat16 forwards that round once) where the CPU has it."""
+    code = ("import conftest, test_linear_act as t\n"  # conftest first: it may load a library
+            "try:\n    t.check_bf16_views_and_specials()\n"
+            f"except ValueError as e:\n    if {DOT_UNSUPPORTED!r} not in str(e): raise\n    print(e); raise SystemExit(3)\n"
+            "t.check_accuracy_like_native()\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
                          capture_output=True, text=True,
                          env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": blas16,
                               "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert out.returncode == 0, out.stderr[-4000:]
+    if out.returncode == 3 and blas16 == "dot":
+        pytest.skip(f"CUSTOMLAYERS_CPU_BLAS16=dot: {out.stdout.strip()}")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 @requires_extension()
@@ -610,7 +659,7 @@ def test_bad_blas16_setting_is_refused():
             "try:\n    customlayers.functional.linear_act(x, w)\nexcept ValueError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": "fast", "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert "CUSTOMLAYERS_CPU_BLAS16 must be 'native' or 'float'" in out.stdout, out.stderr[-2000:]
+    assert "CUSTOMLAYERS_CPU_BLAS16 must be 'native', 'float' or 'dot'" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

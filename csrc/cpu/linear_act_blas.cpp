@@ -6,13 +6,15 @@
 // only. A multithreaded BLAS call would split its work, and on some CPUs its sums, by the thread count.
 //  * forward: per tile out = x @ W + bias (addmm: the bias is added to the GEMM's accumulator, so float16 and
 //    bfloat16 outputs are rounded once, as nn.Linear's), then the activation on the tile while it is in cache
-//    (float16/bfloat16 with an activation other than relu: the whole forward in float32, rounded once);
+//    (float16/bfloat16 with an activation other than relu: the whole forward in float32, rounded once, or for
+//    bfloat16 on the AVX512-BF16 kernel of linear_act_bf16.h);
 //  * backward: one pass over grad makes the masked gradient g' = g * act'(.) and the bias-gradient chunk sums (fixed 64-row
 //    chunks); then the tiles of dX = g' W^T and dW = X^T g' (in the weight's layout) in one parallel region.
 // float16/bfloat16 run in float32 where the CPU lacks fast GEMMs for them (linear_act_widen.h).
 #include "cpu/linear_act_blas.h"
 
 #include "common/cpu_alloc.h"
+#include "cpu/linear_act_bf16.h"
 #include "cpu/linear_act_rows.h"
 #include "cpu/linear_act_widen.h"
 
@@ -233,6 +235,20 @@ void backward_in_type(const LinearBackward& args, LinearGrads& grads, double* pa
   });
 }
 
+// Whether the bfloat16 forwards that round once run on the AVX512-BF16 kernel (CUSTOMLAYERS_CPU_BLAS16).
+bool bf16_dot_enabled() {
+  switch (blas16_setting()) {
+    case Blas16::kAuto: return bf16_dot_supported();
+    case Blas16::kDot:
+      TORCH_CHECK_VALUE(bf16_dot_supported(), "linear_act: CUSTOMLAYERS_CPU_BLAS16=dot needs a CPU with AVX512-BF16 "
+                        "and the avx512 CPU tier (customlayers.backend_report() says which runs)");
+      return true;
+    case Blas16::kNative:
+    case Blas16::kFloat: return false;
+  }
+  return false;
+}
+
 }  // namespace
 
 template <typename T>
@@ -241,6 +257,9 @@ void blas_forward(const LinearForward& args, at::Tensor& out) {
     // A native 16-bit GEMM rounds its output: relu of the rounded value is the rounded relu, but the other
     // activations would be rounded twice, so they run in float32 and round once.
     const bool act_on_rounded = args.act == Activation::kNone || args.act == Activation::kRelu;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (!act_on_rounded && bf16_dot_enabled()) return bf16_dot_forward(args, out);
+    }
     if (blas_in_float<T>() || !act_on_rounded) {
       LinearForward wide = args;
       wide.x2 = widened<T>(args.x2);

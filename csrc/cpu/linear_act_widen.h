@@ -18,18 +18,37 @@
 
 namespace customlayers::cpu {
 
-// Whether T's BLAS GEMMs run in float32 on this CPU. CUSTOMLAYERS_CPU_BLAS16=native or =float (read once)
-// forces one way on any CPU, so that tests run both everywhere (native then runs ATen's generic GEMM where
-// the CPU has no 16-bit dot products: slow, but rounded once like the others).
+// How float16/bfloat16 GEMMs run, CUSTOMLAYERS_CPU_BLAS16 (read once): unset, the CPU decides (below);
+// 'native' or 'float' forces BLAS's 16-bit GEMMs or float32 ones on any CPU, so that tests run both
+// everywhere (native then runs ATen's generic GEMM where the CPU has no 16-bit dot products: slow, but
+// rounded once like the others); 'dot' asks for the AVX512-BF16 forward (linear_act_bf16.h) where it may
+// run and refuses to run elsewhere.
+enum class Blas16 { kAuto, kNative, kFloat, kDot };
+
+inline Blas16 blas16_setting() {
+  static const Blas16 setting = [] {
+    const char* env = std::getenv("CUSTOMLAYERS_CPU_BLAS16");
+    const std::string_view forced = env != nullptr ? env : "";
+    if (forced == "native") return Blas16::kNative;
+    if (forced == "float") return Blas16::kFloat;
+    if (forced == "dot") return Blas16::kDot;
+    TORCH_CHECK_VALUE(forced.empty(), "linear_act: CUSTOMLAYERS_CPU_BLAS16 must be 'native', 'float' or 'dot' (or "
+                      "unset), but got '", std::string(forced), "'");
+    return Blas16::kAuto;
+  }();
+  return setting;
+}
+
+// Whether T's BLAS GEMMs run in float32 on this CPU: unless forced, where it lacks dot products for T.
 template <typename T>
 bool blas_in_float() {
   static const bool in_float = [] {
-    const char* env = std::getenv("CUSTOMLAYERS_CPU_BLAS16");
-    const std::string_view forced = env != nullptr ? env : "";
-    if (forced == "native") return false;
-    if (forced == "float") return true;
-    TORCH_CHECK_VALUE(forced.empty(), "linear_act: CUSTOMLAYERS_CPU_BLAS16 must be 'native' or 'float' (or unset), "
-                      "but got '", std::string(forced), "'");
+    switch (blas16_setting()) {
+      case Blas16::kNative: return false;
+      case Blas16::kFloat: return true;
+      case Blas16::kAuto:
+      case Blas16::kDot: break;
+    }
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
     const bool native = std::is_same_v<T, at::BFloat16>
                             ? __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16")
