@@ -223,7 +223,7 @@ def _extensions():
 
 setup(
     packages=find_packages(include=["customlayers", "customlayers.*"]),
-    package_data={"customlayers": ["cpu_tiers.txt"]},
+    package_data={"customlayers": ["cpu_tiers.txt", "schemas.def"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

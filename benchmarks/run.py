@@ -5,22 +5,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import bench_centered, bench_linear_act, bench_masked_uniform, bench_mlp
 from .harness import ROUNDS, replot, results_dir, run_cases, write_results
 
-# op name -> module with cases(device, quick) -> List[Case] (and OPS_USED, the ops it runs, when not op)
-BENCHES: Dict[str, ModuleType] = {
-    "centered": bench_centered,
-    "masked_uniform_": bench_masked_uniform,
-    "linear_act": bench_linear_act,
-    "mlp_train_step": bench_mlp,
-}
+
+def _benches() -> Dict[str, ModuleType]:
+    """Every benchmarks/bench_*.py, by the name of what it times (its OP): each has cases(device, quick) ->
+    List[Case], and OPS_USED (the ops it runs) when that is not OP alone."""
+    modules = (importlib.import_module(f".{info.name}", __package__)
+               for info in pkgutil.iter_modules([str(Path(__file__).parent)]) if info.name.startswith("bench_"))
+    return {module.OP: module for module in modules}
+
+
+BENCHES = _benches()
 QUICK_MIN_RUN_TIME = 0.05
 FULL_MIN_RUN_TIME = 1.0
 

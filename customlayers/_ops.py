@@ -2,12 +2,13 @@
 registered inside the dispatcher wherever no compiled kernel serves, so that every caller (the Python
 wrappers, torch.compile, torch.export, the torch.func transforms) sees the same ops either way.
 
+- Each op is an entry of customlayers._opdefs: schema (customlayers/schemas.def), reference, fake.
 - The compiled library (customlayers._C) defines every op schema (csrc/ops.cpp) and registers its
   kernels, autograd and autocast; when loaded it loads the CPU kernels of one tier (csrc/cpu_tier.cpp;
   the tiers: customlayers._cpu). It is
   loaded when it was built for the running torch and CUDA and ``CUSTOMLAYERS_FORCE_FALLBACK`` is unset
   (or 0); the fake (meta) implementations below come with it.
-- Without it, the schemas below (the same as csrc/ops.cpp; a test compares them) are defined here and
+- Without it, the same schemas (read from customlayers/schemas.def) are defined here and
   the references (customlayers.reference) registered as CompositeImplicitAutograd kernels: autograd and
   every transform see their PyTorch ops.
 - With it, a device that has no compiled kernel (CUDA in a CPU-only build), or that
@@ -27,23 +28,13 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
-from . import reference
+from ._opdefs import OPDEFS
 
 NAMESPACE = "customlayers"
-# The op schemas, as csrc/ops.cpp defines them (tests/test_build.py checks that they agree).
-SCHEMAS = {
-    "centered": "centered(Tensor x, int[]? dim=None) -> Tensor",
-    "masked_uniform_": "masked_uniform_(Tensor(a!) self, float low=-10, float high=10, float threshold=5, "
-                       "int? seed=None, int offset=0) -> ()",
-    "linear_act": "linear_act(Tensor x, Tensor weight, Tensor? bias=None, str act='relu', bool weight_t=False) "
-                  "-> Tensor",
-    "linear_act_backward": "linear_act_backward(Tensor grad, Tensor x, Tensor weight, Tensor? out, str act, "
-                           "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
-}
-OPS = tuple(SCHEMAS)
-REFERENCES: Dict[str, Callable] = {"centered": reference.centered, "masked_uniform_": reference.masked_uniform_op,
-                                   "linear_act": reference.linear_act,
-                                   "linear_act_backward": reference.linear_act_backward}
+# Each op's schema (customlayers/schemas.def, which csrc/ops.cpp defines the ops from), reference and fake.
+SCHEMAS = {name: d.schema for name, d in OPDEFS.items()}
+OPS = tuple(OPDEFS)
+REFERENCES: Dict[str, Callable] = {name: d.reference for name, d in OPDEFS.items()}
 DEVICES = {"cpu": "CPU", "cuda": "CUDA"}
 
 _loaded = False
@@ -132,13 +123,25 @@ def _define_with_references() -> None:
         for device in DEVICES:
             _has_kernel[(name, device)] = False
             _fallback_why[(name, device)] = _reason
-    # Autocast as csrc/autocast.cpp does it: linear_act in the autocast dtype, like nn.Linear.
-    for device, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-        def linear_act_autocast(x, weight, bias=None, act="relu", weight_t=False, device=device):
-            cast = autocast_inputs(x, weight, bias)
-            with torch.autocast(device, enabled=False):
-                return op("linear_act")(*cast, act, weight_t)
-        lib.impl("linear_act", linear_act_autocast, key)
+    # Autocast as csrc/autocast.cpp does it: the floating inputs in the autocast dtype, like nn.Linear's.
+    for name, d in OPDEFS.items():
+        if d.autocast:
+            for device, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+                lib.impl(name, _autocast_kernel(name, device), key)
+
+
+def _autocast_kernel(name: str, device: str) -> Callable:
+    """Op `name`'s autocast kernel on `device`: its floating tensor arguments cast (autocast_inputs), then
+    the op with autocast off."""
+    def kernel(*args, **kwargs):
+        values = [*args, *kwargs.values()]
+        cast = iter(autocast_inputs(*(a for a in values if isinstance(a, torch.Tensor))))
+        values = [next(cast) if isinstance(a, torch.Tensor) else a for a in values]
+        args, kwargs = tuple(values[:len(args)]), dict(zip(kwargs, values[len(args):]))
+        with torch.autocast(device, enabled=False):
+            return op(name)(*args, **kwargs)
+    kernel.__name__ = f"{name}_autocast_{device}"
+    return kernel
 
 
 def autocast_inputs(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> list:
@@ -153,9 +156,10 @@ def autocast_inputs(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> list:
 
 
 @contextlib.contextmanager
-def reference_kernels(devices: Sequence[str], why: str = "CUSTOMLAYERS_FORCE_FALLBACK names this device") -> Iterator[None]:
-    """Registers the references as the kernels of every op on `devices` (over the compiled ones) until the
-    context exits, when the compiled kernels serve again. CUSTOMLAYERS_FORCE_FALLBACK=cpu uses it for the
+def reference_kernels(devices: Sequence[str], why: str = "CUSTOMLAYERS_FORCE_FALLBACK names this device",
+                      ops: Sequence[str] = OPS) -> Iterator[None]:
+    """Registers the references as the kernels of `ops` (every op) on `devices` (over the compiled ones) until
+    the context exits, when the compiled kernels serve again. CUSTOMLAYERS_FORCE_FALLBACK=cpu uses it for the
     process; tests use it to run the fallback in-process."""
     lib = torch.library.Library(NAMESPACE, "IMPL")
     # Held here: a context the process keeps (CUSTOMLAYERS_FORCE_FALLBACK) exits at interpreter shutdown, after
@@ -164,7 +168,7 @@ def reference_kernels(devices: Sequence[str], why: str = "CUSTOMLAYERS_FORCE_FAL
     saved = dict(has_kernel), dict(fallback_why)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*previously registered.*")
-        for name in OPS:
+        for name in ops:
             for device in devices:
                 message = f"customlayers: no compiled {device} kernel for {name} ({why}); " \
                           f"using the pure-PyTorch fallback on {device}"
@@ -222,13 +226,17 @@ def _load() -> None:
     for name in OPS:
         for device, key in DEVICES.items():
             _has_kernel[(name, device)] = torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key)
-    missing = sorted({device for (_, device), has in _has_kernel.items() if not has})
-    for device in missing:  # CUDA in a CPU-only build; the CPU when no tier of its kernels could be loaded
-        if device == "cuda":
+    for device in DEVICES:  # CUDA in a CPU-only build; the CPU when no tier of its kernels could be loaded
+        missing = [name for name in OPS if not _has_kernel[(name, device)]]
+        if not missing:
+            continue
+        if len(missing) < len(OPS):
+            why = f"the op has no {device.upper()} kernel yet"
+        elif device == "cuda":
             why = "built without CUDA kernels" if _build.get("cuda") is None else "not built"
         else:
             why = f"no CPU tier is loaded: {_build.get('cpu_tier_reason', 'not built')}"
-        _process_contexts.enter_context(reference_kernels([device], why))
+        _process_contexts.enter_context(reference_kernels([device], why, missing))
     forced_devices = sorted((forced or set()) & set(DEVICES))
     if forced_devices:
         _process_contexts.enter_context(reference_kernels(forced_devices, "CUSTOMLAYERS_FORCE_FALLBACK names this device"))
@@ -268,42 +276,8 @@ def op(name: str):
 
 
 # ------------------------------------------------------------------------------------ fake (meta) kernels
-# Output metadata for torch.compile and torch.export, and the ops on meta tensors. Each fake checks what
-# its kernel checks about the arguments' dtypes, layouts, devices and shapes (customlayers.reference's
-# checks: the kernels' order and exception types), so a bad call fails at trace time as it would when run;
-# the kernels' own checks (csrc/common) stay the authority, and the only ones on values.
-
-def register_fake(name: str) -> Callable:
-    """Decorator registering a fake (meta) implementation when the compiled library is loaded."""
-    def wrap(fn: Callable) -> Callable:
-        if _loaded:
-            torch.library.register_fake(f"{NAMESPACE}::{name}")(fn)
-        return fn
-    return wrap
-
-
-@register_fake("linear_act")
-def _linear_act_fake(x, weight, bias=None, act="relu", weight_t=False):
-    reference.check_linear(x, weight, bias, "linear_act", weight_t)
-    reference.check_act(act, "linear_act")
-    return x.new_empty((*x.shape[:-1], weight.shape[0 if weight_t else 1]))
-
-
-@register_fake("linear_act_backward")
-def _linear_act_backward_fake(grad, x, weight, out, act, output_mask):
-    reference.check_linear_backward(grad, x, weight, out, act)
-    return (x.new_empty(x.shape) if output_mask[0] else None,
-            reference.linear_grad_weight_like(weight) if output_mask[1] else None,
-            x.new_empty((weight.shape[1],)) if output_mask[2] else None)
-
-
-@register_fake("centered")
-def _centered_fake(x, dim=None):
-    reference.check_floating(x, "centered", "x")
-    reference.check_dims(x, dim, "centered")
-    return torch.empty_like(x)
-
-
-@register_fake("masked_uniform_")
-def _masked_uniform_fake(self, low=-10.0, high=10.0, threshold=5.0, seed=None, offset=0):
-    reference.check_masked_uniform(self, low, high, threshold, offset)
+# Output metadata for torch.compile and torch.export, and the ops on meta tensors: each op's fake
+# (customlayers._opdefs), registered when the compiled library is loaded (the references serve otherwise).
+if _loaded:
+    for _name, _d in OPDEFS.items():
+        torch.library.register_fake(f"{NAMESPACE}::{_name}")(_d.fake)

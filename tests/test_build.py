@@ -112,7 +112,8 @@ def test_missing_device_kernel_falls_back_with_one_warning(monkeypatch):
 
 @requires_extension()
 def test_python_schemas_match_the_library():
-    """Without the library, _ops defines the schemas itself: they must be csrc/ops.cpp's."""
+    """The schemas Python reads from customlayers/schemas.def (to define the ops without the library) are
+    the ones csrc/ops.cpp defined from it."""
     for name, schema in customlayers._ops.SCHEMAS.items():
         assert customlayers._ops.op(name)._schema == torch._C.parse_schema(f"customlayers::{schema}")
 
@@ -265,7 +266,7 @@ def test_sdist_has_every_source(tmp_path):
     wanted = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "csrc"))
               for f in files} | {"CMakeLists.txt", "setup.py", "pyproject.toml", "LICENSE", "CHANGELOG.md",
                                  "customlayers/_build_check.py", "customlayers/_cpu.py",
-                                 "customlayers/cpu_tiers.txt"} \
+                                 "customlayers/cpu_tiers.txt", "customlayers/schemas.def"} \
         | {os.path.join("cmake", f) for f in os.listdir(os.path.join(ROOT, "cmake"))}
     assert not wanted - packed, f"missing from the sdist: {sorted(wanted - packed)}"
 

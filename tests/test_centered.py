@@ -1,5 +1,5 @@
-"""CenteredLayer / customlayers.centered: correctness against the reference, gradients, errors,
-torch.library.opcheck and torch.compile, on every device present."""
+"""CenteredLayer / customlayers.centered: correctness against the reference, gradients, errors
+and torch.compile, on every device present (opcheck: tests/test_ops.py)."""
 import pytest
 import torch
 from torch import nn
@@ -164,18 +164,6 @@ def test_op_errors_directly(device):
         op(torch.randn(2, 3, device=device), [5])
     with pytest.raises(RuntimeError, match="appears more than once"):
         op(torch.randn(2, 3, device=device), [0, 0])
-
-
-@requires_extension()
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("args", [((3, 5), None), ((3, 5), [1]), ((2, 3, 4), [0, 2]), ((0, 3), [0]), ((), None)],
-                         ids=str)
-def test_opcheck(device, args):
-    shape, dim = args
-    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.customlayers.centered.default, (x, dim))
-    torch.library.opcheck(torch.ops.customlayers.centered.default,
-                          (x.detach().float().contiguous(memory_format=torch.contiguous_format), dim))
 
 
 @pytest.mark.parametrize("device", DEVICES)

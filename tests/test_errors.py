@@ -9,111 +9,22 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import customlayers
 from customlayers import functional as F
-from customlayers import init, reference
+from customlayers import init
+from customlayers._opdefs import OPDEFS, _g, _inference, _w, _x
 from conftest import requires_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = torch.ops.customlayers
-REFERENCES = {"centered": reference.centered, "linear_act": reference.linear_act,
-              "linear_act_backward": reference.linear_act_backward, "masked_uniform_": reference.masked_uniform_op}
-
-
-def _x():
-    return torch.randn(3, 4)
-
-
-def _w():
-    return torch.randn(4, 5)
-
-
-def _g():
-    return torch.randn(3, 5)
-
-
-def _inference():
-    with torch.inference_mode():
-        return torch.zeros(4, 5)
-
-
 MASK = [True, True, True]
-# id: (op, arguments, exception type). The arguments are built when a case runs.
-OP_CASES = {
-    "centered-int": ("centered", lambda: (torch.arange(6), None), TypeError),
-    "centered-bool": ("centered", lambda: (torch.ones(3, dtype=torch.bool), None), TypeError),
-    "centered-complex": ("centered", lambda: (torch.randn(3, dtype=torch.cfloat), None), TypeError),
-    "centered-sparse": ("centered", lambda: (_x().to_sparse(), None), NotImplementedError),
-    "centered-numpy": ("centered", lambda: (np.ones(3, np.float32), None), RuntimeError),
-    "centered-dim-range": ("centered", lambda: (_x(), [2]), IndexError),
-    "centered-dim-negative-range": ("centered", lambda: (_x(), [-3]), IndexError),
-    "centered-dim-repeated": ("centered", lambda: (_x(), [1, -1]), RuntimeError),
-    "centered-0dim-repeated": ("centered", lambda: (torch.tensor(1.0), [0, 0]), RuntimeError),
-    "centered-0dim-repeated-negative": ("centered", lambda: (torch.tensor(1.0), [0, -1]), RuntimeError),
-    "centered-0dim-range": ("centered", lambda: (torch.tensor(1.0), [1]), IndexError),
-    "linear_act-int-x": ("linear_act", lambda: (_x().long(), _w(), None), TypeError),
-    "linear_act-int-bias": ("linear_act", lambda: (_x(), _w(), torch.ones(5, dtype=torch.long)), TypeError),
-    "linear_act-dtype-weight": ("linear_act", lambda: (_x(), _w().double(), None), TypeError),
-    "linear_act-dtype-bias": ("linear_act", lambda: (_x(), _w(), torch.randn(5).half()), TypeError),
-    "linear_act-sparse-x": ("linear_act", lambda: (_x().to_sparse(), _w(), None), NotImplementedError),
-    "linear_act-sparse-weight": ("linear_act", lambda: (_x(), _w().to_sparse(), None), NotImplementedError),
-    "linear_act-sparse-bias": ("linear_act", lambda: (_x(), _w(), torch.randn(5).to_sparse()), NotImplementedError),
-    "linear_act-numpy-weight": ("linear_act", lambda: (_x(), _w().numpy(), None), RuntimeError),
-    "linear_act-act-None": ("linear_act", lambda: (_x(), _w(), None, None), RuntimeError),
-    "linear_act-act-unknown": ("linear_act", lambda: (_x(), _w(), None, "swish"), ValueError),
-    "linear_act-weight-1d": ("linear_act", lambda: (_x(), torch.randn(4), None), RuntimeError),
-    "linear_act-x-0d": ("linear_act", lambda: (torch.tensor(1.0), _w(), None), RuntimeError),
-    "linear_act-in-features": ("linear_act", lambda: (_x(), torch.randn(5, 4), None), RuntimeError),
-    "linear_act-bias-shape": ("linear_act", lambda: (_x(), _w(), torch.randn(4)), RuntimeError),
-    "linear_act-bias-2d": ("linear_act", lambda: (_x(), _w(), torch.randn(1, 5)), RuntimeError),
-    "linear_act-weight_t-in-features": ("linear_act", lambda: (_x(), _w(), None, "relu", True), RuntimeError),
-    "linear_act-weight_t-bias-shape": ("linear_act", lambda: (_x(), _w().t(), torch.randn(4), "relu", True),
-                                       RuntimeError),
-    "linear_act-meta-x": ("linear_act", lambda: (_x().to("meta"), _w(), None), RuntimeError),
-    "linear_act-meta-bias": ("linear_act", lambda: (_x(), _w(), torch.randn(5, device="meta")), RuntimeError),
-    "backward-grad-shape": ("linear_act_backward", lambda: (torch.randn(3, 4), _x(), _w(), _g(), "relu", MASK),
-                            RuntimeError),
-    "backward-out-shape": ("linear_act_backward", lambda: (_g(), _x(), _w(), torch.randn(3, 4), "relu", MASK),
-                           RuntimeError),
-    "backward-out-missing": ("linear_act_backward", lambda: (_g(), _x(), _w(), None, "relu", MASK), RuntimeError),
-    "backward-grad-dtype": ("linear_act_backward", lambda: (_g().double(), _x(), _w(), _g(), "relu", MASK),
-                            TypeError),
-    "backward-grad-int": ("linear_act_backward", lambda: (_g().long(), _x(), _w(), _g(), "relu", MASK), TypeError),
-    "backward-out-dtype": ("linear_act_backward", lambda: (_g(), _x(), _w(), _g().half(), "relu", MASK),
-                           TypeError),
-    "backward-act-unknown": ("linear_act_backward", lambda: (_g(), _x(), _w(), _g(), "swish", MASK), ValueError),
-    "backward-x-weight-mismatch": ("linear_act_backward", lambda: (_g(), _x(), torch.randn(5, 5), _g(), "relu", MASK),
-                                   RuntimeError),
-    "backward-meta-grad": ("linear_act_backward", lambda: (_g().to("meta"), _x(), _w(), _g(), "relu", MASK),
-                           RuntimeError),
-    "backward-meta-out": ("linear_act_backward", lambda: (_g(), _x(), _w(), _g().to("meta"), "relu", MASK),
-                          RuntimeError),
-    "backward-meta-x-weight": ("linear_act_backward",
-                               lambda: (_g(), _x().to("meta"), _w().to("meta"), _g(), "relu", MASK), RuntimeError),
-    "backward-sparse-grad": ("linear_act_backward", lambda: (_g().to_sparse(), _x(), _w(), _g(), "relu", MASK),
-                             NotImplementedError),
-    "masked_uniform_-int": ("masked_uniform_", lambda: (torch.zeros(3, dtype=torch.long), -10, 10, 5, 0), TypeError),
-    "masked_uniform_-sparse": ("masked_uniform_", lambda: (torch.zeros(3, 3).to_sparse(), -10, 10, 5, 0),
-                               NotImplementedError),
-    "masked_uniform_-numpy": ("masked_uniform_", lambda: (np.zeros(3, np.float32), -10, 10, 5, 0), RuntimeError),
-    "masked_uniform_-low-high": ("masked_uniform_", lambda: (torch.zeros(3), 10, -10, 5, 0), ValueError),
-    "masked_uniform_-nan": ("masked_uniform_", lambda: (torch.zeros(3), float("nan"), 10, 5, 0), ValueError),
-    "masked_uniform_-inf": ("masked_uniform_", lambda: (torch.zeros(3), -10, float("inf"), 5, 0), ValueError),
-    "masked_uniform_-threshold": ("masked_uniform_", lambda: (torch.zeros(3), -10, 10, -1, 0), ValueError),
-    "masked_uniform_-masks-all": ("masked_uniform_", lambda: (torch.zeros(3), -1, 1, 5, 0), ValueError),
-    "masked_uniform_-offset": ("masked_uniform_", lambda: (torch.zeros(3), -10, 10, 5, 0, -1), ValueError),
-    "masked_uniform_-half-range": ("masked_uniform_", lambda: (torch.zeros(3).half(), -1e5, 1e5, 5, 0), ValueError),
-    "masked_uniform_-range-overflow": ("masked_uniform_", lambda: (torch.zeros(3), -3e38, 3e38, 0.0, 0), ValueError),
-    "masked_uniform_-range-overflow-double": ("masked_uniform_", lambda: (torch.zeros(3).double(), -1e308, 1e308,
-                                                                          0.0, 0), ValueError),
-    "masked_uniform_-overlapping": ("masked_uniform_", lambda: (torch.zeros(1).expand(4), -10, 10, 5, 0),
-                                    RuntimeError),
-    "masked_uniform_-inference-tensor": ("masked_uniform_", lambda: (_inference(), -10, 10, 5, 0), RuntimeError),
-}
+# id: (op, arguments, exception type), from every op's entry (customlayers._opdefs). The arguments are built
+# when a case runs.
+OP_CASES = {f"{name}-{case}": (name, args, exc) for name, d in OPDEFS.items() for case, (args, exc) in d.bad_inputs.items()}
+
 
 # The Python API on top of the ops: id: (call, exception type).
 API_CASES = {
@@ -160,7 +71,7 @@ def test_op_fallback(case, cpu_fallback):
 def test_op_reference_directly(case):
     op, args, exc = OP_CASES[case]
     with pytest.raises(exc):
-        REFERENCES[op](*args())
+        OPDEFS[op].reference(*args())
 
 
 @requires_extension()

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import customlayers
 from benchmarks import bench_centered, bench_linear_act, bench_masked_uniform, bench_mlp
 from benchmarks.harness import (FWD, FWD_BWD, OURS, BASE_TOLERANCE, Case, Truth, _markdown, _mismatch, bind,
                                 run_cases, tolerance)
@@ -224,3 +225,10 @@ def test_bandwidth_ceiling_is_timed_and_reported_apart():
     assert bench_masked_uniform.cases("cpu", quick=True)[0].ceiling.name == "fill_"
     with pytest.raises(ValueError, match="ceiling needs"):
         harness.Case("x", 1, torch.float32, FWD, {OURS: lambda: None}, ceiling=case.ceiling)
+
+
+def test_every_op_is_benchmarked():
+    """benchmarks.run finds every bench_*.py; each op (its backward apart) has one."""
+    from benchmarks import run
+    assert set(run.BENCHES) >= {op for op in customlayers._ops.OPS if not op.endswith("_backward")}
+    assert "mlp_train_step" in run.BENCHES and all(callable(m.cases) for m in run.BENCHES.values())

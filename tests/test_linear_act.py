@@ -1,5 +1,5 @@
 """MyLinear / LinearReLU / customlayers.linear_act: correctness against the reference, gradients of
-first and second order, errors, torch.library.opcheck, torch.compile, module conversion and training,
+first and second order, errors, torch.compile (opcheck: tests/test_ops.py), module conversion and training,
 on every device present."""
 import io
 import itertools
@@ -427,23 +427,6 @@ def test_backward_op_errors(device):
         op(torch.randn(3, 5, device=device), x, w, None, "swish", [True, True, True])
 
 
-@requires_extension()
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("args", [((3, 5), 5, 4, True, "relu", False), ((2, 3, 5), 5, 4, False, "none", True),
-                                  ((1, 1), 1, 1, True, "relu", True), ((0, 3), 3, 2, True, "relu", False),
-                                  *(((3, 5), 5, 4, True, act, False) for act in ACTIVATIONS[2:])],
-                         ids=str)
-def test_opcheck(device, args):
-    shape, k, n, bias, act, transposed = args
-    x, w, b = make(shape, k, n, device=device, transposed=transposed, bias=bias, requires_grad=True)
-    torch.library.opcheck(torch.ops.customlayers.linear_act.default, (x, w, b, act))
-    out = F.linear_act(x, w, b, act).detach()
-    g = torch.randn_like(out)
-    for mask in ([True, True, True], [False, True, False], [True, False, bias]):
-        torch.library.opcheck(torch.ops.customlayers.linear_act_backward.default,
-                              (g, x.detach(), w.detach(), saved_for_backward(x, w, b, act), act, mask))
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("act", ACTIVATIONS)
@@ -466,7 +449,7 @@ def test_weight_t_is_the_transposed_view(device, dtype, act, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_weight_t_gradcheck_and_opcheck(device, bias):
+def test_weight_t_gradcheck(device, bias):
     x, w, b = make((2, 3, 4), 4, 5, device=device, bias=bias, requires_grad=True)
     weight = w.detach().t().contiguous().requires_grad_()
     for act in ACTIVATIONS:
@@ -474,8 +457,6 @@ def test_weight_t_gradcheck_and_opcheck(device, bias):
             return F.linear_act(x, weight, b, act, weight_t=True)
         inputs = (x, weight) if b is None else (x, weight, b)
         assert torch.autograd.gradcheck(fn, inputs) and torch.autograd.gradgradcheck(fn, inputs)
-        if customlayers.backend() == "extension":
-            torch.library.opcheck(torch.ops.customlayers.linear_act.default, (x, weight, b, act, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
