@@ -1,7 +1,8 @@
 """End-to-end benchmark: one training step (zero_grad, forward, cross-entropy loss, backward, SGD step) of
 whole MLPs: the book's (20 -> 256 -> ReLU -> 10, batch 256) and an MNIST-sized one (784 -> 256 -> ReLU ->
-256 -> ReLU -> 10, batch 256), as ``customlayers.convert()`` makes them (Linear + ReLU fused into
-LinearReLU), native PyTorch and ``torch.compile`` of the native model, in one run. Every implementation
+256 -> ReLU -> 10, batch 256), transformer MLP blocks (GELU, SiLU) and a LLaMA-style gated MLP (float32 and
+bfloat16), as ``customlayers.convert()`` makes them (Linear + ReLU fused into LinearReLU, the gated unit
+into linear_glu), native PyTorch and ``torch.compile`` of the native model, in one run. Every implementation
 starts from the same weights and trains on the same batch; each one's first-step loss is checked against
 the loss of a float64 copy of the model on the same batch.
 Run: python -m benchmarks.bench_mlp [run.py options]."""
@@ -18,7 +19,7 @@ import customlayers
 from .harness import OURS, Case, Device
 
 OP = "mlp_train_step"
-OPS_USED = ["linear_act"]  # LinearReLU's, LinearGELU's and LinearSiLU's op (forward and backward)
+OPS_USED = ["linear_act", "linear_glu"]  # LinearReLU's, LinearGELU's, LinearSiLU's and the gated units' ops
 MODE = "train step"
 BATCH = 256
 # (label, layer widths): Linear + ReLU between consecutive widths, a plain Linear last.
@@ -29,6 +30,24 @@ LR = 0.01
 BLOCKS = [("transformer MLP 512->2048->512 GELU", nn.GELU), ("transformer MLP 512->2048->512 SiLU", nn.SiLU)]
 BLOCK_WIDTHS = (512, 2048, 512)
 BLOCK_BATCH, QUICK_BLOCK_BATCH = 2048, 64
+# The gated MLP of LLaMA-style models: x (BLOCK_BATCH, 512) -> down(silu(gate(x)) * up(x)), hidden 1376, no biases
+# (convert() makes its gate and up one linear_glu and its down projection a FusedLinear), float32 and bfloat16.
+LLAMA = ("LLaMA MLP 512->1376->512 SiLU", 512, 1376)
+LLAMA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class LlamaMLP(nn.Module):
+    """LLaMA's MLP as the transformers library writes it."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def mlp(widths: Sequence[int]) -> nn.Sequential:
@@ -98,6 +117,18 @@ def cases(device: Device, quick: bool = False) -> List[Case]:
                  "torch.compile": train_step(torch.compile(copy.deepcopy(native)), x, y, mse)}
         size = batch * sum(a * b for a, b in zip(BLOCK_WIDTHS, BLOCK_WIDTHS[1:]))
         out.append(Case(OP, size, torch.float32, MODE, impls, label=label, reference=truth, k=max(BLOCK_WIDTHS)))
+    label, d, hidden = LLAMA
+    for dtype in LLAMA_DTYPES:
+        native = LlamaMLP(d, hidden).to(device)
+        x = torch.randn(batch, d, device=device)
+        y = torch.randn(batch, d, device=device)
+        mse = nn.MSELoss()
+        truth = reference(native, x, y, mse)
+        native, x, y = native.to(dtype), x.to(dtype), y.to(dtype)
+        impls = {OURS: train_step(customlayers.convert(native), x, y, mse),
+                 "native": train_step(copy.deepcopy(native), x, y, mse),
+                 "torch.compile": train_step(torch.compile(copy.deepcopy(native)), x, y, mse)}
+        out.append(Case(OP, batch * 3 * d * hidden, dtype, MODE, impls, label=label, reference=truth, k=hidden))
     return out
 
 

@@ -8,12 +8,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/sigmoid_backward.h>
 #include <ATen/ops/silu.h>
+#include <ATen/ops/relu.h>
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/tanh.h>
 #include <ATen/ops/tanh_backward.h>
 #include <ATen/ops/where.h>
 #include <torch/autograd.h>
@@ -79,17 +82,21 @@ void masked_uniform_autograd(at::Tensor& self, double low, double high, double t
 // gelu/silu), dX = linear_act(g', W^T, act='none'), dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
 // With weight_t (weight (out, in), nn.Linear's), W is weight's transposed view and the weight's gradient
 // is dW's: one autograd node, where weight.t() would add a view's node and its backward.
-// torch's activation of z (gelu, gelu_tanh, silu), into `out` when given.
+// torch's activation of z, into `out` when given.
 at::Tensor apply_activation(const at::Tensor& z, Activation act, at::Tensor* out = nullptr) {
   switch (act) {
+    case Activation::kNone: return out != nullptr ? out->copy_(z) : z;
+    case Activation::kRelu: return out != nullptr ? at::clamp_min_out(*out, z, 0) : at::relu(z);
     case Activation::kGelu:
     case Activation::kGeluTanh: {
       const char* approximate = act == Activation::kGelu ? "none" : "tanh";
       return out != nullptr ? at::gelu_out(*out, z, approximate) : at::gelu(z, approximate);
     }
     case Activation::kSilu: return out != nullptr ? at::silu_out(*out, z) : at::silu(z);
-    default: TORCH_INTERNAL_ASSERT(false, "apply_activation: not a pre-activation activation");
+    case Activation::kTanh: return out != nullptr ? at::tanh_out(*out, z) : at::tanh(z);
+    case Activation::kSigmoid: return out != nullptr ? at::sigmoid_out(*out, z) : at::sigmoid(z);
   }
+  TORCH_INTERNAL_ASSERT(false, "apply_activation: unknown activation");
 }
 
 // torch's activation of z, with bits that do not depend on the thread count. Its CPU kernels take a scalar
@@ -211,6 +218,85 @@ struct CustomlayersLinearActBackward : torch::autograd::Function<CustomlayersLin
   }
 };
 
+// out = act(gate) * up, gate = x @ Wg + bg and up = x @ Wu + bu. With a gradient wanted the forward is
+// the two pre-activations (linear_act, act='none': the GEMMs with their biases fused), then torch's
+// activation of gate times up; gate and up are saved (with x and the weights), as the gated MLP's native
+// code saves them and act(gate). Otherwise (inference) it is the fused linear_glu kernel. First-order
+// gradients come from the linear_glu_backward kernel; when a graph of the backward is wanted the gradients
+// are built from differentiable ops, with gate and up recomputed with a graph (as for linear_act):
+// dgate = act_backward(g * up, .), dup = g * act(gate), dX = dgate Wg^T + dup Wu^T, dW* = X^T d*,
+// db* = d*.sum(rows). With weight_t the weights are (out, in), nn.Linear's: one autograd node for both.
+struct CustomlayersLinearGluBackward : torch::autograd::Function<CustomlayersLinearGluBackward> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight_gate,
+                            const at::Tensor& weight_up, const std::optional<at::Tensor>& bias_gate,
+                            const std::optional<at::Tensor>& bias_up, c10::string_view act, bool weight_t,
+                            bool grad_wanted) {
+    using namespace customlayers;
+    const Activation activation = activation_of(act, "linear_glu");
+    at::Tensor out, gate, up;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      if (grad_wanted) {
+        gate = linear_act(x, weight_gate, bias_gate, "none", weight_t);
+        up = linear_act(x, weight_up, bias_up, "none", weight_t);
+        out = activation == Activation::kNone ? gate.mul(up) : apply_activation_fixed(gate, activation).mul_(up);
+      } else {
+        out = linear_glu(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t);
+      }
+    }
+    const auto defined = [](const std::optional<at::Tensor>& b) { return b.has_value() && b->defined(); };
+    ctx->saved_data["act"] = static_cast<int64_t>(activation);
+    ctx->saved_data["has_bias_gate"] = defined(bias_gate);
+    ctx->saved_data["has_bias_up"] = defined(bias_up);
+    ctx->saved_data["weight_t"] = weight_t;
+    // The biases only for a double backward's recomputed pre-activations.
+    ctx->save_for_backward({x, weight_gate, weight_up, gate, up, defined(bias_gate) ? *bias_gate : at::Tensor(),
+                            defined(bias_up) ? *bias_up : at::Tensor()});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    using namespace customlayers;
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const bool weight_t = ctx->saved_data["weight_t"].toBool();
+    const at::Tensor wg = weight_t ? saved[1].t() : saved[1], wu = weight_t ? saved[2].t() : saved[2];  // (in, out)
+    const Activation act = static_cast<Activation>(ctx->saved_data["act"].toInt());
+    const std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                      ctx->saved_data["has_bias_gate"].toBool() && ctx->needs_input_grad(3),
+                                      ctx->saved_data["has_bias_up"].toBool() && ctx->needs_input_grad(4)};
+    const at::Tensor& g = grads[0];
+    const auto in_layout = [&](const at::Tensor& dw) { return weight_t && dw.defined() ? dw.t() : dw; };
+    if (!at::GradMode::is_enabled()) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [dx, dwg, dwu, dbg, dbu] =
+          linear_glu_backward(g, x, wg, wu, saved[3], saved[4], activation_name(act), mask);
+      return {dx, in_layout(dwg), in_layout(dwu), dbg, dbu, at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    const auto bias = [](const at::Tensor& b) { return b.defined() ? std::optional<at::Tensor>(b) : std::nullopt; };
+    const at::Tensor gate = linear_act(x, saved[1], bias(saved[5]), "none", weight_t);
+    const at::Tensor up = linear_act(x, saved[2], bias(saved[6]), "none", weight_t);
+    const at::Tensor a = apply_activation(gate, act);
+    const at::Tensor dgate = activation_backward(g.mul(up), act_saved(act) == ActSaved::kOutput ? a : gate, act);
+    const at::Tensor dup = g.mul(a);
+    const int64_t K = wg.size(0), N = wg.size(1), M = linear_rows(x);
+    const at::Tensor dgate2 = dgate.reshape({M, N}), dup2 = dup.reshape({M, N}), x2 = x.reshape({M, K});
+    at::Tensor dx, dwg, dwu, dbg, dbu;
+    if (mask[0])
+      dx = linear_act(dgate, saved[1], std::nullopt, "none", !weight_t)
+               .add(linear_act(dup, saved[2], std::nullopt, "none", !weight_t));
+    const auto dw = [&](const at::Tensor& d2) {  // in the weight's own layout
+      return weight_t ? linear_act(d2.t(), x2, std::nullopt, "none") : linear_act(x2.t(), d2, std::nullopt, "none");
+    };
+    if (mask[1]) dwg = dw(dgate2);
+    if (mask[2]) dwu = dw(dup2);
+    if (mask[3]) dbg = dgate2.sum(0);
+    if (mask[4]) dbu = dup2.sum(0);
+    return {dx, dwg, dwu, dbg, dbu, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 namespace customlayers {
 namespace {
 
@@ -222,12 +308,24 @@ at::Tensor linear_act_autograd(const at::Tensor& x, const at::Tensor& weight, co
   return ::CustomlayersLinearActBackward::apply(x, weight, bias, act, weight_t, grad_wanted);
 }
 
+at::Tensor linear_glu_autograd(const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+                               const std::optional<at::Tensor>& bias_gate, const std::optional<at::Tensor>& bias_up,
+                               c10::string_view act, bool weight_t) {
+  const auto tracked = [](const std::optional<at::Tensor>& b) { return b.has_value() && b->defined() && b->requires_grad(); };
+  const bool grad_wanted = at::GradMode::is_enabled() && (x.requires_grad() || weight_gate.requires_grad() ||
+                                                          weight_up.requires_grad() || tracked(bias_gate) ||
+                                                          tracked(bias_up));
+  return ::CustomlayersLinearGluBackward::apply(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t,
+                                                grad_wanted);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(customlayers, Autograd, m) {
   m.impl("centered", &centered_autograd);
   m.impl("masked_uniform_", &masked_uniform_autograd);
   m.impl("linear_act", &linear_act_autograd);
+  m.impl("linear_glu", &linear_glu_autograd);
 }
 
 }  // namespace customlayers

@@ -250,7 +250,100 @@ LINEAR_ACT_BACKWARD = OpDef(
     })
 
 
-OPDEFS: Dict[str, OpDef] = {d.name: d for d in (CENTERED, MASKED_UNIFORM, LINEAR_ACT, LINEAR_ACT_BACKWARD)}
+# ---------------------------------------------------------------------------------------- linear_glu
+
+def _linear_glu_fake(x, weight_gate, weight_up, bias_gate=None, bias_up=None, act="silu", weight_t=False):
+    reference.check_linear_glu(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t)
+    return x.new_empty((*x.shape[:-1], weight_gate.shape[0 if weight_t else 1]))
+
+
+# (x's shape, in, hidden, biases, act, weight_t)
+_GLU_CASES = (((3, 5), 5, 4, True, "silu", False), ((2, 3, 5), 5, 4, False, "gelu", True),
+              ((1, 1), 1, 1, True, "relu", True), ((0, 3), 3, 2, True, "silu", False),
+              ((4, 0), 0, 3, True, "gelu_tanh", False),
+              *(((3, 5), 5, 4, True, act, True) for act in _activations.NAMES))
+
+
+def _glu_inputs(device, shape, k, n, bias, weight_t):
+    x, wg, bg = _linear_inputs(device, shape, k, n, bias, weight_t)
+    _, wu, bu = _linear_inputs(device, shape, k, n, bias, weight_t)
+    return x, wg, wu, bg, bu
+
+
+def _linear_glu_samples() -> Dict[str, Args]:
+    def sample(device, case):
+        shape, k, n, bias, act, weight_t = case
+        return (*_glu_inputs(device, shape, k, n, bias, weight_t), act, weight_t), {}
+    return {str(case): lambda d, case=case: sample(d, case) for case in _GLU_CASES}
+
+
+LINEAR_GLU = OpDef(
+    name="linear_glu", reference=reference.linear_glu, fake=_linear_glu_fake, samples=_linear_glu_samples(),
+    autocast=True,
+    bad_inputs={
+        "int-x": (lambda: (_x().long(), _w(), _w()), TypeError),
+        "dtype-weight_up": (lambda: (_x(), _w(), _w().double()), TypeError),
+        "dtype-bias_gate": (lambda: (_x(), _w(), _w(), torch.randn(5).half()), TypeError),
+        "int-bias_up": (lambda: (_x(), _w(), _w(), None, torch.ones(5, dtype=torch.long)), TypeError),
+        "sparse-weight_gate": (lambda: (_x(), _w().to_sparse(), _w()), NotImplementedError),
+        "numpy-weight_up": (lambda: (_x(), _w(), _numpy((4, 5))), RuntimeError),
+        "act-None": (lambda: (_x(), _w(), _w(), None, None, None), RuntimeError),
+        "act-unknown": (lambda: (_x(), _w(), _w(), None, None, "swish"), ValueError),
+        "weight_gate-1d": (lambda: (_x(), torch.randn(4), _w()), RuntimeError),
+        "x-0d": (lambda: (torch.tensor(1.0), _w(), _w()), RuntimeError),
+        "in-features": (lambda: (_x(), torch.randn(5, 4), torch.randn(5, 4)), RuntimeError),
+        "weights-differ": (lambda: (_x(), _w(), torch.randn(4, 6)), RuntimeError),
+        "bias_up-shape": (lambda: (_x(), _w(), _w(), None, torch.randn(4)), RuntimeError),
+        "weight_t-in-features": (lambda: (_x(), _w(), _w(), None, None, "silu", True), RuntimeError),
+        "meta-weight_up": (lambda: (_x(), _w(), _w().to("meta")), RuntimeError),
+    })
+
+
+def _linear_glu_backward_fake(grad, x, weight_gate, weight_up, gate, up, act, output_mask):
+    reference.check_linear_glu_backward(grad, x, weight_gate, weight_up, gate, up, act)
+    n = weight_gate.shape[1]
+    return (x.new_empty(x.shape) if output_mask[0] else None,
+            reference.linear_grad_weight_like(weight_gate) if output_mask[1] else None,
+            reference.linear_grad_weight_like(weight_up) if output_mask[2] else None,
+            x.new_empty((n,)) if output_mask[3] else None,
+            x.new_empty((n,)) if output_mask[4] else None)
+
+
+def _linear_glu_backward_samples() -> Dict[str, Args]:
+    def sample(device, case, mask):
+        shape, k, n, bias, act, weight_t = case
+        x, wg, wu, bg, bu = (t.detach() if t is not None else None
+                             for t in _glu_inputs(device, shape, k, n, bias, weight_t))
+        wg, wu = (wg.t(), wu.t()) if weight_t else (wg, wu)  # the backward takes (in, hidden)
+        gate, up = reference.linear_act(x, wg, bg, "none"), reference.linear_act(x, wu, bu, "none")
+        grad = torch.randn((*shape[:-1], n), dtype=x.dtype, device=device)
+        return (grad, x, wg, wu, gate, up, act, mask), {}
+    masks = ([True] * 5, [False, True, False, True, False], [True, False, True, False, True], [False] * 5)
+    return {f"{case}-{mask}": lambda d, case=case, mask=mask: sample(d, case, mask)
+            for case in _GLU_CASES for mask in masks}
+
+
+_GLU_MASK = [True] * 5
+LINEAR_GLU_BACKWARD = OpDef(
+    name="linear_glu_backward", reference=reference.linear_glu_backward, fake=_linear_glu_backward_fake,
+    samples=_linear_glu_backward_samples(),
+    bad_inputs={
+        "grad-shape": (lambda: (torch.randn(3, 4), _x(), _w(), _w(), _g(), _g(), "silu", _GLU_MASK), RuntimeError),
+        "gate-shape": (lambda: (_g(), _x(), _w(), _w(), torch.randn(3, 4), _g(), "silu", _GLU_MASK),
+                       RuntimeError),
+        "up-dtype": (lambda: (_g(), _x(), _w(), _w(), _g(), _g().half(), "silu", _GLU_MASK), TypeError),
+        "grad-dtype": (lambda: (_g().double(), _x(), _w(), _w(), _g(), _g(), "silu", _GLU_MASK), TypeError),
+        "act-unknown": (lambda: (_g(), _x(), _w(), _w(), _g(), _g(), "swish", _GLU_MASK), ValueError),
+        "weights-differ": (lambda: (_g(), _x(), _w(), torch.randn(4, 6), _g(), _g(), "silu", _GLU_MASK),
+                           RuntimeError),
+        "meta-gate": (lambda: (_g(), _x(), _w(), _w(), _g().to("meta"), _g(), "silu", _GLU_MASK), RuntimeError),
+        "sparse-grad": (lambda: (_g().to_sparse(), _x(), _w(), _w(), _g(), _g(), "silu", _GLU_MASK),
+                        NotImplementedError),
+    })
+
+
+OPDEFS: Dict[str, OpDef] = {d.name: d for d in (CENTERED, MASKED_UNIFORM, LINEAR_ACT, LINEAR_ACT_BACKWARD,
+                                                LINEAR_GLU, LINEAR_GLU_BACKWARD)}
 
 if set(OPDEFS) != set(_SCHEMAS):
     raise ImportError(f"customlayers: the ops of {SCHEMA_FILE.name} ({sorted(_SCHEMAS)}) and of "

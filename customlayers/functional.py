@@ -16,10 +16,10 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
-from . import _ops, reference
+from . import _activations, _ops, reference
 from ._functorch import CenteredFunction, LinearActFunction, transforms_active
 
-__all__ = ["centered", "linear_act"]
+__all__ = ["centered", "linear_act", "linear_glu"]
 
 Dims = Optional[Union[int, Sequence[int]]]
 # The annotations TorchScript reads (it has no Sequence): eager calls take any sequence of ints.
@@ -73,11 +73,40 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return torch.ops.customlayers.linear_act(x, weight, bias, act, weight_t)
 
 
+def linear_glu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
+               bias_gate: Optional[torch.Tensor] = None, bias_up: Optional[torch.Tensor] = None,
+               act: str = "silu", weight_t: bool = False) -> torch.Tensor:
+    """A gated linear unit, ``act(x @ weight_gate + bias_gate) * (x @ weight_up + bias_up)``, in one op: the
+    first half of a gated MLP (LLaMA's ``act_fn(gate_proj(x)) * up_proj(x)``; SwiGLU with act='silu',
+    GeGLU with 'gelu' or 'gelu_tanh').
+
+    Args:
+        x: (*, in_features), any leading shape.
+        weight_gate, weight_up: (in_features, hidden_features), the book's layout, of any strides; or with
+            ``weight_t`` (hidden_features, in_features), nn.Linear's layout (``gate_proj.weight`` as it is).
+        bias_gate, bias_up: (hidden_features,) or None.
+        act: one of customlayers._activations.NAMES (default 'silu').
+    """
+    if not torch.jit.is_scripting():
+        if _FUNCTIONS and (_functorch_active() or _forward_ad._current_level >= 0):  # transforms_active(), inlined
+            # Under the transforms: the two products through linear_act's Function (its jvp and vmap rules),
+            # then torch's activation and product.
+            x, weight_gate, weight_up, bias_gate, bias_up = _ops.autocast_inputs(x, weight_gate, weight_up, bias_gate,
+                                                                                 bias_up)
+            reference.check_linear_glu(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t)
+            if weight_t:
+                weight_gate, weight_up = weight_gate.t(), weight_up.t()
+            gate = LinearActFunction.apply(x, weight_gate, bias_gate, "none")
+            return _activations.apply(act, gate) * LinearActFunction.apply(x, weight_up, bias_up, "none")
+        return _LINEAR_GLU(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t)
+    return torch.ops.customlayers.linear_glu(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t)
+
+
 def _bad_dim(dim) -> None:
     raise TypeError(f"centered: dim must be an int or a sequence of ints, got {dim!r}")
 
 
-_CENTERED, _LINEAR_ACT = _ops.op("centered"), _ops.op("linear_act")
+_CENTERED, _LINEAR_ACT, _LINEAR_GLU = _ops.op("centered"), _ops.op("linear_act"), _ops.op("linear_glu")
 # customlayers._functorch.transforms_active's two checks, called inline (one Python call fewer per op call).
 _functorch_active = torch._C._are_functorch_transforms_active
 # The ops carry C++ autograd when the compiled library is loaded: then the transforms need the Python

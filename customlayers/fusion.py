@@ -1,6 +1,7 @@
 """customlayers.convert(): fusing a model's nn.Linear layers with the activations that follow them into
 FusedLinear layers (LinearReLU, LinearGELU, LinearSiLU, or FusedLinear(activation=...)), in nn.Sequential
-and, through torch.fx, in any traceable forward; and its output layers into FusedLinear."""
+and, through torch.fx, in any traceable forward, where gated units (act(gate(x)) * up(x)) become linear_glu;
+and its output layers into FusedLinear."""
 from __future__ import annotations
 
 import copy
@@ -8,6 +9,7 @@ import dis
 import importlib
 import linecache
 import logging
+import operator
 import types
 import warnings
 from typing import Dict, Optional
@@ -16,7 +18,8 @@ import torch
 from torch import nn
 
 from . import _activations
-from .nn import CenteredLayer, FusedLinear, LinearGELU, LinearReLU, LinearSiLU, MyLinear
+from . import functional as _functional
+from .nn import CenteredLayer, FusedLinear, GatedMLP, LinearGELU, LinearReLU, LinearSiLU, MyLinear
 
 __all__ = ["OUTPUT_FEATURES", "convert"]
 
@@ -33,7 +36,8 @@ class _Tracer(torch.fx.Tracer):
     by fx)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (CenteredLayer, MyLinear, FusedLinear)) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, (CenteredLayer, MyLinear, FusedLinear, GatedMLP))
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def convert(model: nn.Module, inplace: bool = False, report: bool = False, outputs: bool = True):
@@ -52,7 +56,12 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
     ``F.tanh``, ``torch.sigmoid``, ``F.sigmoid`` and their in-place forms (``inplace=True``, ``torch.relu_``,
     ``torch.tanh_``, ...); the methods ``x.relu()``, ``x.tanh()``, ``x.sigmoid()`` and their in-place forms
     (e.g. the book's ``MLP``, whose forward is ``self.out(F.relu(self.hidden(X)))``, ``MySequential``,
-    nested blocks, a residual block ``x + self.fc2(F.gelu(self.fc1(x)))``). An activation module left
+    nested blocks, a residual block ``x + self.fc2(F.gelu(self.fc1(x)))``). There, too, a gated unit
+    ``act(self.gate_proj(x)) * self.up_proj(x)`` (either operand order, any activation form above; two
+    nn.Linear of one shape on the same x, their outputs used only there: LLaMA's, Mistral's, Qwen's and
+    Gemma's MLPs) becomes one ``linear_glu`` call on the two Linears' Parameters (the Linears stay, uncalled,
+    so parameter names are unchanged), and the nn.Linear applied to it alone (the down projection) a
+    FusedLinear. An activation module left
     without a use becomes ``nn.Identity``; when a functional activation is fused, the traced module's
     forward becomes the traced code without it (the module keeps its class as a base class, its attributes
     and methods; it pickles with ``torch.save`` and loads wherever its class imports, the fused forward
@@ -74,25 +83,35 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
     path. With ``inplace=False`` the model is deep-copied first (ties within the model are kept in the copy).
 
     Returns the model, or with ``report=True`` ``(model, names)``, ``names`` the qualified names of the
-    replaced Linears (fused with their activation, or output layers). What was fused is also logged
+    replaced Linears (fused with their activation, output layers, down projections) and of the gated units'
+    Linears. What was fused is also logged
     (logger ``customlayers``, level INFO: the activation, the class and the names); a ``UserWarning`` says
     when nothing was replaced.
     """
     if not inplace:
         model = copy.deepcopy(model)
     fused: Dict[int, FusedLinear] = {}
-    _convert(model, fused)
+    glus: list = []  # (gate Linear, up Linear, act, down Linear or None) of each gated unit fused
+    _convert(model, fused, glus)
     made = {id(m) for m in fused.values()}
     if outputs:
-        made |= {id(m) for m in _convert_outputs(model).values()}
+        made |= {id(m) for m in _convert_outputs(model, {id(g[i]) for g in glus for i in (0, 1)}).values()}
     names = [name for name, module in model.named_modules(remove_duplicate=False) if id(module) in made]
+    gated = _glu_names(model, glus, fused)
+    for act in sorted({g[2] for g in gated}):
+        pairs = [f"{gate} * {up}" + (f" (down projection {down} into FusedLinear)" if down else "")
+                 for gate, up, a, down in gated if a == act]
+        _log.info("customlayers.convert: fused %d %s(gate) * up pairs of nn.Linear into linear_glu: %s", len(pairs),
+                  act, ", ".join(pairs))
+    downs = {g[3] for g in gated}
     kinds: Dict[tuple, list] = {}  # (activation, class) -> names
-    for name in names:
+    for name in (n for n in names if n not in downs):
         module = model.get_submodule(name)
         kinds.setdefault((module.activation, type(module).__name__), []).append(name)
     for (act, cls), these in kinds.items():
         what = f"nn.Linear + {act} into {cls}" if act != "none" else f"output nn.Linear into {cls}"
         _log.info("customlayers.convert: fused %d %s: %s", len(these), what, ", ".join(these))
+    names += [name for gate, up, _, _ in gated for name in (gate, up)]
     if not names:
         warnings.warn("customlayers.convert: found no nn.Linear whose output goes only to an activation ("
                       + ", ".join(name for name in _activations.NAMES if name != "none") + ")"
@@ -102,15 +121,28 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
     return (model, names) if report else model
 
 
-def _convert_outputs(model: nn.Module) -> Dict[int, "FusedLinear"]:
+def _glu_names(model: nn.Module, glus: list, fused: Dict[int, FusedLinear]) -> list:
+    """The fused gated units' (gate, up, act, down), the Linears by qualified name in model (down: its
+    FusedLinear's, or None)."""
+    names: Dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), name)
+    return [(names[id(gate)], names[id(up)], act, None if down is None else names[id(fused[id(down)])])
+            for gate, up, act, down in glus]
+
+
+def _convert_outputs(model: nn.Module, skip: set) -> Dict[int, "FusedLinear"]:
     """Every nn.Linear left with at most OUTPUT_FEATURES outputs -> a FusedLinear, wherever it appears (one per
     Linear; a Linear fused with a ReLU elsewhere keeps its plain uses here, as a FusedLinear over the same
-    Parameters). Linears with hooks (e.g. the old weight_norm's, which recomputes the weight) or whose weight
+    Parameters), but those in `skip` (ids: the gated units' gate and up, which hold linear_glu's parameters,
+    uncalled) and a GatedMLP's. Linears with hooks (e.g. the old weight_norm's, which recomputes the weight) or whose weight
     or bias is not a Parameter are left alone."""
     made: Dict[int, FusedLinear] = {}
     for sub in model.modules():
+        if isinstance(sub, GatedMLP):  # its projections hold the parameters of its ops
+            continue
         for name, child in sub._modules.items():
-            if _plain_output_layer(child):
+            if _plain_output_layer(child) and id(child) not in skip:
                 if id(child) not in made:
                     made[id(child)] = FusedLinear.from_linear(child)
                 sub._modules[name] = made[id(child)]
@@ -137,7 +169,7 @@ def _replaceable(m: Optional[nn.Module], cls: type) -> bool:
     return True
 
 
-def _convert(module: nn.Module, fused: Dict[int, FusedLinear]) -> None:
+def _convert(module: nn.Module, fused: Dict[int, FusedLinear], glus: list) -> None:
     tracer = _Tracer()
     graph = None
     if not _trace_would_change_behaviour(module, tracer):
@@ -146,11 +178,11 @@ def _convert(module: nn.Module, fused: Dict[int, FusedLinear]) -> None:
         except Exception:  # noqa: BLE001 (fx raises many kinds: TraceError, TypeError, NotImplementedError, ...)
             graph = None
     if graph is not None:
-        _fuse_graph(module, graph, fused)
+        _fuse_graph(module, graph, fused, glus)
         return
     _fuse_sequential(module, fused)
     for child in module.children():
-        _convert(child, fused)
+        _convert(child, fused, glus)
 
 
 def _trace_would_change_behaviour(module: nn.Module, tracer: _Tracer) -> bool:
@@ -206,9 +238,77 @@ def _activation_of(node: torch.fx.Node, module: nn.Module) -> Optional[str]:
     return None
 
 
-def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, FusedLinear]) -> None:
-    """Fuse in the traced forward of module: a Linear is fused when each of its calls feeds one activation
-    only, the same one for every call."""
+def _is_mul(node: torch.fx.Node) -> bool:
+    """node is a product of two values: a * b, torch.mul(a, b), a.mul(b)."""
+    if node.kwargs or len(node.args) != 2:
+        return False
+    return ((node.op == "call_function" and node.target in (operator.mul, torch.mul))
+            or (node.op == "call_method" and node.target == "mul"))
+
+
+def _only_user(node: object, user: torch.fx.Node) -> bool:
+    return isinstance(node, torch.fx.Node) and set(node.users) == {user}
+
+
+def _linear_call(node: object, module: nn.Module) -> Optional[nn.Linear]:
+    """The plain nn.Linear node calls on one positional input, or None."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs):
+        return None
+    linear = module.get_submodule(node.target)
+    return linear if _replaceable(linear, nn.Linear) else None
+
+
+def _fuse_glus(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, FusedLinear], glus: list) -> bool:
+    """In the traced forward of module: each ``act(gate(x)) * up(x)`` (either operand order; gate and up
+    plain nn.Linear layers of one shape and bias presence, called on the same x, each value used only there)
+    -> one linear_glu call on the Linears' Parameters (the Linears stay, uncalled: parameter names are
+    unchanged), and a plain nn.Linear applied to that product only (the gated MLP's down projection) -> a
+    FusedLinear. Appends (gate, up, act, the down projection or None) to glus; returns whether the graph
+    changed."""
+    downs = {}
+    for node in list(graph.nodes):
+        if not _is_mul(node):
+            continue
+        for act_node, up_node in (node.args, node.args[::-1]):
+            if not (_only_user(act_node, node) and _only_user(up_node, node)) or act_node is up_node:
+                continue
+            act = _activation_of(act_node, module)
+            gate_node = act_node.args[0] if act is not None and act_node.args else None
+            gate, up = _linear_call(gate_node, module), _linear_call(up_node, module)
+            if (gate is None or up is None or gate is up or not _only_user(gate_node, act_node)
+                    or gate_node.args[0] is not up_node.args[0] or id(gate) in fused or id(up) in fused
+                    or gate.weight.shape != up.weight.shape or (gate.bias is None) != (up.bias is None)):
+                continue
+            with graph.inserting_before(node):
+                attrs = [graph.get_attr(f"{target}.{name}") if getattr(linear, name) is not None else None
+                         for name in ("weight", "bias") for target, linear in ((gate_node.target, gate),
+                                                                                 (up_node.target, up))]
+                glu = graph.call_function(_functional.linear_glu, (gate_node.args[0], attrs[0], attrs[1], attrs[2],
+                                                                    attrs[3], act, True))
+            node.replace_all_uses_with(glu)
+            for erased in (node, act_node, gate_node, up_node):
+                graph.erase_node(erased)
+            users = list(glu.users)
+            down = _linear_call(users[0], module) if len(users) == 1 else None
+            if down is not None and (id(down) not in fused or fused[id(down)].activation == "none"):
+                downs[id(down)] = down
+            else:
+                down = None
+            glus.append((gate, up, act, down))
+            break
+    for sub in module.modules():  # every reference to a down projection -> its FusedLinear
+        for name, child in sub._modules.items():
+            if id(child) in downs:
+                fused.setdefault(id(child), FusedLinear.from_linear(child))
+                sub._modules[name] = fused[id(child)]
+    return bool(glus)
+
+
+def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, FusedLinear], glus: list) -> None:
+    """Fuse in the traced forward of module: the gated units first (_fuse_glus), then a Linear is fused when
+    each of its calls feeds one activation only, the same one for every call."""
+    before = len(glus)
+    gated = _fuse_glus(module, graph, fused, glus) and len(glus) > before
     calls: Dict[str, list] = {}
     for node in graph.nodes:
         if node.op == "call_module" and _replaceable(module.get_submodule(node.target), nn.Linear):
@@ -224,6 +324,8 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, Fused
             linears[id(linear)] = (linear, acts.pop())
             pairs += list(zip(nodes, users))
     if not pairs:
+        if gated:
+            _rewrite_forward(module, graph)
         return
     # Activation modules the graph will no longer call become nn.Identity: the forward needs no change for those.
     erased = {act for _, act in pairs}
@@ -240,12 +342,17 @@ def _fuse_graph(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, Fused
     for target in removed:
         parent, _, name = target.rpartition(".")
         setattr(module.get_submodule(parent), name, nn.Identity())
-    if new_forward:
+    if new_forward or gated:
         for node, act in pairs:
             act.replace_all_uses_with(node)
             graph.erase_node(act)
-        code = graph.python_code(root_module="self")
-        module.__class__ = _converted_class(type(module), code.src, _globals_spec(code.globals))
+        _rewrite_forward(module, graph)
+
+
+def _rewrite_forward(module: nn.Module, graph: torch.fx.Graph) -> None:
+    """module's forward -> graph's code (its class -> a subclass of it with that forward)."""
+    code = graph.python_code(root_module="self")
+    module.__class__ = _converted_class(type(module), code.src, _globals_spec(code.globals))
 
 
 # The classes of modules whose forward convert() rewrote: (base class, forward source, globals) -> class.

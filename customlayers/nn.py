@@ -14,8 +14,8 @@ from . import _activations
 from . import functional as F
 from . import init as _init
 
-__all__ = ["CenteredLayer", "FusedLinear", "LazyMyLinear", "LinearGELU", "LinearReLU", "LinearSiLU", "MyLinear",
-           "convert"]
+__all__ = ["CenteredLayer", "FusedLinear", "GatedMLP", "LazyMyLinear", "LinearGELU", "LinearReLU", "LinearSiLU",
+           "MyLinear", "convert"]
 
 
 class CenteredLayer(nn.Module):
@@ -154,6 +154,8 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
 # rules), added by _subclass_forward when it first meets one (torch.distributed.tensor is not imported here).
 _OP_TENSORS = {torch.Tensor, nn.Parameter, torch._subclasses.fake_tensor.FakeTensor,
                torch._subclasses.functional_tensor.FunctionalTensor}
+# The weight types GatedMLP runs linear_glu on: the same but DTensor (linear_glu has no sharding rules yet).
+_GLU_TENSORS = frozenset(_OP_TENSORS)
 
 
 def _assigned_by_torch_quantization() -> bool:
@@ -302,6 +304,53 @@ class LinearSiLU(_NamedFusedLinear):
     (a FusedLinear with activation='silu')."""
 
     _act = "silu"
+
+
+class GatedMLP(nn.Module):
+    """The gated MLP of LLaMA, Mistral, Qwen and Gemma, ``down_proj(act(gate_proj(x)) * up_proj(x))``
+    (SwiGLU with activation='silu', GeGLU with 'gelu' or 'gelu_tanh'), its first half one linear_glu op (both
+    products, the activation and the product in one kernel; in the backward one pass makes both gated
+    gradients) and down_proj a FusedLinear (the linear_act op).
+
+    The submodules are named and shaped as in those models (``gate_proj``, ``up_proj``: nn.Linear(in,
+    hidden); ``down_proj``: an nn.Linear(hidden, out) subclass), so a LLaMA MLP's state_dict loads as it is,
+    both ways.
+
+    Args:
+        in_features, hidden_features: the input and hidden sizes.
+        out_features: the output size (default: in_features).
+        bias: biases on the three projections (LLaMA's have none).
+        activation: one of customlayers._activations.NAMES (default 'silu').
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None, bias: bool = False,
+                 activation: str = "silu", device=None, dtype=None):
+        if activation not in _activations.ACTIVATIONS:
+            raise ValueError(f"GatedMLP: activation must be one of {_activations.names_text()}, but got {activation!r}")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.activation = activation
+        self.gate_proj = nn.Linear(in_features, hidden_features, bias, **factory)
+        self.up_proj = nn.Linear(in_features, hidden_features, bias, **factory)
+        self.down_proj = FusedLinear(hidden_features, in_features if out_features is None else out_features, bias,
+                                     **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj, self.up_proj
+        if not torch.jit.is_scripting():
+            if type(gate.weight) not in _GLU_TENSORS or type(up.weight) not in _GLU_TENSORS:
+                return self._subclass_forward(x)
+        return self.down_proj(F.linear_glu(x, gate.weight, up.weight, gate.bias, up.bias, self.activation,
+                                           weight_t=True))
+
+    @torch.jit.unused
+    def _subclass_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Weights of tensor subclasses linear_glu does not serve (torchao's quantized weights, DTensor): their own
+        nn.Linear forwards."""
+        return self.down_proj(_activations.apply(self.activation, self.gate_proj(x)) * self.up_proj(x))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
 
 
 # customlayers.nn.convert (and what pickles of converted modules name) as before convert() had its module.

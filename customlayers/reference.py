@@ -129,29 +129,29 @@ def check_act(act, op: str) -> None:
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], op: str,
-                 weight_t: bool = False) -> None:
+                 weight_t: bool = False, weight_name: str = "weight", bias_name: str = "bias") -> None:
     """linear_act's tensor checks, in the compiled kernels' order (csrc/common/linear_act.cpp's
     check_linear_inputs): dtypes (TypeError), devices, shapes (RuntimeError); weight (in, out), or (out, in)
     with weight_t. torch._check* keeps them usable on symbolic shapes (the fake implementations call them)."""
     in_dim = 1 if weight_t else 0
     check_floating(x, op, "x")
-    check_floating(weight, op, "weight")
+    check_floating(weight, op, weight_name)
     if bias is not None:
-        check_floating(bias, op, "bias")
-    for name, t in (("weight", weight), ("bias", bias)):
+        check_floating(bias, op, bias_name)
+    for name, t in ((weight_name, weight), (bias_name, bias)):
         torch._check_type(t is None or t.dtype == x.dtype, lambda: f"{op}: expected x and {name} to have the same "
                           f"dtype, but x is {x.dtype} and {name} is {t.dtype}")
-    check_same_device(op, x=x, weight=weight, bias=bias)
+    check_same_device(op, **{"x": x, weight_name: weight, bias_name: bias})
     layout = "(out_features, in_features)" if weight_t else "(in_features, out_features)"
-    torch._check(weight.dim() == 2, lambda: f"{op}: expected weight to be 2-D {layout}, but got shape "
+    torch._check(weight.dim() == 2, lambda: f"{op}: expected {weight_name} to be 2-D {layout}, but got shape "
                  f"{list(weight.shape)}")
     torch._check(x.dim() >= 1, lambda: f"{op}: expected x to have at least 1 dimension (*, in_features), but got "
                  f"shape {list(x.shape)}")
-    torch._check(x.shape[-1] == weight.shape[in_dim], lambda: f"{op}: x's last dimension must equal weight's "
-                 f"in_features (weight.shape[{in_dim}]), but x has shape {list(x.shape)} and weight has shape "
-                 f"{list(weight.shape)}")
+    torch._check(x.shape[-1] == weight.shape[in_dim], lambda: f"{op}: x's last dimension must equal {weight_name}'s "
+                 f"in_features ({weight_name}.shape[{in_dim}]), but x has shape {list(x.shape)} and {weight_name} "
+                 f"has shape {list(weight.shape)}")
     torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[1 - in_dim]), lambda: f"{op}: "
-                 f"expected bias of shape [{weight.shape[1 - in_dim]}] (out_features,), but got shape "
+                 f"expected {bias_name} of shape [{weight.shape[1 - in_dim]}] (out_features,), but got shape "
                  f"{list(bias.shape)}")
 
 
@@ -219,3 +219,74 @@ def linear_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     dw = linear_grad_weight_like(weight).copy_(x2.t() @ g2) if output_mask[1] else None
     db = g2.sum(0) if output_mask[2] else None
     return dx, dw, db
+
+
+# ------------------------------------------------------------------------------------------ linear_glu
+
+def _check_glu_weights(weight_gate: torch.Tensor, weight_up: torch.Tensor, op: str) -> None:
+    torch._check(weight_gate.shape == weight_up.shape, lambda: f"{op}: expected weight_gate and weight_up to have "
+                 f"the same shape, but weight_gate has shape {list(weight_gate.shape)} and weight_up has shape "
+                 f"{list(weight_up.shape)}")
+
+
+def check_linear_glu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
+                     bias_gate: Optional[torch.Tensor], bias_up: Optional[torch.Tensor], act, weight_t: bool) -> None:
+    """linear_glu's checks, in the order of csrc/common/linear_glu.cpp's prepare_forward."""
+    op = "linear_glu"
+    check_linear(x, weight_gate, bias_gate, op, weight_t, "weight_gate", "bias_gate")
+    check_linear(x, weight_up, bias_up, op, weight_t, "weight_up", "bias_up")
+    _check_glu_weights(weight_gate, weight_up, op)
+    check_act(act, op)
+
+
+def check_linear_glu_backward(grad: torch.Tensor, x: torch.Tensor, weight_gate: torch.Tensor,
+                              weight_up: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) -> None:
+    """linear_glu_backward's checks, in the order of csrc/common/linear_glu.cpp's prepare_backward."""
+    op = "linear_glu_backward"
+    check_linear(x, weight_gate, None, op, weight_name="weight_gate")
+    check_linear(x, weight_up, None, op, weight_name="weight_up")
+    _check_glu_weights(weight_gate, weight_up, op)
+    check_act(act, op)
+    check_floating(grad, op, "grad")
+    torch._check_type(grad.dtype == x.dtype, lambda: f"{op}: expected grad and x to have the same dtype, but grad "
+                      f"is {grad.dtype} and x is {x.dtype}")
+    check_same_device(op, x=x, grad=grad, gate=gate, up=up)
+    shape = [*x.shape[:-1], weight_gate.shape[1]]
+    torch._check(list(grad.shape) == shape, lambda: f"{op}: expected grad of shape {shape} (x's shape with "
+                 f"hidden_features last), but got shape {list(grad.shape)}")
+    for name, t in (("gate", gate), ("up", up)):
+        check_floating(t, op, name)
+        torch._check_type(t.dtype == x.dtype, lambda: f"{op}: expected {name} and x to have the same dtype, but "
+                          f"{name} is {t.dtype} and x is {x.dtype}")
+        torch._check(t.shape == grad.shape, lambda: f"{op}: expected {name} of shape {list(grad.shape)} (grad's), "
+                     f"but got shape {list(t.shape)}")
+
+
+def linear_glu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
+               bias_gate: Optional[torch.Tensor] = None, bias_up: Optional[torch.Tensor] = None,
+               act: str = "silu", weight_t: bool = False) -> torch.Tensor:
+    """``act(x @ weight_gate + bias_gate) * (x @ weight_up + bias_up)`` with torch's activation, the weights
+    (in_features, hidden_features), or with weight_t (hidden_features, in_features) (nn.Linear's)."""
+    check_linear_glu(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t)
+    gate = linear_act(x, weight_gate, bias_gate, "none", weight_t)
+    return _activations.apply(act, gate) * linear_act(x, weight_up, bias_up, "none", weight_t)
+
+
+def linear_glu_backward(grad: torch.Tensor, x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
+                        gate: torch.Tensor, up: torch.Tensor, act: str,
+                        output_mask: List[bool]) -> Tuple[Optional[torch.Tensor], ...]:
+    """(dx, dweight_gate, dweight_up, dbias_gate, dbias_up) of linear_glu for the inputs output_mask selects
+    (None for the others), from the pre-activations gate and up; the weights' gradients in their layouts."""
+    check_linear_glu_backward(grad, x, weight_gate, weight_up, gate, up, act)
+    a = _activations.apply(act, gate)
+    saved = a if _activations.saves_output(act) else gate
+    dgate, dup = _activations.derivative(act, grad * up, saved), grad * a
+    k, n = weight_gate.shape
+    m = math.prod(x.shape[:-1])
+    x2, dgate2, dup2 = x.reshape(m, k), dgate.reshape(m, n), dup.reshape(m, n)
+    dx = dgate @ weight_gate.t() + dup @ weight_up.t() if output_mask[0] else None
+    dwg = linear_grad_weight_like(weight_gate).copy_(x2.t() @ dgate2) if output_mask[1] else None
+    dwu = linear_grad_weight_like(weight_up).copy_(x2.t() @ dup2) if output_mask[2] else None
+    dbg = dgate2.sum(0) if output_mask[3] else None
+    dbu = dup2.sum(0) if output_mask[4] else None
+    return dx, dwg, dwu, dbg, dbu

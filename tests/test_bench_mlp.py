@@ -27,3 +27,16 @@ def test_transformer_block_train_steps_match():
         theirs = bench_mlp.train_step(copy.deepcopy(native), x, y, mse)
         for _ in range(3):
             torch.testing.assert_close(ours(), theirs(), rtol=1e-5, atol=1e-5)
+
+
+def test_llama_block_train_steps_match():
+    _, d, hidden = bench_mlp.LLAMA
+    native = bench_mlp.LlamaMLP(d, hidden // 8)
+    converted, names = customlayers.convert(native, report=True)
+    assert sorted(names) == ["down_proj", "gate_proj", "up_proj"]
+    x, y = torch.randn(16, d), torch.randn(16, d)
+    mse = torch.nn.MSELoss()
+    ours = bench_mlp.train_step(converted, x, y, mse)
+    theirs = bench_mlp.train_step(copy.deepcopy(native), x, y, mse)
+    for _ in range(3):
+        torch.testing.assert_close(ours(), theirs(), rtol=1e-5, atol=1e-5)

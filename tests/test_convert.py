@@ -4,6 +4,7 @@ module ReLUs, the book's MLP and MySequential, nested blocks), runs output layer
 parameter names and outputs, falls back to the nn.Sequential walk for untraceable modules, and reports what
 it replaced."""
 import copy
+import inspect
 import io
 import logging
 import warnings
@@ -193,6 +194,135 @@ def test_transformer_mlp(act):
     assert fused == ["0"] and type(converted[0]) is (LinearGELU if act is nn.GELU else LinearSiLU)
     assert type(converted[1]) is nn.Identity
     _check_same(model, converted, torch.randn(8, 64))
+
+
+# ------------------------------------------------------------------------------- gated MLPs (linear_glu)
+
+class _LlamaMLP(nn.Module):
+    """LLaMA's MLP as the transformers library writes it (act_fn = ACT2FN["silu"], an nn.SiLU)."""
+
+    def __init__(self, hidden=64, intermediate=96, bias=False, act_fn=None):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act_fn = act_fn if act_fn is not None else nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _DecoderLayer(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.post_attention_layernorm = nn.LayerNorm(64)
+        self.mlp = _LlamaMLP(**kwargs)
+
+    def forward(self, x):
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _SwappedFunctional(nn.Module):
+    """Mistral-style names (w1, w2, w3), the product's operands swapped, a functional GELU (tanh)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(64, 96), nn.Linear(64, 96), nn.Linear(96, 64)
+
+    def forward(self, x):
+        return self.w2(self.w3(x) * F.gelu(self.w1(x), approximate="tanh"))
+
+
+@pytest.mark.parametrize("act_fn,act", [(nn.SiLU(), "silu"), (nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
+                                        (nn.ReLU(), "relu")])
+@pytest.mark.parametrize("bias", [False, True])
+def test_llama_mlp_becomes_linear_glu(act_fn, act, bias, caplog):
+    model = _DecoderLayer(bias=bias, act_fn=act_fn)
+    with caplog.at_level(logging.INFO, logger="customlayers"):
+        converted, names = customlayers.convert(model, report=True)
+    assert sorted(names) == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
+    assert f"fused 1 {act}(gate) * up pairs of nn.Linear into linear_glu: mlp.gate_proj * mlp.up_proj (down " \
+           "projection mlp.down_proj into FusedLinear)" in caplog.text
+    assert type(converted.mlp.down_proj) is FusedLinear and type(converted.mlp.gate_proj) is nn.Linear
+    assert "linear_glu(" in inspect.getsource(type(converted).forward)  # the whole layer traced, its forward rewritten
+    _check_same(model, converted, torch.randn(2, 5, 64))
+
+
+def test_llama_mlp_in_bfloat16_matches_float64():
+    """The converted bfloat16 block's output and gradients are within bfloat16's tolerance of float64's."""
+    model = _DecoderLayer()
+    converted = customlayers.convert(model).to(torch.bfloat16)
+    x = torch.randn(4, 7, 64)
+    xc = x.to(torch.bfloat16).requires_grad_()
+    x64 = x.double().requires_grad_()
+    model64 = copy.deepcopy(model).double()
+    y, y64 = converted(xc), model64(x64)
+    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2 * y64.abs().max().item())
+    y.float().square().sum().backward()
+    y64.square().sum().backward()
+    torch.testing.assert_close(xc.grad.double(), x64.grad, rtol=3e-2, atol=3e-2 * x64.grad.abs().max().item())
+    for (name, p), q in zip(converted.named_parameters(), model64.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=3e-2, atol=3e-2 * q.grad.abs().max().item(), msg=name)
+
+
+def test_converted_gated_unit_pickles_and_scripts():
+    import pickle
+    model = _DecoderLayer(bias=True)
+    converted = customlayers.convert(model)
+    x = torch.randn(3, 64)
+    again = pickle.loads(pickle.dumps(converted))
+    torch.testing.assert_close(again(x), model(x))
+    torch.testing.assert_close(copy.deepcopy(converted)(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(converted)
+    torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_gated_unit_any_operand_order_and_names():
+    model = _SwappedFunctional()
+    converted, names = customlayers.convert(model, report=True)
+    assert sorted(names) == ["w1", "w2", "w3"]
+    _check_same(model, converted, torch.randn(3, 64))
+
+
+class _GateUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 32), nn.Linear(8, 32), nn.Linear(32, 24)
+
+    def forward(self, x):
+        g = self.gate(x)
+        return self.down(F.silu(g) * self.up(x)) + g.sum()
+
+
+class _DifferentInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = nn.Linear(8, 32), nn.Linear(8, 32)
+
+    def forward(self, x, y):
+        return F.silu(self.gate(x)) * self.up(y)
+
+
+def test_gated_units_that_are_not_one_are_left():
+    """A gate whose output is used elsewhere, or gate and up on different inputs, are not a gated unit."""
+    with pytest.warns(UserWarning, match="the model is unchanged"):
+        converted, names = customlayers.convert(_GateUsedTwice(), report=True)
+    model = _DifferentInputs()
+    converted, names = customlayers.convert(model, report=True)
+    assert names == ["gate"]  # gate + silu still fuse into LinearSiLU
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(converted(x, y), model(x, y))
+
+
+def test_gated_mlp_module_is_a_leaf():
+    """A customlayers GatedMLP inside a model is kept as it is."""
+    from customlayers.nn import GatedMLP
+    model = nn.Sequential(nn.LayerNorm(8), GatedMLP(8, 16))
+    with pytest.warns(UserWarning, match="the model is unchanged"):
+        converted = customlayers.convert(model)
+    assert type(converted[1]) is GatedMLP
 
 
 class _GeluResidual(nn.Module):

@@ -15,57 +15,6 @@ namespace {
 // The activations' names, in Activation's order (customlayers/_activations.py's table).
 constexpr const char* kActivationNames[] = {"none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"};
 
-// x (*, in), weight (in, out) (with weight_t (out, in)) of any strides, bias (out,) or none: floating point,
-// one dtype, one device, matching sizes. Errors name the shapes, dtypes or devices involved.
-void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         bool weight_t = false) {
-  const int64_t in_dim = weight_t ? 1 : 0;
-  const bool has_bias = bias.defined();
-  check_floating(x, op, "x");
-  check_floating(weight, op, "weight");
-  if (has_bias) check_floating(bias, op, "bias");
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op,
-                   ": expected x and weight to have the same dtype, but x is ", x.scalar_type(), " and weight is ",
-                   weight.scalar_type());
-  if (has_bias)
-    TORCH_CHECK_TYPE(bias.scalar_type() == x.scalar_type(), op,
-                     ": expected x and bias to have the same dtype, but x is ", x.scalar_type(), " and bias is ",
-                     bias.scalar_type());
-  check_same_device(op, {{"x", &x}, {"weight", &weight}, {"bias", has_bias ? &bias : nullptr}});
-  TORCH_CHECK(weight.dim() == 2, op, ": expected weight to be 2-D ",
-              weight_t ? "(out_features, in_features)" : "(in_features, out_features)", ", but got shape ", weight.sizes());
-  TORCH_CHECK(x.dim() >= 1, op, ": expected x to have at least 1 dimension (*, in_features), but got shape ",
-              x.sizes());
-  TORCH_CHECK(x.size(-1) == weight.size(in_dim), op, ": x's last dimension must equal weight's in_features (weight.shape[",
-              in_dim, "]), but x has shape ", x.sizes(), " and weight has shape ", weight.sizes());
-  if (has_bias)
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(1 - in_dim), op, ": expected bias of shape [",
-                weight.size(1 - in_dim), "] (out_features,), but got shape ", bias.sizes());
-}
-
-// (*, out): x's shape with its last dim replaced by weight's out_features.
-std::vector<int64_t> linear_output_shape(const at::Tensor& x, const at::Tensor& weight) {
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = weight.size(1);
-  return shape;
-}
-
-// t seen as a (rows, cols) matrix: t itself when it is 2-D (no dispatcher call), else t.reshape.
-at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
-  return t.dim() == 2 ? t : t.reshape({rows, cols});
-}
-
-// A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
-// row-wise backward kernels read.
-at::Tensor unit_column_stride(const at::Tensor& t) {
-  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
-}
-
-const at::Tensor& defined_or_empty(const std::optional<at::Tensor>& t) {
-  static const at::Tensor kUndefined;
-  return t.has_value() ? *t : kUndefined;
-}
-
 // The kernels take the weight as (in, out) of any strides: weight_t's (out, in) weight as its transposed view.
 LinearForward prepare_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               c10::string_view act, bool weight_t) {
@@ -108,6 +57,58 @@ LinearBackward prepare_backward(const at::Tensor& grad, const at::Tensor& x, con
 
 }  // namespace
 
+void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         bool weight_t, const char* weight_name, const char* bias_name) {
+  const int64_t in_dim = weight_t ? 1 : 0;
+  const bool has_bias = bias.defined();
+  check_floating(x, op, "x");
+  check_floating(weight, op, weight_name);
+  if (has_bias) check_floating(bias, op, bias_name);
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": expected x and ", weight_name,
+                   " to have the same dtype, but x is ", x.scalar_type(), " and ", weight_name, " is ",
+                   weight.scalar_type());
+  if (has_bias)
+    TORCH_CHECK_TYPE(bias.scalar_type() == x.scalar_type(), op, ": expected x and ", bias_name,
+                     " to have the same dtype, but x is ", x.scalar_type(), " and ", bias_name, " is ",
+                     bias.scalar_type());
+  check_same_device(op, {{"x", &x}, {weight_name, &weight}, {bias_name, has_bias ? &bias : nullptr}});
+  TORCH_CHECK(weight.dim() == 2, op, ": expected ", weight_name, " to be 2-D ",
+              weight_t ? "(out_features, in_features)" : "(in_features, out_features)", ", but got shape ", weight.sizes());
+  TORCH_CHECK(x.dim() >= 1, op, ": expected x to have at least 1 dimension (*, in_features), but got shape ",
+              x.sizes());
+  TORCH_CHECK(x.size(-1) == weight.size(in_dim), op, ": x's last dimension must equal ", weight_name,
+              "'s in_features (", weight_name, ".shape[", in_dim, "]), but x has shape ", x.sizes(), " and ",
+              weight_name, " has shape ", weight.sizes());
+  if (has_bias)
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(1 - in_dim), op, ": expected ", bias_name,
+                " of shape [", weight.size(1 - in_dim), "] (out_features,), but got shape ", bias.sizes());
+}
+
+std::vector<int64_t> linear_output_shape(const at::Tensor& x, const at::Tensor& weight) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = weight.size(1);
+  return shape;
+}
+
+at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.dim() == 2 ? t : t.reshape({rows, cols});
+}
+
+at::Tensor unit_column_stride(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+std::array<int64_t, 2> weight_grad_strides(const at::Tensor& weight) {
+  const int64_t K = weight.size(0), N = weight.size(1);
+  const bool transposed = weight.stride(0) == 1 && weight.stride(1) != 1;  // nn.Linear.weight.t()
+  return transposed ? std::array<int64_t, 2>{1, K} : std::array<int64_t, 2>{N, 1};
+}
+
+const at::Tensor& defined_or_empty(const std::optional<at::Tensor>& t) {
+  static const at::Tensor kUndefined;
+  return t.has_value() ? *t : kUndefined;
+}
+
 Activation activation_of(c10::string_view act, const char* op) {
   for (size_t i = 0; i < std::size(kActivationNames); ++i)
     if (act == kActivationNames[i]) return static_cast<Activation>(i);
@@ -139,11 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const LinearA
   const int64_t M = args.M, K = args.K, N = args.N;
   LinearGrads grads;
   if (mask[0]) grads.dx = kernels.empty({M, K}, {K, 1}, x);
-  if (mask[1]) {
-    const bool transposed = weight.stride(0) == 1 && weight.stride(1) != 1;  // nn.Linear.weight.t()
-    const std::array<int64_t, 2> strides = transposed ? std::array<int64_t, 2>{1, K} : std::array<int64_t, 2>{N, 1};
-    grads.dw = kernels.empty({K, N}, strides, x);
-  }
+  if (mask[1]) grads.dw = kernels.empty({K, N}, weight_grad_strides(weight), x);
   if (mask[2]) grads.db = kernels.empty({N}, {1}, x);
   if (mask[0] || mask[1] || mask[2]) kernels.backward(args, grads);
   if (grads.dx.defined() && x.dim() != 2) grads.dx = grads.dx.view(x.sizes());

@@ -12,6 +12,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace customlayers {
 
@@ -22,6 +23,29 @@ const char* activation_name(Activation act);
 
 // The number of rows of x seen as a (rows, in_features) matrix: the product of its leading dims.
 int64_t linear_rows(const at::Tensor& x);
+
+// x (*, in), weight (in, out) (with weight_t (out, in)) of any strides, bias (out,) or undefined: floating
+// point, one dtype, one device, matching sizes. Errors name op, the arguments (weight_name, bias_name) and
+// the shapes, dtypes or devices involved.
+void check_linear_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         bool weight_t = false, const char* weight_name = "weight", const char* bias_name = "bias");
+
+// (*, out): x's shape with its last dim replaced by weight's out_features (weight (in, out)).
+std::vector<int64_t> linear_output_shape(const at::Tensor& x, const at::Tensor& weight);
+
+// t seen as a (rows, cols) matrix: t itself when it is 2-D (no dispatcher call), else t.reshape.
+at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols);
+
+// A 2-D tensor with unit column stride (any row stride), or a contiguous copy of it: the layout the
+// row-wise backward kernels read.
+at::Tensor unit_column_stride(const at::Tensor& t);
+
+// The strides of the gradient of a (K, N) weight: the weight's own layout, so that nn.Linear.weight.t()
+// gets a gradient whose .t() is contiguous.
+std::array<int64_t, 2> weight_grad_strides(const at::Tensor& weight);
+
+// *t, or an undefined tensor.
+const at::Tensor& defined_or_empty(const std::optional<at::Tensor>& t);
 
 // linear_act's arguments, checked, as a kernel takes them: out (M, N) = act(x2 (M, K) @ weight (K, N) + bias).
 struct LinearForward {

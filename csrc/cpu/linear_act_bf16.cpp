@@ -9,12 +9,15 @@
 //    or the thread count); then bias, activation and the one rounding, from an L1 scratch tile.
 //  * Parallel tasks of 64 rows x 256 columns: their 64 rows (64 x K) stay in L2 while the register blocks
 //    walk the task's panels.
+//  * The gated unit (linear_glu): both weights packed into alternating panels (pack_gated_pairs), so that a
+//    register block's two panels are the gate and up sums of the same 16 outputs; act(gate) * up rounded once.
 // Only the AVX512 tier's library has the kernel (compiled for AVX512-BF16 as well, run only where CPUID
 // has it); the others report it unsupported.
 #include "cpu/linear_act_bf16.h"
 
 #include "common/cpu_alloc.h"
 #include "cpu/linear_act_rows.h"
+#include "cpu/linear_act_widen.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -84,44 +87,65 @@ void transpose_pairs(const uint16_t* cols, int64_t ld, int64_t lanes, int64_t q0
   }
 }
 
-PackedPairs pack_pairs(const at::Tensor& w, int64_t K, int64_t N) {
+// Columns [n0, n0 + lanes) of a (K, .) bfloat16 operand (element (k, n) at src[k * rs + n * cs]) as one
+// panel at `out` (panel_elems elements, zero past K and the lanes).
+void pack_panel(const uint16_t* src, int64_t rs, int64_t cs, int64_t K, int64_t n0, int64_t lanes, int64_t panel_elems,
+                uint16_t* out) {
+  if (lanes < kLanes) std::fill(out, out + panel_elems, uint16_t{0});  // the columns past N
+  // Pair words (low half W[2q, n], high half W[2q + 1, n]) written whole, read in the weight's memory
+  // order: along k for nn.Linear's (out, in) layout, along n otherwise.
+  uint32_t* words = reinterpret_cast<uint32_t*>(out);
+  const int64_t full = K / 2;
+  if (rs == 1) {
+    for (int64_t q = 0; q < full; q += kLanes) transpose_pairs(src + n0 * cs, cs, lanes, q, std::min(kLanes, full - q), words);
+    if (K % 2 != 0)
+      for (int64_t j = 0; j < lanes; ++j) words[full * kLanes + j] = src[(n0 + j) * cs + K - 1];
+  } else {
+    for (int64_t q = 0; q < full; ++q) {
+      const uint16_t* even = src + 2 * q * rs + n0 * cs;
+      const uint16_t* odd = even + rs;
+      for (int64_t j = 0; j < lanes; ++j)
+        words[q * kLanes + j] = uint32_t{even[j * cs]} | uint32_t{odd[j * cs]} << 16;
+    }
+    if (K % 2 != 0) {
+      const uint16_t* last = src + (K - 1) * rs + n0 * cs;
+      for (int64_t j = 0; j < lanes; ++j) words[full * kLanes + j] = last[j * cs];
+    }
+  }
+}
+
+const uint16_t* bits_of(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); }
+
+// `panels` panels of K rows, panel p holding columns [n0, n0 + 16) of operand(p) -> (operand, n0): in parallel.
+template <typename F>
+PackedPairs pack_panels(int64_t K, int64_t N, int64_t panels, const F& operand) {
   PackedPairs packed;
   packed.pairs = (K + 1) / 2;
-  packed.panels = (N + kLanes - 1) / kLanes;
+  packed.panels = panels;
   const int64_t panel_elems = packed.pairs * kPanelRow;
   packed.buffer = cpu::empty({packed.panels * panel_elems}, at::kBFloat16);
   uint16_t* dst = reinterpret_cast<uint16_t*>(packed.buffer.mutable_data_ptr<at::BFloat16>());
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>());
-  const int64_t rs = w.stride(0), cs = w.stride(1);
   const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(panel_elems, 1));
   at::parallel_for(0, packed.panels, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      uint16_t* out = dst + p * panel_elems;
-      const int64_t n0 = p * kLanes, lanes = std::min(kLanes, N - n0);
-      if (lanes < kLanes) std::fill(out, out + panel_elems, uint16_t{0});  // the columns past N
-      // Pair words (low half W[2q, n], high half W[2q + 1, n]) written whole, read in the weight's memory
-      // order: along k for nn.Linear's (out, in) layout, along n otherwise.
-      uint32_t* words = reinterpret_cast<uint32_t*>(out);
-      const int64_t full = K / 2;
-      if (rs == 1) {
-        for (int64_t q = 0; q < full; q += kLanes) transpose_pairs(src + n0 * cs, cs, lanes, q, std::min(kLanes, full - q), words);
-        if (K % 2 != 0)
-          for (int64_t j = 0; j < lanes; ++j) words[full * kLanes + j] = src[(n0 + j) * cs + K - 1];
-      } else {
-        for (int64_t q = 0; q < full; ++q) {
-          const uint16_t* even = src + 2 * q * rs + n0 * cs;
-          const uint16_t* odd = even + rs;
-          for (int64_t j = 0; j < lanes; ++j)
-            words[q * kLanes + j] = uint32_t{even[j * cs]} | uint32_t{odd[j * cs]} << 16;
-        }
-        if (K % 2 != 0) {
-          const uint16_t* last = src + (K - 1) * rs + n0 * cs;
-          for (int64_t j = 0; j < lanes; ++j) words[full * kLanes + j] = last[j * cs];
-        }
-      }
+      const auto [w, n0] = operand(p);
+      pack_panel(bits_of(*w), w->stride(0), w->stride(1), K, n0, std::min(kLanes, N - n0), panel_elems,
+                 dst + p * panel_elems);
     }
   });
   return packed;
+}
+
+// The (K, N) operand w packed: panel p holds its columns [16p, 16p + 16).
+PackedPairs pack_pairs(const at::Tensor& w, int64_t K, int64_t N) {
+  return pack_panels(K, N, (N + kLanes - 1) / kLanes, [&](int64_t p) { return std::pair{&w, p * kLanes}; });
+}
+
+// Two (K, N) operands interleaved: panel 2p holds gate's columns [16p, 16p + 16), panel 2p + 1 up's, so that a
+// register block of two panels has the gate and up sums of the same 16 outputs.
+PackedPairs pack_gated_pairs(const at::Tensor& gate, const at::Tensor& up, int64_t K, int64_t N) {
+  return pack_panels(K, N, 2 * ((N + kLanes - 1) / kLanes),
+                     [&](int64_t p) { return std::pair{p % 2 == 0 ? &gate : &up, p / 2 * kLanes}; });
 }
 
 // sums[r][16 v + i] = sum over k of x[r, k] W[k, 16 (p + v) + i] for R rows of x (a, row stride lda) and V
@@ -187,7 +211,24 @@ struct DotForward {
   const float* bias;  // (N,), padded to whole panels when not transposed; or null
   at::BFloat16* out;  // (M, N) contiguous
   int64_t N;
+  // Gated (b packed by pack_gated_pairs, not transposed): out = act(gate + bias) * (up + bias_up) from each
+  // block's two panels, 16 outputs per block.
+  bool gated = false;
+  const float* bias_up = nullptr;  // (N,), padded to whole panels; or null
 };
+
+// The gated outputs of a block (see DotForward::gated): columns [16 (p / 2), + 16) of rows r0...
+template <Activation kAct>
+void finish_gated_block(const DotForward& f, const float* sums, int64_t r0, int rows, int64_t p) {
+  using Vec = Vectorized<float>;
+  const int64_t c0 = p / 2 * kLanes, cols = std::min<int64_t>(kLanes, f.N - c0);
+  for (int r = 0; r < rows; ++r) {
+    const Vec gate = Vec::loadu(sums + r * kBlockVecs * kLanes), up = Vec::loadu(sums + (r * kBlockVecs + 1) * kLanes);
+    const Vec v = bias_act(gate, f.bias != nullptr ? f.bias + c0 : nullptr, kAct) *
+                  (f.bias_up != nullptr ? up + Vec::loadu(f.bias_up + c0) : up);
+    at::vec::convert_from_float<at::BFloat16>(v, Vec(0)).store(f.out + (r0 + r) * f.N + c0, cols);
+  }
+}
 
 // The outputs of the sums' block of `rows` rows from r0 and the columns of panels [p, p + vecs):
 // act(sums + bias) rounded, into out (transposed: into out^T's block, through a bfloat16 scratch tile).
@@ -226,9 +267,30 @@ void run_task(const DotForward& f, int64_t task) {
     for (int64_t r = r_begin; r < r_end; r += kBlockRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, r_end - r));
       dot_block_for(rows, vecs)(f.a + r * f.lda, f.lda, f.K, f.b.panel(p), panel_elems, sums);
-      finish_block<kAct>(f, sums, r, rows, p, vecs);
+      if (f.gated) finish_gated_block<kAct>(f, sums, r, rows, p);
+      else finish_block<kAct>(f, sums, r, rows, p, vecs);
     }
   }
+}
+
+// b (bfloat16 (N,)) in float32, zero to `size` elements; empty when b is undefined.
+std::vector<float> padded_bias(const at::Tensor& b, int64_t size) {
+  std::vector<float> out;
+  if (!b.defined()) return out;
+  const at::BFloat16* src = b.const_data_ptr<at::BFloat16>();
+  out.assign(size, 0.0f);
+  std::copy(src, src + b.numel(), out.begin());
+  return out;
+}
+
+// Every task of f, in parallel (tasks of kTaskRows rows x kTaskPanels panels).
+void run_tasks(const DotForward& f, Activation act) {
+  const int64_t tasks = (f.rows + kTaskRows - 1) / kTaskRows * ((f.b.panels + kTaskPanels - 1) / kTaskPanels);
+  with_activation(act, [&](auto a) {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) run_task<decltype(a)::value>(f, t);
+    });
+  });
 }
 
 }  // namespace
@@ -247,22 +309,26 @@ void bf16_dot_forward(const LinearForward& args, at::Tensor& out) {
   const at::Tensor x = transposed || args.x2.stride(1) == 1 ? args.x2 : args.x2.contiguous();
   const at::Tensor& a = transposed ? args.weight : x;  // its rows: x's, or the weight's columns
   const int64_t lda = transposed ? args.weight.stride(1) : x.stride(0);
-  DotForward f{reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>()), lda,
+  DotForward f{bits_of(a), lda,
                transposed ? pack_pairs(x.t(), K, M) : pack_pairs(args.weight, K, N), transposed ? N : M,
                transposed ? M : N, K, transposed, nullptr, out.mutable_data_ptr<at::BFloat16>(), N};
-  std::vector<float> bias;
-  if (args.bias.defined()) {
-    const at::BFloat16* b = args.bias.const_data_ptr<at::BFloat16>();
-    bias.assign(std::max(N, f.b.panels * kLanes), 0.0f);
-    std::copy(b, b + N, bias.begin());
-    f.bias = bias.data();
-  }
-  const int64_t tasks = (f.rows + kTaskRows - 1) / kTaskRows * ((f.b.panels + kTaskPanels - 1) / kTaskPanels);
-  with_activation(args.act, [&](auto act) {
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) run_task<decltype(act)::value>(f, t);
-    });
-  });
+  const std::vector<float> bias = padded_bias(args.bias, std::max(N, f.b.panels * kLanes));
+  f.bias = bias.empty() ? nullptr : bias.data();
+  run_tasks(f, args.act);
+}
+
+void bf16_dot_glu_forward(const GluForward& args, at::Tensor& out) {
+  TORCH_INTERNAL_ASSERT(bf16_dot_supported(), "bf16_dot_glu_forward: this CPU has no AVX512-BF16");
+  const int64_t M = args.M, K = args.K, N = args.N;
+  const at::Tensor x = args.x2.stride(1) == 1 ? args.x2 : args.x2.contiguous();
+  DotForward f{bits_of(x), x.stride(0), pack_gated_pairs(args.weight_gate, args.weight_up, K, N), M, 0, K, false,
+               nullptr, out.mutable_data_ptr<at::BFloat16>(), N, true, nullptr};
+  f.cols = f.b.panels * kLanes;
+  const int64_t padded = (N + kLanes - 1) / kLanes * kLanes;
+  const std::vector<float> bias = padded_bias(args.bias_gate, padded), bias_up = padded_bias(args.bias_up, padded);
+  f.bias = bias.empty() ? nullptr : bias.data();
+  f.bias_up = bias_up.empty() ? nullptr : bias_up.data();
+  run_tasks(f, args.act);
 }
 
 #else
@@ -273,6 +339,23 @@ void bf16_dot_forward(const LinearForward&, at::Tensor&) {
   TORCH_INTERNAL_ASSERT(false, "bf16_dot_forward: only the AVX512 tier has the kernel");
 }
 
+void bf16_dot_glu_forward(const GluForward&, at::Tensor&) {
+  TORCH_INTERNAL_ASSERT(false, "bf16_dot_glu_forward: only the AVX512 tier has the kernel");
+}
+
 #endif
+
+bool bf16_dot_enabled(const char* op) {
+  switch (blas16_setting()) {
+    case Blas16::kAuto: return bf16_dot_supported();
+    case Blas16::kDot:
+      TORCH_CHECK_VALUE(bf16_dot_supported(), op, ": CUSTOMLAYERS_CPU_BLAS16=dot needs a CPU with AVX512-BF16 "
+                        "and the avx512 CPU tier (customlayers.backend_report() says which runs)");
+      return true;
+    case Blas16::kNative:
+    case Blas16::kFloat: return false;
+  }
+  return false;
+}
 
 }  // namespace customlayers::cpu

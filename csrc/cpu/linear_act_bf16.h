@@ -6,13 +6,22 @@
 #pragma once
 
 #include "common/linear_act.h"
+#include "common/linear_glu.h"
 
 namespace customlayers::cpu {
 
 // Whether bf16_dot_forward runs here: the AVX512 tier's library on a CPU with AVX512-BF16.
 bool bf16_dot_supported();
 
+// Whether the bfloat16 forwards that round once run on these kernels: where supported, unless
+// CUSTOMLAYERS_CPU_BLAS16 says otherwise (=dot where unsupported: a ValueError naming op).
+bool bf16_dot_enabled(const char* op);
+
 // out = act(x2 @ weight + bias), all bfloat16 (out (M, N) contiguous); only where bf16_dot_supported().
 void bf16_dot_forward(const LinearForward& args, at::Tensor& out);
+
+// out = act(x2 @ weight_gate + bias_gate) * (x2 @ weight_up + bias_up), all bfloat16 (out (M, N)
+// contiguous), both products' sums in float32 and each output rounded once; only where bf16_dot_supported().
+void bf16_dot_glu_forward(const GluForward& args, at::Tensor& out);
 
 }  // namespace customlayers::cpu

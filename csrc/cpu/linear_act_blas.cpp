@@ -14,14 +14,13 @@
 #include "cpu/linear_act_blas.h"
 
 #include "common/cpu_alloc.h"
+#include "cpu/blas_tiles.h"
 #include "cpu/linear_act_bf16.h"
 #include "cpu/linear_act_rows.h"
 #include "cpu/linear_act_widen.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 
 #include <atomic>
 #include <vector>
@@ -29,102 +28,7 @@
 namespace customlayers::cpu {
 namespace {
 
-constexpr int64_t kTileMacs = 1 << 24;           // multiply-adds per tile, at least (float32, float64)
-constexpr int64_t kCachedOperandBytes = 1 << 20; // operands up to this size are re-read from cache (L2)
-constexpr int64_t kMaxTileRows = 512;
-constexpr int64_t kMinTiles = 8;                 // columns are split while there are fewer tiles than this
-constexpr int64_t kTileAlign = 64;               // tile sides are planned in multiples of this,
-constexpr int64_t kEvenAlign = 16;               // then evened out in multiples of this (but the last ones)
 constexpr int64_t kReductionChunk = 1024;        // rows per chunk of a dW summed over chunks
-
-// The tiles of a GEMM's (R, C) output with reduction length `red`: rows x cols each (the last ones
-// smaller), chosen from the shapes alone. Each tile is a BLAS call that packs its own operands, so
-// - rows: enough for tile_macs when the right operand (red, C) stays in cache, else kMaxTileRows (each
-//   tile re-reads it from memory);
-// - columns are split while there are fewer than kMinTiles tiles, a tile keeps a quarter of tile_macs and
-//   its rows of the left operand (rows, red), which each column tile re-reads, stay in cache;
-// - an odd number of tiles gets one more row tile (two threads share them evenly), and the rows and
-//   columns are then shared out evenly.
-struct TilePlan {
-  int64_t rows = 0, cols = 0, row_tiles = 0, col_tiles = 0;
-  int64_t count() const { return row_tiles * col_tiles; }
-};
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-TilePlan plan_tiles(int64_t R, int64_t C, int64_t red, int64_t element_size, int64_t tile_macs) {
-  TilePlan p;
-  if (R == 0 || C == 0) return p;
-  red = std::max<int64_t>(red, 1);
-  const bool cached = red * C * element_size <= kCachedOperandBytes;
-  const int64_t rows = cached ? std::clamp(round_up(ceil_div(tile_macs, red * C), kTileAlign), kTileAlign, kMaxTileRows)
-                              : kMaxTileRows;
-  p.row_tiles = ceil_div(R, std::min(rows, R));
-  p.col_tiles = 1;
-  const auto tile_rows = [&] { return ceil_div(R, p.row_tiles); };
-  while (p.row_tiles * p.col_tiles < kMinTiles && ceil_div(C, p.col_tiles * 2) >= kTileAlign &&
-         tile_rows() * ceil_div(C, p.col_tiles * 2) * red >= tile_macs / 4 &&
-         tile_rows() * red * element_size <= kCachedOperandBytes) {
-    p.col_tiles *= 2;
-  }
-  if (p.row_tiles * p.col_tiles % 2 == 1 && R >= 2 * kEvenAlign * (p.row_tiles + 1)) ++p.row_tiles;
-  p.rows = std::min(R, round_up(tile_rows(), kEvenAlign));
-  p.cols = std::min(C, round_up(ceil_div(C, p.col_tiles), kEvenAlign));
-  p.row_tiles = ceil_div(R, p.rows);
-  p.col_tiles = ceil_div(C, p.cols);
-  return p;
-}
-
-// f(i) for every tile i < n, in a parallel region whenever more than one thread may run: BLAS called inside
-// it runs on the calling thread, so a tile's result is the same whatever the thread count (one tile too: the
-// region then has a thread with nothing to do). Each thread takes the next tile not yet taken, so tiles of
-// different costs (dX's and dW's) keep every thread busy; which thread computes a tile does not change it.
-// The tiles call ATen ops (views, addmm, copies): each thread runs them with the caller's thread-local state
-// (below autograd, as the kernel is called), which the region's worker threads would not have otherwise.
-template <typename F>
-void run_tiles(int64_t n, const F& f) {
-  if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (at::get_num_threads() == 1 || at::in_parallel_region()) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-  const at::ThreadLocalState state;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::max<int64_t>(threads, 2), 1, [&](int64_t, int64_t) {
-    const at::ThreadLocalStateGuard guard(state);
-    for (int64_t i = next++; i < n; i = next++) f(i);
-  });
-}
-
-// MKL's GEMMs with a row-major right operand of fewer than 16 columns run 2-4x slower than the same
-// product with that operand column-major (measured at 256x256 @ 256x{4,10} and 1024x512 @ 512x{4,10}):
-// a book-style (in_features, out_features) weight of an output layer. Such products take a column-major
-// copy of the operand, or compute the transposed product.
-constexpr int64_t kNarrowCols = 16;
-
-bool narrow_row_major(const at::Tensor& b) { return b.size(1) < kNarrowCols && b.size(1) > 1 && b.stride(1) == 1; }
-
-// b, or a column-major copy of it when a GEMM with it on the right would be slow (narrow_row_major).
-at::Tensor right_operand(const at::Tensor& b) {
-  if (!narrow_row_major(b)) return b;
-  at::Tensor t = cpu::empty({b.size(1), b.size(0)}, b.scalar_type());
-  t.copy_(b.t());
-  return t.t();
-}
-
-// out = a @ b; when out is narrow and row-major, computed as out^T = b^T a^T into a contiguous buffer, then
-// transposed into out.
-void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (!narrow_row_major(out)) {
-    at::cpu::mm_out(out, a, b);
-    return;
-  }
-  at::Tensor t = cpu::empty({out.size(1), out.size(0)}, out.scalar_type());
-  at::cpu::mm_out(t, b.t(), a.t());
-  out.copy_(t.t());
-}
 
 // One GEMM cut into tiles: out (R, C) = a (R, red) @ b (red, C) [+ bias (C,)], activation `act` on each tile.
 struct TiledGemm {
@@ -146,14 +50,7 @@ void run_tile(const TiledGemm& g, int64_t tile) {
   at::Tensor dst = g.out.narrow(0, r0, rows).narrow(1, c0, cols);
   const at::Tensor a = g.a.narrow(0, r0, rows), b = g.b.narrow(1, c0, cols);
   const at::Tensor bias = g.bias.defined() ? g.bias.narrow(0, c0, cols) : at::Tensor();
-  if (g.a.size(1) == 0) {  // an empty sum; BLAS is not asked about zero-length inner dimensions
-    dst.zero_();
-    if (bias.defined()) dst.add_(bias);
-  } else if (bias.defined()) {
-    at::cpu::addmm_out(dst, bias, a, b);
-  } else {
-    gemm_into(dst, a, b);
-  }
+  tile_product(dst, a, b, bias);
   if (g.act != Activation::kNone) activate_rows(dst.mutable_data_ptr<T>(), dst.stride(0), 0, rows, cols, g.act);
 }
 
@@ -168,13 +65,6 @@ void run_gemms(const std::vector<const TiledGemm*>& gemms) {
       i -= g->plan.count();
     }
   });
-}
-
-// Reduced-precision GEMMs run natively about 4x faster than float32 ones, and each call (oneDNN) reorders its
-// operands: bigger tiles, fewer calls.
-template <typename T>
-constexpr int64_t tile_macs() {
-  return at::vec::is_reduced_floating_point_v<T> ? 16 * kTileMacs : kTileMacs;
 }
 
 template <typename T>
@@ -235,20 +125,6 @@ void backward_in_type(const LinearBackward& args, LinearGrads& grads, double* pa
   });
 }
 
-// Whether the bfloat16 forwards that round once run on the AVX512-BF16 kernel (CUSTOMLAYERS_CPU_BLAS16).
-bool bf16_dot_enabled() {
-  switch (blas16_setting()) {
-    case Blas16::kAuto: return bf16_dot_supported();
-    case Blas16::kDot:
-      TORCH_CHECK_VALUE(bf16_dot_supported(), "linear_act: CUSTOMLAYERS_CPU_BLAS16=dot needs a CPU with AVX512-BF16 "
-                        "and the avx512 CPU tier (customlayers.backend_report() says which runs)");
-      return true;
-    case Blas16::kNative:
-    case Blas16::kFloat: return false;
-  }
-  return false;
-}
-
 }  // namespace
 
 template <typename T>
@@ -258,7 +134,7 @@ void blas_forward(const LinearForward& args, at::Tensor& out) {
     // activations would be rounded twice, so they run in float32 and round once.
     const bool act_on_rounded = args.act == Activation::kNone || args.act == Activation::kRelu;
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (!act_on_rounded && bf16_dot_enabled()) return bf16_dot_forward(args, out);
+      if (!act_on_rounded && bf16_dot_enabled("linear_act")) return bf16_dot_forward(args, out);
     }
     if (blas_in_float<T>() || !act_on_rounded) {
       LinearForward wide = args;

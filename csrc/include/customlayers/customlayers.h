@@ -1,6 +1,6 @@
 // Public C++ API of customlayers: call the ops through the PyTorch dispatcher, so the CPU or CUDA
 // kernel is chosen from the inputs' device exactly as from Python (torch.ops.customlayers.*), and
-// autograd records them: centered and linear_act are differentiable to any order; masked_uniform_, an
+// autograd records them: centered, linear_act and linear_glu are differentiable to any order; masked_uniform_, an
 // initializer, is not.
 // Link against the customlayers library (CMake target customlayers::customlayers), which registers
 // the ops when it is loaded.
@@ -55,6 +55,20 @@ CUSTOMLAYERS_API std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backw
                                                                    const std::optional<at::Tensor>& out,
                                                                    c10::string_view act,
                                                                    std::array<bool, 3> output_mask);
+
+// A gated linear unit, the gated MLP's first half: act(x @ weight_gate + bias_gate) * (x @ weight_up + bias_up)
+// (SwiGLU: act "silu"; GeGLU: "gelu" or "gelu_tanh"; every linear_act activation), weights (in_features,
+// hidden_features) of any strides, or with weight_t (hidden_features, in_features), torch::nn::Linear's.
+CUSTOMLAYERS_API at::Tensor linear_glu(const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+                                        const std::optional<at::Tensor>& bias_gate = std::nullopt,
+                                        const std::optional<at::Tensor>& bias_up = std::nullopt,
+                                        c10::string_view act = "silu", bool weight_t = false);
+
+// (dx, dweight_gate, dweight_up, dbias_gate, dbias_up) of linear_glu for the selected inputs (undefined
+// tensors for the others), the weights (in_features, hidden_features), gate and up the pre-activations.
+CUSTOMLAYERS_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_glu_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+    const at::Tensor& gate, const at::Tensor& up, c10::string_view act, std::array<bool, 5> output_mask);
 
 // The CPU kernels' tier: which build of them runs ("default", "avx2" or "avx512"; empty when none could be
 // loaded, and the pure-PyTorch references registered by the Python package, if any, serve the CPU), why, and

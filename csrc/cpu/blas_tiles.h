@@ -1,0 +1,137 @@
+// GEMMs cut into tiles whose sizes depend on the shapes alone, each tile one single-threaded BLAS call
+// (at::cpu::mm_out/addmm_out) over the whole reduction, the tiles run in a parallel region: results that do
+// not depend on the thread count. Shared by the CPU kernels whose GEMMs are BLAS's (linear_act_blas.cpp,
+// linear_glu_kernel.cpp).
+#pragma once
+
+#include "common/cpu_alloc.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+
+#include <algorithm>
+#include <atomic>
+
+namespace customlayers::cpu {
+
+constexpr int64_t kTileMacs = 1 << 24;           // multiply-adds per tile, at least (float32, float64)
+constexpr int64_t kCachedOperandBytes = 1 << 20; // operands up to this size are re-read from cache (L2)
+constexpr int64_t kMaxTileRows = 512;
+constexpr int64_t kMinTiles = 8;                 // columns are split while there are fewer tiles than this
+constexpr int64_t kTileAlign = 64;               // tile sides are planned in multiples of this,
+constexpr int64_t kEvenAlign = 16;               // then evened out in multiples of this (but the last ones)
+
+// The tiles of a GEMM's (R, C) output with reduction length `red`: rows x cols each (the last ones
+// smaller), chosen from the shapes alone. Each tile is a BLAS call that packs its own operands, so
+// - rows: enough for tile_macs when the right operand (red, C) stays in cache, else kMaxTileRows (each
+//   tile re-reads it from memory);
+// - columns are split while there are fewer than kMinTiles tiles, a tile keeps a quarter of tile_macs and
+//   its rows of the left operand (rows, red), which each column tile re-reads, stay in cache;
+// - an odd number of tiles gets one more row tile (two threads share them evenly), and the rows and
+//   columns are then shared out evenly.
+struct TilePlan {
+  int64_t rows = 0, cols = 0, row_tiles = 0, col_tiles = 0;
+  int64_t count() const { return row_tiles * col_tiles; }
+};
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline TilePlan plan_tiles(int64_t R, int64_t C, int64_t red, int64_t element_size, int64_t tile_macs) {
+  TilePlan p;
+  if (R == 0 || C == 0) return p;
+  red = std::max<int64_t>(red, 1);
+  const bool cached = red * C * element_size <= kCachedOperandBytes;
+  const int64_t rows = cached ? std::clamp(round_up(ceil_div(tile_macs, red * C), kTileAlign), kTileAlign, kMaxTileRows)
+                              : kMaxTileRows;
+  p.row_tiles = ceil_div(R, std::min(rows, R));
+  p.col_tiles = 1;
+  const auto tile_rows = [&] { return ceil_div(R, p.row_tiles); };
+  while (p.row_tiles * p.col_tiles < kMinTiles && ceil_div(C, p.col_tiles * 2) >= kTileAlign &&
+         tile_rows() * ceil_div(C, p.col_tiles * 2) * red >= tile_macs / 4 &&
+         tile_rows() * red * element_size <= kCachedOperandBytes) {
+    p.col_tiles *= 2;
+  }
+  if (p.row_tiles * p.col_tiles % 2 == 1 && R >= 2 * kEvenAlign * (p.row_tiles + 1)) ++p.row_tiles;
+  p.rows = std::min(R, round_up(tile_rows(), kEvenAlign));
+  p.cols = std::min(C, round_up(ceil_div(C, p.col_tiles), kEvenAlign));
+  p.row_tiles = ceil_div(R, p.rows);
+  p.col_tiles = ceil_div(C, p.cols);
+  return p;
+}
+
+// f(i) for every tile i < n, in a parallel region whenever more than one thread may run: BLAS called inside
+// it runs on the calling thread, so a tile's result is the same whatever the thread count (one tile too: the
+// region then has a thread with nothing to do). Each thread takes the next tile not yet taken, so tiles of
+// different costs (dX's and dW's) keep every thread busy; which thread computes a tile does not change it.
+// The tiles call ATen ops (views, addmm, copies): each thread runs them with the caller's thread-local state
+// (below autograd, as the kernel is called), which the region's worker threads would not have otherwise.
+template <typename F>
+void run_tiles(int64_t n, const F& f) {
+  if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (at::get_num_threads() == 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  const at::ThreadLocalState state;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(threads, 2), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t i = next++; i < n; i = next++) f(i);
+  });
+}
+
+// MKL's GEMMs with a row-major right operand of fewer than 16 columns run 2-4x slower than the same
+// product with that operand column-major (measured at 256x256 @ 256x{4,10} and 1024x512 @ 512x{4,10}):
+// a book-style (in_features, out_features) weight of an output layer. Such products take a column-major
+// copy of the operand, or compute the transposed product.
+constexpr int64_t kNarrowCols = 16;
+
+inline bool narrow_row_major(const at::Tensor& b) { return b.size(1) < kNarrowCols && b.size(1) > 1 && b.stride(1) == 1; }
+
+// b, or a column-major copy of it when a GEMM with it on the right would be slow (narrow_row_major).
+inline at::Tensor right_operand(const at::Tensor& b) {
+  if (!narrow_row_major(b)) return b;
+  at::Tensor t = cpu::empty({b.size(1), b.size(0)}, b.scalar_type());
+  t.copy_(b.t());
+  return t.t();
+}
+
+// out = a @ b; when out is narrow and row-major, computed as out^T = b^T a^T into a contiguous buffer, then
+// transposed into out.
+inline void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (!narrow_row_major(out)) {
+    at::cpu::mm_out(out, a, b);
+    return;
+  }
+  at::Tensor t = cpu::empty({out.size(1), out.size(0)}, out.scalar_type());
+  at::cpu::mm_out(t, b.t(), a.t());
+  out.copy_(t.t());
+}
+
+// dst = a @ b [+ bias (C,), undefined: none], the bias added to the GEMM's accumulator (addmm), so that a
+// float16/bfloat16 dst is rounded once.
+inline void tile_product(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  if (a.size(1) == 0) {  // an empty sum; BLAS is not asked about zero-length inner dimensions
+    dst.zero_();
+    if (bias.defined()) dst.add_(bias);
+  } else if (bias.defined()) {
+    at::cpu::addmm_out(dst, bias, a, b);
+  } else {
+    gemm_into(dst, a, b);
+  }
+}
+
+// Reduced-precision GEMMs run natively about 4x faster than float32 ones, and each call (oneDNN) reorders its
+// operands: bigger tiles, fewer calls.
+template <typename T>
+constexpr int64_t tile_macs() {
+  return at::vec::is_reduced_floating_point_v<T> ? 16 * kTileMacs : kTileMacs;
+}
+
+}  // namespace customlayers::cpu
