@@ -19,9 +19,11 @@ from .harness import ROUNDS, replot, results_dir, run_cases, write_results
 def _benches() -> Dict[str, ModuleType]:
     """Every benchmarks/bench_*.py, by the name of what it times (its OP): each has cases(device, quick) ->
     List[Case], and OPS_USED (the ops it runs) when that is not OP alone."""
-    modules = (importlib.import_module(f".{info.name}", __package__)
-               for info in pkgutil.iter_modules([str(Path(__file__).parent)]) if info.name.startswith("bench_"))
-    return {module.OP: module for module in modules}
+    modules = [importlib.import_module(f".{info.name}", __package__)
+               for info in pkgutil.iter_modules([str(Path(__file__).parent)]) if info.name.startswith("bench_")]
+    benches = {module.OP: module for module in modules}
+    assert len(benches) == len(modules), f"two benchmarks time the same OP: {[m.__name__ for m in modules]}"
+    return benches
 
 
 BENCHES = _benches()

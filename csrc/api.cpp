@@ -56,6 +56,20 @@ at::Tensor linear_glu(const at::Tensor& x, const at::Tensor& weight_gate, const 
   return op.call(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_glu_forward(const at::Tensor& x, const at::Tensor& weight_gate,
+                                                                  const at::Tensor& weight_up,
+                                                                  const std::optional<at::Tensor>& bias_gate,
+                                                                  const std::optional<at::Tensor>& bias_up,
+                                                                  c10::string_view act, bool weight_t) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("customlayers::linear_glu_forward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view,
+                                 bool)>();
+  return op.call(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_glu_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
     const at::Tensor& gate, const at::Tensor& up, c10::string_view act, std::array<bool, 5> output_mask) {

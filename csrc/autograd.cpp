@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/ThreadLocalState.h>
-#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/sigmoid_backward.h>
@@ -82,21 +81,28 @@ void masked_uniform_autograd(at::Tensor& self, double low, double high, double t
 // gelu/silu), dX = linear_act(g', W^T, act='none'), dW = linear_act(X^T, g', act='none'), db = g'.sum(rows).
 // With weight_t (weight (out, in), nn.Linear's), W is weight's transposed view and the weight's gradient
 // is dW's: one autograd node, where weight.t() would add a view's node and its backward.
-// torch's activation of z, into `out` when given.
+// torch's activation of z (gelu, gelu_tanh, silu: the pre-activation ones), into `out` when given.
 at::Tensor apply_activation(const at::Tensor& z, Activation act, at::Tensor* out = nullptr) {
   switch (act) {
-    case Activation::kNone: return out != nullptr ? out->copy_(z) : z;
-    case Activation::kRelu: return out != nullptr ? at::clamp_min_out(*out, z, 0) : at::relu(z);
     case Activation::kGelu:
     case Activation::kGeluTanh: {
       const char* approximate = act == Activation::kGelu ? "none" : "tanh";
       return out != nullptr ? at::gelu_out(*out, z, approximate) : at::gelu(z, approximate);
     }
     case Activation::kSilu: return out != nullptr ? at::silu_out(*out, z) : at::silu(z);
-    case Activation::kTanh: return out != nullptr ? at::tanh_out(*out, z) : at::tanh(z);
-    case Activation::kSigmoid: return out != nullptr ? at::sigmoid_out(*out, z) : at::sigmoid(z);
+    default: TORCH_INTERNAL_ASSERT(false, "apply_activation: not a pre-activation activation");
   }
-  TORCH_INTERNAL_ASSERT(false, "apply_activation: unknown activation");
+}
+
+// torch's activation of z from differentiable ops, for any activation.
+at::Tensor differentiable_activation(const at::Tensor& z, Activation act) {
+  switch (act) {
+    case Activation::kNone: return z;
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kTanh: return at::tanh(z);
+    case Activation::kSigmoid: return at::sigmoid(z);
+    default: return apply_activation(z, act);
+  }
 }
 
 // torch's activation of z, with bits that do not depend on the thread count. Its CPU kernels take a scalar
@@ -155,6 +161,11 @@ struct CustomlayersLinearActBackward : torch::autograd::Function<CustomlayersLin
                             const std::optional<at::Tensor>& bias, c10::string_view act, bool weight_t,
                             bool grad_wanted) {
     using namespace customlayers;
+    // An unknown act: the op raises, after its checks of the other arguments (the reference's order).
+    if (!find_activation(act).has_value()) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      linear_act(x, weight, bias, act, weight_t);
+    }
     const Activation activation = activation_of(act, "linear_act");
     const bool has_bias = bias.has_value() && bias->defined();
     const ActSaved needs = act_saved(activation);
@@ -219,9 +230,8 @@ struct CustomlayersLinearActBackward : torch::autograd::Function<CustomlayersLin
 };
 
 // out = act(gate) * up, gate = x @ Wg + bg and up = x @ Wu + bu. With a gradient wanted the forward is
-// the two pre-activations (linear_act, act='none': the GEMMs with their biases fused), then torch's
-// activation of gate times up; gate and up are saved (with x and the weights), as the gated MLP's native
-// code saves them and act(gate). Otherwise (inference) it is the fused linear_glu kernel. First-order
+// linear_glu_forward, which also writes gate and up, saved (with x and the weights) where the gated MLP's
+// native code saves them and act(gate); otherwise (inference) linear_glu. First-order
 // gradients come from the linear_glu_backward kernel; when a graph of the backward is wanted the gradients
 // are built from differentiable ops, with gate and up recomputed with a graph (as for linear_act):
 // dgate = act_backward(g * up, .), dup = g * act(gate), dX = dgate Wg^T + dup Wu^T, dW* = X^T d*,
@@ -232,18 +242,13 @@ struct CustomlayersLinearGluBackward : torch::autograd::Function<CustomlayersLin
                             const std::optional<at::Tensor>& bias_up, c10::string_view act, bool weight_t,
                             bool grad_wanted) {
     using namespace customlayers;
-    const Activation activation = activation_of(act, "linear_glu");
     at::Tensor out, gate, up;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      if (grad_wanted) {
-        gate = linear_act(x, weight_gate, bias_gate, "none", weight_t);
-        up = linear_act(x, weight_up, bias_up, "none", weight_t);
-        out = activation == Activation::kNone ? gate.mul(up) : apply_activation_fixed(gate, activation).mul_(up);
-      } else {
-        out = linear_glu(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t);
-      }
+      if (grad_wanted) std::tie(out, gate, up) = linear_glu_forward(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t);
+      else out = linear_glu(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t);
     }
+    const Activation activation = activation_of(act, "linear_glu");  // checked by the op
     const auto defined = [](const std::optional<at::Tensor>& b) { return b.has_value() && b->defined(); };
     ctx->saved_data["act"] = static_cast<int64_t>(activation);
     ctx->saved_data["has_bias_gate"] = defined(bias_gate);
@@ -277,7 +282,7 @@ struct CustomlayersLinearGluBackward : torch::autograd::Function<CustomlayersLin
     const auto bias = [](const at::Tensor& b) { return b.defined() ? std::optional<at::Tensor>(b) : std::nullopt; };
     const at::Tensor gate = linear_act(x, saved[1], bias(saved[5]), "none", weight_t);
     const at::Tensor up = linear_act(x, saved[2], bias(saved[6]), "none", weight_t);
-    const at::Tensor a = apply_activation(gate, act);
+    const at::Tensor a = differentiable_activation(gate, act);
     const at::Tensor dgate = activation_backward(g.mul(up), act_saved(act) == ActSaved::kOutput ? a : gate, act);
     const at::Tensor dup = g.mul(a);
     const int64_t K = wg.size(0), N = wg.size(1), M = linear_rows(x);

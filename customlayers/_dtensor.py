@@ -1,4 +1,4 @@
-"""DTensor sharding rules for linear_act, linear_act_backward and centered, for tensor parallelism.
+"""DTensor sharding rules for linear_act, linear_glu, their backward ops and centered, for tensor parallelism.
 
 A DTensor reaches the compiled ops below autograd: the ops' C++ autograd (csrc/autograd.cpp) records the
 DTensor inputs, calls the op, and DTensor's __torch_dispatch__ then needs a sharding strategy for
@@ -18,6 +18,8 @@ Any other input placements are redistributed by DTensor to one of these. A row-s
 partial sums before the activation, which no activation but 'none' commutes with: it is not listed. The
 rules hold for every activation (customlayers._activations.NAMES): each is elementwise, and the backward's
 `out` (the output or the pre-activation) is sharded as grad is.
+linear_glu: the same three, both weights (and biases) sharded alike on the hidden dim (act(gate) * up is
+elementwise), as ColwiseParallel shards a LLaMA MLP's gate_proj and up_proj.
 centered: replicated, or sharded on a dim that the mean is not taken over.
 
 Importing torch.distributed.tensor costs a large part of torch's own import time, so this module does not:
@@ -80,6 +82,39 @@ def register() -> None:
         # Each rank holds some rows of the batch: grad_weight and grad_bias sum over all of them.
         rows = [([Shard(d), Partial(), Partial()],
                  [Shard(d), Shard(d), Replicate(), Shard(d) if has_out else None, None, None]) for d in range(last)]
+        return [replicated, columns, *rows]
+
+    @rule(ops.linear_glu.default, 5)
+    def linear_glu_sharding(x, weight_gate, weight_up, bias_gate=None, bias_up=None, act="silu", weight_t=False):
+        # As linear_act's: both weights (and biases) sharded on the hidden dim, or x on a leading dim.
+        def biases(placement):
+            return [placement if bias_gate is not None else None, placement if bias_up is not None else None]
+        last = x.ndim - 1
+        hidden = Shard(0 if weight_t else 1)
+        replicated = ([Replicate()], [Replicate(), Replicate(), Replicate(), *biases(Replicate()), None, None])
+        columns = ([Shard(last)], [Replicate(), hidden, hidden, *biases(Shard(0)), None, None])
+        rows = [([Shard(d)], [Shard(d), Replicate(), Replicate(), *biases(Replicate()), None, None])
+                for d in range(last)]
+        return [replicated, columns, *rows]
+
+    @rule(ops.linear_glu_forward.default, 5)
+    def linear_glu_forward_sharding(x, weight_gate, weight_up, bias_gate=None, bias_up=None, act="silu",
+                                    weight_t=False):
+        # (out, gate, up), all three placed as linear_glu's output.
+        return [([out[0]] * 3, inputs) for out, inputs in
+                linear_glu_sharding(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t)]
+
+    @rule(ops.linear_glu_backward.default, 6)
+    def linear_glu_backward_sharding(grad, x, weight_gate, weight_up, gate, up, act, output_mask):
+        # outputs (grad_x, grad_weight_gate, grad_weight_up, grad_bias_gate, grad_bias_up); the weights (in,
+        # hidden). Hidden-sharded: grad_x sums over every rank's columns; batch-sharded: the weights' and
+        # biases' gradients sum over every rank's rows.
+        last = x.ndim - 1
+        replicated = ([Replicate()] * 5, [Replicate()] * 6 + [None, None])
+        columns = ([Partial(), Shard(1), Shard(1), Shard(0), Shard(0)],
+                   [Shard(last), Replicate(), Shard(1), Shard(1), Shard(last), Shard(last), None, None])
+        rows = [([Shard(d), Partial(), Partial(), Partial(), Partial()],
+                 [Shard(d), Shard(d), Replicate(), Replicate(), Shard(d), Shard(d), None, None]) for d in range(last)]
         return [replicated, columns, *rows]
 
     @rule(ops.centered.default, 1)

@@ -7,7 +7,8 @@
   kernel checks about dtypes, layouts, devices and shapes (through the references' checks, in the kernels'
   order and with their exception types), so that a bad call fails at trace time as it would when run. The
   kernels' own checks (csrc/common) stay the authority, and are the only ones on values;
-- whether autocast casts its floating inputs to the autocast dtype (as nn.Linear's are);
+- whether autocast casts its floating inputs to the autocast dtype (as nn.Linear's are), and whether it has
+  a CUDA kernel yet;
 - the calls the tests make of every op: ``samples`` (valid calls, for torch.library.opcheck) and
   ``bad_inputs`` (calls that each implementation must refuse with the same exception type).
 
@@ -49,6 +50,7 @@ class OpDef:
     samples: Dict[str, Args]  # id -> the call's arguments on a device
     bad_inputs: Dict[str, Tuple[Callable[[], tuple], type]]  # id -> (the arguments, on the CPU; exception type)
     autocast: bool = False
+    cuda: bool = True  # whether a build with CUDA has a CUDA kernel of the op (else the reference serves CUDA)
     schema: str = field(init=False)
 
     def __post_init__(self):
@@ -279,7 +281,7 @@ def _linear_glu_samples() -> Dict[str, Args]:
 
 LINEAR_GLU = OpDef(
     name="linear_glu", reference=reference.linear_glu, fake=_linear_glu_fake, samples=_linear_glu_samples(),
-    autocast=True,
+    autocast=True, cuda=False,
     bad_inputs={
         "int-x": (lambda: (_x().long(), _w(), _w()), TypeError),
         "dtype-weight_up": (lambda: (_x(), _w(), _w().double()), TypeError),
@@ -297,6 +299,26 @@ LINEAR_GLU = OpDef(
         "weight_t-in-features": (lambda: (_x(), _w(), _w(), None, None, "silu", True), RuntimeError),
         "meta-weight_up": (lambda: (_x(), _w(), _w().to("meta")), RuntimeError),
     })
+
+
+def _linear_glu_forward_fake(x, weight_gate, weight_up, bias_gate=None, bias_up=None, act="silu", weight_t=False):
+    out = _linear_glu_fake(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t)
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+def _detached(sample: Args) -> Args:
+    """The sample's tensors without autograd: linear_glu's autograd calls the op below autograd (it has none
+    of its own, as the backward ops)."""
+    def args(device):
+        values, kwargs = sample(device)
+        return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values), kwargs
+    return args
+
+
+LINEAR_GLU_FORWARD = OpDef(
+    name="linear_glu_forward", reference=reference.linear_glu_forward, fake=_linear_glu_forward_fake,
+    samples={case: _detached(sample) for case, sample in LINEAR_GLU.samples.items()}, bad_inputs=LINEAR_GLU.bad_inputs,
+    cuda=False)
 
 
 def _linear_glu_backward_fake(grad, x, weight_gate, weight_up, gate, up, act, output_mask):
@@ -326,7 +348,7 @@ def _linear_glu_backward_samples() -> Dict[str, Args]:
 _GLU_MASK = [True] * 5
 LINEAR_GLU_BACKWARD = OpDef(
     name="linear_glu_backward", reference=reference.linear_glu_backward, fake=_linear_glu_backward_fake,
-    samples=_linear_glu_backward_samples(),
+    samples=_linear_glu_backward_samples(), cuda=False,
     bad_inputs={
         "grad-shape": (lambda: (torch.randn(3, 4), _x(), _w(), _w(), _g(), _g(), "silu", _GLU_MASK), RuntimeError),
         "gate-shape": (lambda: (_g(), _x(), _w(), _w(), torch.randn(3, 4), _g(), "silu", _GLU_MASK),
@@ -343,7 +365,7 @@ LINEAR_GLU_BACKWARD = OpDef(
 
 
 OPDEFS: Dict[str, OpDef] = {d.name: d for d in (CENTERED, MASKED_UNIFORM, LINEAR_ACT, LINEAR_ACT_BACKWARD,
-                                                LINEAR_GLU, LINEAR_GLU_BACKWARD)}
+                                                LINEAR_GLU, LINEAR_GLU_FORWARD, LINEAR_GLU_BACKWARD)}
 
 if set(OPDEFS) != set(_SCHEMAS):
     raise ImportError(f"customlayers: the ops of {SCHEMA_FILE.name} ({sorted(_SCHEMAS)}) and of "

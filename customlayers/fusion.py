@@ -31,13 +31,15 @@ _NAMED = {cls._act: cls for cls in (LinearReLU, LinearGELU, LinearSiLU)}
 _log = logging.getLogger("customlayers")
 
 
+_LAYERS = (CenteredLayer, MyLinear, FusedLinear, GatedMLP)
+
+
 class _Tracer(torch.fx.Tracer):
     """symbolic_trace's tracer, with the customlayers modules as leaves too (their ops are not traceable
     by fx)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, (CenteredLayer, MyLinear, FusedLinear, GatedMLP))
-                or super().is_leaf_module(m, module_qualified_name))
+        return isinstance(m, _LAYERS) or super().is_leaf_module(m, module_qualified_name)
 
 
 def convert(model: nn.Module, inplace: bool = False, report: bool = False, outputs: bool = True):
@@ -58,8 +60,8 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
     (e.g. the book's ``MLP``, whose forward is ``self.out(F.relu(self.hidden(X)))``, ``MySequential``,
     nested blocks, a residual block ``x + self.fc2(F.gelu(self.fc1(x)))``). There, too, a gated unit
     ``act(self.gate_proj(x)) * self.up_proj(x)`` (either operand order, any activation form above; two
-    nn.Linear of one shape on the same x, their outputs used only there: LLaMA's, Mistral's, Qwen's and
-    Gemma's MLPs) becomes one ``linear_glu`` call on the two Linears' Parameters (the Linears stay, uncalled,
+    nn.Linear of one shape, dtype and device on the same x, each called only there, their outputs used only
+    there: LLaMA's, Mistral's, Qwen's and Gemma's MLPs) becomes one ``linear_glu`` call on the two Linears' Parameters (the Linears stay, uncalled,
     so parameter names are unchanged), and the nn.Linear applied to it alone (the down projection) a
     FusedLinear. An activation module left
     without a use becomes ``nn.Identity``; when a functional activation is fused, the traced module's
@@ -127,8 +129,9 @@ def _glu_names(model: nn.Module, glus: list, fused: Dict[int, FusedLinear]) -> l
     names: Dict[int, str] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), name)
-    return [(names[id(gate)], names[id(up)], act, None if down is None else names[id(fused[id(down)])])
-            for gate, up, act, down in glus]
+    def name(linear):  # the Linear, or what fused it elsewhere (a tied Linear fused with an activation)
+        return names.get(id(linear)) or names[id(fused[id(linear)])]
+    return [(name(gate), name(up), act, None if down is None else name(down)) for gate, up, act, down in glus]
 
 
 def _convert_outputs(model: nn.Module, skip: set) -> Dict[int, "FusedLinear"]:
@@ -171,6 +174,8 @@ def _replaceable(m: Optional[nn.Module], cls: type) -> bool:
 
 def _convert(module: nn.Module, fused: Dict[int, FusedLinear], glus: list) -> None:
     tracer = _Tracer()
+    if isinstance(module, _LAYERS):
+        return  # a customlayers layer: nothing inside to fuse (a GatedMLP's Linears hold its op's parameters)
     graph = None
     if not _trace_would_change_behaviour(module, tracer):
         try:
@@ -266,6 +271,11 @@ def _fuse_glus(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, FusedL
     FusedLinear. Appends (gate, up, act, the down projection or None) to glus; returns whether the graph
     changed."""
     downs = {}
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(graph.nodes):
         if not _is_mul(node):
             continue
@@ -277,7 +287,14 @@ def _fuse_glus(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, FusedL
             gate, up = _linear_call(gate_node, module), _linear_call(up_node, module)
             if (gate is None or up is None or gate is up or not _only_user(gate_node, act_node)
                     or gate_node.args[0] is not up_node.args[0] or id(gate) in fused or id(up) in fused
-                    or gate.weight.shape != up.weight.shape or (gate.bias is None) != (up.bias is None)):
+                    or calls[gate_node.target] != 1 or calls[up_node.target] != 1  # called elsewhere too
+                    or gate.weight.shape != up.weight.shape or (gate.bias is None) != (up.bias is None)
+                    or gate.weight.dtype != up.weight.dtype or gate.weight.device != up.weight.device):
+                continue
+            # x used by anything else between the two calls and the product (an in-place update, say) would
+            # be read after it by the one call that replaces them.
+            x, first = gate_node.args[0], min(order[gate_node], order[up_node])
+            if any(first < order[user] < order[node] and user not in (gate_node, up_node) for user in x.users):
                 continue
             with graph.inserting_before(node):
                 attrs = [graph.get_attr(f"{target}.{name}") if getattr(linear, name) is not None else None

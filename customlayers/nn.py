@@ -154,8 +154,6 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
 # rules), added by _subclass_forward when it first meets one (torch.distributed.tensor is not imported here).
 _OP_TENSORS = {torch.Tensor, nn.Parameter, torch._subclasses.fake_tensor.FakeTensor,
                torch._subclasses.functional_tensor.FunctionalTensor}
-# The weight types GatedMLP runs linear_glu on: the same but DTensor (linear_glu has no sharding rules yet).
-_GLU_TENSORS = frozenset(_OP_TENSORS)
 
 
 def _assigned_by_torch_quantization() -> bool:
@@ -338,16 +336,22 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj, self.up_proj
         if not torch.jit.is_scripting():
-            if type(gate.weight) not in _GLU_TENSORS or type(up.weight) not in _GLU_TENSORS:
+            if type(gate.weight) not in _OP_TENSORS or type(up.weight) not in _OP_TENSORS:
                 return self._subclass_forward(x)
         return self.down_proj(F.linear_glu(x, gate.weight, up.weight, gate.bias, up.bias, self.activation,
                                            weight_t=True))
 
     @torch.jit.unused
     def _subclass_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Weights of tensor subclasses linear_glu does not serve (torchao's quantized weights, DTensor): their own
-        nn.Linear forwards."""
-        return self.down_proj(_activations.apply(self.activation, self.gate_proj(x)) * self.up_proj(x))
+        """Weights of tensor subclasses linear_glu does not serve (torchao's quantized weights): their own
+        nn.Linear forwards. DTensor (customlayers._dtensor has the op's rules) joins the served types."""
+        dtensor = sys.modules.get("torch.distributed.tensor")
+        gate, up = self.gate_proj, self.up_proj
+        if dtensor is not None and isinstance(gate.weight, dtensor.DTensor) and type(up.weight) is type(gate.weight):
+            _OP_TENSORS.add(type(gate.weight))
+            return self.down_proj(F.linear_glu(x, gate.weight, up.weight, gate.bias, up.bias, self.activation,
+                                               weight_t=True))
+        return self.down_proj(_activations.apply(self.activation, gate(x)) * up(x))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -68,6 +68,13 @@ def linear_act(x, weight, bias=None, act: str = "relu", weight_t: bool = False):
     return _ACTIVATIONS[act](y)
 
 
+def linear_glu(x, weight_gate, weight_up, bias_gate=None, bias_up=None, act: str = "silu", weight_t: bool = False):
+    """customlayers::linear_glu: ``act(x @ weight_gate + bias_gate) * (x @ weight_up + bias_up)``."""
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"linear_glu: act must be one of {_activations.names_text()}, but got '{act}'")
+    return op.Mul(linear_act(x, weight_gate, bias_gate, act, weight_t), linear_act(x, weight_up, bias_up, "none", weight_t))
+
+
 def centered(x, dim: Optional[Sequence[int]] = None):
     """customlayers::centered: ``x - x.mean()``, or ``x - x.mean(dim, keepdim=True)``."""
     if dim:
@@ -76,7 +83,8 @@ def centered(x, dim: Optional[Sequence[int]] = None):
 
 
 # The ops' default overloads to their translations, for torch.onnx.export's custom_translation_table.
-TRANSLATIONS: Dict[Any, Callable] = {_ops.op("linear_act"): linear_act, _ops.op("centered"): centered}
+TRANSLATIONS: Dict[Any, Callable] = {_ops.op("linear_act"): linear_act, _ops.op("linear_glu"): linear_glu,
+                                     _ops.op("centered"): centered}
 
 
 def export(model: torch.nn.Module, args: tuple, **kwargs: Any):

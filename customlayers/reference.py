@@ -272,6 +272,17 @@ def linear_glu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tens
     return _activations.apply(act, gate) * linear_act(x, weight_up, bias_up, "none", weight_t)
 
 
+def linear_glu_forward(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
+                       bias_gate: Optional[torch.Tensor] = None, bias_up: Optional[torch.Tensor] = None,
+                       act: str = "silu", weight_t: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(linear_glu's output, gate, up): the pre-activations x @ weight_gate + bias_gate and x @ weight_up +
+    bias_up too."""
+    check_linear_glu(x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t)
+    gate = linear_act(x, weight_gate, bias_gate, "none", weight_t)
+    up = linear_act(x, weight_up, bias_up, "none", weight_t)
+    return _activations.apply(act, gate) * up, gate, up
+
+
 def linear_glu_backward(grad: torch.Tensor, x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
                         gate: torch.Tensor, up: torch.Tensor, act: str,
                         output_mask: List[bool]) -> Tuple[Optional[torch.Tensor], ...]:

@@ -316,13 +316,55 @@ def test_gated_units_that_are_not_one_are_left():
     torch.testing.assert_close(converted(x, y), model(x, y))
 
 
+class _UntraceableWrapper(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > 0 else -self.inner(x)  # control flow on a tensor: fx cannot trace it
+
+
 def test_gated_mlp_module_is_a_leaf():
-    """A customlayers GatedMLP inside a model is kept as it is."""
+    """A customlayers GatedMLP is kept as it is: inside a traced model, under an untraceable one, as the model."""
     from customlayers.nn import GatedMLP
-    model = nn.Sequential(nn.LayerNorm(8), GatedMLP(8, 16))
-    with pytest.warns(UserWarning, match="the model is unchanged"):
-        converted = customlayers.convert(model)
-    assert type(converted[1]) is GatedMLP
+    for model in (nn.Sequential(nn.LayerNorm(8), GatedMLP(8, 16)), _UntraceableWrapper(GatedMLP(8, 16)), GatedMLP(8, 16)):
+        with pytest.warns(UserWarning, match="the model is unchanged"):
+            converted = customlayers.convert(model)
+        assert all(type(m) is type(c) for m, c in zip(model.modules(), converted.modules()))
+
+
+class _GateCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = nn.Linear(8, 32), nn.Linear(8, 32)
+
+    def forward(self, x, y):
+        return F.silu(self.gate(x)) * self.up(x) + F.relu(self.gate(y))
+
+
+class _UpdatedBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = nn.Linear(8, 32), nn.Linear(8, 32)
+
+    def forward(self, x):
+        g = self.gate(x)
+        x.mul_(2)
+        return F.silu(g) * self.up(x)
+
+
+def test_gated_units_not_fused_when_a_linear_is_called_elsewhere_or_x_changes_between():
+    model = _GateCalledTwice()
+    converted, names = customlayers.convert(model, report=True)
+    assert "up" not in names
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(converted(x, y), model(x, y))
+    model = _UpdatedBetween()
+    converted, names = customlayers.convert(model, report=True)
+    assert "up" not in names
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(converted(x.clone()), model(x.clone()))
 
 
 class _GeluResidual(nn.Module):

@@ -33,6 +33,7 @@ DTYPE = torch.float64
 # Our sharding rules serve with the compiled library; the fallback's ops are aten ops, which DTensor shards
 # its own way (other output placements, the same values).
 RULES = customlayers._ops.loaded()
+SHARDED_OPS = tuple(op for op in customlayers._ops.OPS if op != "masked_uniform_")  # every op with rules
 
 
 def _model(device) -> nn.Module:
@@ -172,6 +173,32 @@ def _linear_act_sharding_rules(rank, device, workdir):
                     torch.testing.assert_close(d.grad.full_tensor(), leaf.grad)
 
 
+def _linear_glu_sharding_rules(rank, device, workdir):
+    """linear_glu on DTensors: hidden-sharded weights (nn.Linear's, Shard(0), as ColwiseParallel shards a LLaMA
+    MLP's gate_proj and up_proj), batch-sharded x and replicated inputs give the rules' output placements and
+    the single-process values and gradients."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = _mesh(device)
+    torch.manual_seed(3)
+    x, wg, wu, bg, bu = (torch.randn(*shape, device=device, dtype=DTYPE)
+                         for shape in ((6, 3, 8), (16, 8), (16, 8), (16,), (16,)))
+    grad = torch.randn(6, 3, 16, device=device, dtype=DTYPE)
+    for act in ("silu", "gelu", "relu"):
+        leaves = [t.clone().requires_grad_() for t in (x, wg, wu, bg, bu)]
+        expected = customlayers.reference.linear_glu(*leaves, act, True)
+        expected.backward(grad)
+        for (px, pw), out in (((Replicate(), Shard(0)), Shard(2)), ((Shard(0), Replicate()), Shard(0)),
+                              ((Replicate(), Replicate()), Replicate())):
+            placements = (px, pw, pw, pw if pw != Replicate() else Replicate(), pw if pw != Replicate() else Replicate())
+            inputs = [distribute_tensor(t, mesh, [p]).requires_grad_() for t, p in zip((x, wg, wu, bg, bu), placements)]
+            y = F.linear_glu(*inputs, act, True)
+            assert y.placements == (out,) or not RULES, (act, px, pw, y.placements)
+            torch.testing.assert_close(y.full_tensor(), expected.detach())
+            y.backward(distribute_tensor(grad, mesh, [out]))
+            for d, leaf in zip(inputs, leaves):
+                torch.testing.assert_close(d.grad.full_tensor(), leaf.grad)
+
+
 def _centered_sharding_rules(rank, device, workdir):
     """centered on DTensors: sharded on a dim it does not average over, it stays sharded; averaging over
     the sharded dim, DTensor gathers it first. Values and gradients are the single process's."""
@@ -214,6 +241,7 @@ CHECKS = {
     "fsdp2_activation_checkpointing": lambda *a: _fsdp2(*a, checkpointed=True),
     "sharded_state_dict_loads_unsharded": _sharded_state_dict_loads_unsharded,
     "linear_act_sharding_rules": _linear_act_sharding_rules,
+    "linear_glu_sharding_rules": _linear_glu_sharding_rules,
     "centered_sharding_rules": _centered_sharding_rules,
     "colwise_linear_relu_then_rowwise_linear": _colwise_linear_relu_then_rowwise_linear,
 }
@@ -278,7 +306,7 @@ def test_sharding_rules_registered_with_dtensor():
     without it the ops are the references' aten ops, which DTensor shards itself."""
     from torch.distributed.tensor import DTensor
     strategies = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs
-    for name in ("linear_act", "linear_act_backward", "centered"):
+    for name in SHARDED_OPS:
         assert (customlayers._ops.op(name) in strategies) == customlayers._ops.loaded(), name
 
 
@@ -289,7 +317,7 @@ def test_sharding_rules_registered_in_either_import_order(first):
     code = (f"import {first}; import {second}; import customlayers; from torch.distributed.tensor import DTensor\n"
             "s = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs\n"
             "print(all((customlayers._ops.op(n) in s) == customlayers._ops.loaded()\n"
-            "          for n in ('linear_act', 'linear_act_backward', 'centered')))")
+            f"          for n in {SHARDED_OPS!r}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr[-3000:]

@@ -57,3 +57,16 @@ def test_every_activation(act):
 def test_export_refuses_dynamo_false():
     with pytest.raises(ValueError, match="dynamo=True"):
         customlayers.onnx.export(nn.Linear(2, 2), (torch.randn(1, 2),), dynamo=False)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_gated_mlp_and_converted_llama_mlp(act):
+    """linear_glu's translation: a GatedMLP, and a LLaMA-style MLP convert() made, run by onnxruntime."""
+    from test_convert import _LlamaMLP
+    x = torch.randn(5, 64)
+    for model in (customlayers.nn.GatedMLP(64, 96, bias=True, activation=act).eval(),
+                  customlayers.convert(_LlamaMLP()).eval()):
+        program = customlayers.onnx.export(model, (x,), dynamic_shapes=({0: "batch"},), verbose=False)
+        assert "Mul" in _op_types(program)
+        y = torch.randn(9, 64)
+        torch.testing.assert_close(_run_onnxruntime(program, y), model(y).detach(), rtol=1e-4, atol=1e-5)

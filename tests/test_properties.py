@@ -550,6 +550,107 @@ def test_linear_act_backward_passes_gradient_where_output_is_nan(create_graph):
         assert_identical(ours, theirs)
 
 
+# ------------------------------------------------------------------------------------------ linear_glu
+
+GLU_ACTS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+@st.composite
+def glu_inputs(draw, dtype):
+    """x, weight_gate, weight_up, bias_gate, bias_up (both biases or neither), drawn as linear_inputs
+    (subnormals the only special values: a near-maximum x makes act(gate) * up overflow where float64 does
+    not)."""
+    x, wg, bg = draw(linear_inputs(dtype, specials=("subnormal",)))
+    wu = draw(tensors(tuple(wg.shape), dtype, allowed=("contiguous", "transposed", "sliced", "offset"),
+                      specials=("subnormal",), scales=(1.0, 1e-3)), "weight_up")
+    bu = None if bg is None else draw(tensors(tuple(bg.shape), dtype, allowed=("contiguous", "sliced"),
+                                              specials=("subnormal",), scales=(1.0, 1e-3)), "bias_up")
+    return x, wg, wu, bg, bu
+
+
+def glu_truth(x, wg, wu, bg, bu, act):
+    """act(gate) * up in float64 and its error bound in x's dtype: the products' errors carried through
+    act (its slope at most 1.13) and the product, plus a few ulps; also gate, up and their bounds."""
+    dtype = x.dtype
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    gate, gate_sum = linear_truth(x, wg, bg, "none")
+    up, up_sum = linear_truth(x, wu, bu, "none")
+    eg, eu = gemm_bound(gate_sum, wg.shape[0], dtype), gemm_bound(up_sum, wg.shape[0], dtype)
+    a = apply_activation(act, gate)
+    ea = 1.13 * eg + 8 * eps * (gate.abs() + a.abs()) + tiny
+    y = a * up
+    return y, ea * up.abs() + (a.abs() + ea) * eu + 8 * eps * y.abs() + tiny, (gate, eg, up, eu)
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES), act=st.sampled_from(GLU_ACTS))
+def test_linear_glu_forward(data, dtype, act):
+    x, wg, wu, bg, bu = data.draw(glu_inputs(dtype))
+    truth, bound, _ = glu_truth(x, wg, wu, bg, bu, act)
+    with torch.no_grad():
+        fused = F.linear_glu(x, wg, wu, bg, bu, act)                                  # the fused kernel
+    assert fused.shape == (*x.shape[:-1], wg.shape[1]) and fused.dtype == dtype
+    assert_identical(OPS.linear_glu(x, wg, wu, bg, bu, act), fused)
+    assert_close_to(fused, truth, bound)
+    tracked = F.linear_glu(x.detach().requires_grad_(), wg, wu, bg, bu, act)         # the training forward
+    assert_close_to(tracked.detach(), truth, bound)
+    assert_close_to(reference.linear_glu(x, wg, wu, bg, bu, act), truth, bound)        # the fallback
+    plain = apply_activation(act, TF.linear(x, wg.t(), bg)) * TF.linear(x, wu.t(), bu)  # plain PyTorch
+    assert_close_to(plain, truth, bound)
+
+
+# The smooth activations only: relu's derivative jumps at 0, where a gate within its error bound of 0
+# takes either side (tests/test_linear_glu.py checks relu's gradients against PyTorch).
+@given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES), act=st.sampled_from(["silu", "gelu", "gelu_tanh"]))
+def test_linear_glu_backward(data, dtype, act):
+    x, wg, wu, bg, bu = (t if t is None else t.detach().requires_grad_() for t in data.draw(glu_inputs(dtype)))
+    inputs = [t for t in (x, wg, wu, bg, bu) if t is not None]
+    y = F.linear_glu(x, wg, wu, bg, bu, act)
+    g = data.draw(values(tuple(y.shape), dtype, specials=(), scales=(1.0,)), "grad")
+    grads = torch.autograd.grad(y, inputs, g)
+    _, _, (gate, eg, up, eu) = glu_truth(x.detach(), wg.detach(), wu.detach(), bg, bu, act)
+    eps = torch.finfo(dtype).eps
+    _, _, slope = SMOOTH[act]
+    gd = g.double()
+    eg, eu = eg + eps * gate.abs(), eu + eps * up.abs()  # gate and up are saved in the dtype
+    a = apply_activation(act, gate)
+    dgate = customlayers._activations.derivative(act, gd * up, gate)
+    dgate_error = gd.abs() * (up.abs() * (slope * eg + 8 * eps * (1 + gate.abs())) + 1.13 * eu)
+    dup = gd * a
+    dup_error = gd.abs() * (1.13 * eg + 8 * eps * (gate.abs() + a.abs()))
+    xd = x.detach()
+    via_gate = gradients_truth(dgate, dgate_error, xd, wg.detach(), bg)
+    via_up = gradients_truth(dup, dup_error, xd, wu.detach(), bu)
+    truth = [(via_gate[0][0] + via_up[0][0], via_gate[0][1] + via_up[0][1]), via_gate[1], via_up[1]]
+    if bg is not None:
+        truth += [via_gate[2], via_up[2]]
+    for ours, (expected, bound) in zip(grads, truth):
+        assert ours.dtype == dtype and ours.shape == expected.shape
+        assert_close_to(ours, expected, bound)
+    td = [t.detach().double().requires_grad_() for t in inputs]                     # the fallback's
+    tb = (td[3], td[4]) if bg is not None else (None, None)
+    ref = torch.autograd.grad(reference.linear_glu(td[0], td[1], td[2], *tb, act), td, gd)
+    for ref_grad, (expected, bound) in zip(ref, truth):
+        assert_close_to(ref_grad, expected, bound)
+
+
+@given(args=bad_linear_args(), wrong=st.sampled_from(["none", "up_shape", "up_dtype", "up_bias"]))
+def test_linear_glu_errors_match_reference(args, wrong):
+    x, w, b, act = args
+    act = "silu" if act == "relu" else act
+    wu, bu = w, b
+    if wrong == "up_shape":
+        wu = torch.zeros(w.shape[0], w.shape[-1] + 1, dtype=w.dtype) if w.dim() == 2 else w
+    elif wrong == "up_dtype":
+        wu = w.double() if w.dtype != torch.float64 else w.float()
+    elif wrong == "up_bias":
+        bu = torch.zeros(b.numel() + 1, dtype=b.dtype)
+    call = (x, w, wu, b, bu, act)
+    expected = raised(lambda: reference.linear_glu(*call))
+    assert expected is not None
+    assert raised(lambda: OPS.linear_glu(*call)) is expected
+    assert raised(lambda: F.linear_glu(*call)) is expected
+
+
 # ------------------------------------------------------------------------------------------ masked_uniform_
 
 @st.composite

@@ -109,9 +109,14 @@ const at::Tensor& defined_or_empty(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : kUndefined;
 }
 
-Activation activation_of(c10::string_view act, const char* op) {
+std::optional<Activation> find_activation(c10::string_view act) {
   for (size_t i = 0; i < std::size(kActivationNames); ++i)
     if (act == kActivationNames[i]) return static_cast<Activation>(i);
+  return std::nullopt;
+}
+
+Activation activation_of(c10::string_view act, const char* op) {
+  if (const std::optional<Activation> found = find_activation(act)) return *found;
   std::string names;
   for (const char* name : kActivationNames) names += std::string(names.empty() ? "'" : ", '") + name + "'";
   TORCH_CHECK_VALUE(false, op, ": act must be one of ", names, ", but got '", std::string(act), "'");

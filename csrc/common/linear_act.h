@@ -19,6 +19,8 @@ namespace customlayers {
 // The activation named `act` (one of customlayers/_activations.py's names), or a ValueError naming op, the
 // argument, the names and the value; activation_name is its inverse.
 Activation activation_of(c10::string_view act, const char* op);
+// The activation named `act`, or nothing (no error).
+std::optional<Activation> find_activation(c10::string_view act);
 const char* activation_name(Activation act);
 
 // The number of rows of x seen as a (rows, in_features) matrix: the product of its leading dims.

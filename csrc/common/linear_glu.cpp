@@ -70,8 +70,22 @@ at::Tensor linear_glu(const LinearGluKernels& kernels, const at::Tensor& x, cons
   const GluForward args = prepare_forward(x, weight_gate, weight_up, defined_or_empty(bias_gate),
                                           defined_or_empty(bias_up), act, weight_t);
   at::Tensor out = kernels.empty({args.M, args.N}, {args.N, 1}, x);
-  if (out.numel() > 0) kernels.forward(args, out);
+  if (out.numel() > 0) kernels.forward(args, out, nullptr, nullptr);
   return x.dim() == 2 ? out : out.view(linear_output_shape(x, args.weight_gate));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_glu_forward(
+    const LinearGluKernels& kernels, const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+    const std::optional<at::Tensor>& bias_gate, const std::optional<at::Tensor>& bias_up, c10::string_view act,
+    bool weight_t) {
+  const GluForward args = prepare_forward(x, weight_gate, weight_up, defined_or_empty(bias_gate),
+                                          defined_or_empty(bias_up), act, weight_t);
+  at::Tensor out = kernels.empty({args.M, args.N}, {args.N, 1}, x);
+  at::Tensor gate = kernels.empty({args.M, args.N}, {args.N, 1}, x), up = kernels.empty({args.M, args.N}, {args.N, 1}, x);
+  if (out.numel() > 0) kernels.forward(args, out, &gate, &up);
+  if (x.dim() == 2) return {out, gate, up};
+  const std::vector<int64_t> shape = linear_output_shape(x, args.weight_gate);
+  return {out.view(shape), gate.view(shape), up.view(shape)};
 }
 
 GluGradTuple linear_glu_backward(const LinearGluKernels& kernels, const at::Tensor& grad, const at::Tensor& x,

@@ -43,8 +43,9 @@ struct GluGrads {
 struct LinearGluKernels {
   // Uninitialized memory of `sizes` and (dense) `strides` with like's dtype, on like's device.
   at::Tensor (*empty)(at::IntArrayRef sizes, at::IntArrayRef strides, const at::Tensor& like);
-  // Fills `out` ((M, N) contiguous, M * N > 0).
-  void (*forward)(const GluForward& args, at::Tensor& out);
+  // Fills `out` ((M, N) contiguous, M * N > 0), and the pre-activations `gate` and `up` ((M, N) contiguous,
+  // like out) when they are not null.
+  void (*forward)(const GluForward& args, at::Tensor& out, at::Tensor* gate, at::Tensor* up);
   // Fills the defined gradients of `grads` (at least one is).
   void (*backward)(const GluBackward& args, GluGrads& grads);
 };
@@ -54,6 +55,12 @@ at::Tensor linear_glu(const LinearGluKernels& kernels, const at::Tensor& x, cons
                       const at::Tensor& weight_up, const std::optional<at::Tensor>& bias_gate,
                       const std::optional<at::Tensor>& bias_up, c10::string_view act, bool weight_t);
 
+// customlayers::linear_glu_forward: (out, gate, up), each in x's leading shape.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_glu_forward(
+    const LinearGluKernels& kernels, const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+    const std::optional<at::Tensor>& bias_gate, const std::optional<at::Tensor>& bias_up, c10::string_view act,
+    bool weight_t);
+
 using GluGradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // customlayers::linear_glu_backward on a device's kernels: checks, then (dx in x's shape, dweight_gate,
@@ -62,12 +69,20 @@ GluGradTuple linear_glu_backward(const LinearGluKernels& kernels, const at::Tens
                                  const at::Tensor& weight_gate, const at::Tensor& weight_up, const at::Tensor& gate,
                                  const at::Tensor& up, c10::string_view act, std::array<bool, 5> mask);
 
-// The two ops on kernels K, as functions of the ops' schemas: m.impl("linear_glu", &linear_glu_op<K>).
+// The ops on kernels K, as functions of the ops' schemas: m.impl("linear_glu", &linear_glu_op<K>).
 template <const LinearGluKernels& K>
 at::Tensor linear_glu_op(const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
                          const std::optional<at::Tensor>& bias_gate, const std::optional<at::Tensor>& bias_up,
                          c10::string_view act, bool weight_t) {
   return linear_glu(K, x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t);
+}
+
+template <const LinearGluKernels& K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_glu_forward_op(
+    const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+    const std::optional<at::Tensor>& bias_gate, const std::optional<at::Tensor>& bias_up, c10::string_view act,
+    bool weight_t) {
+  return linear_glu_forward(K, x, weight_gate, weight_up, bias_gate, bias_up, act, weight_t);
 }
 
 template <const LinearGluKernels& K>

@@ -215,6 +215,8 @@ struct DotForward {
   // block's two panels, 16 outputs per block.
   bool gated = false;
   const float* bias_up = nullptr;  // (N,), padded to whole panels; or null
+  at::BFloat16* gate = nullptr;    // (M, N) contiguous: the pre-activations, or null
+  at::BFloat16* up = nullptr;
 };
 
 // The gated outputs of a block (see DotForward::gated): columns [16 (p / 2), + 16) of rows r0...
@@ -223,10 +225,15 @@ void finish_gated_block(const DotForward& f, const float* sums, int64_t r0, int 
   using Vec = Vectorized<float>;
   const int64_t c0 = p / 2 * kLanes, cols = std::min<int64_t>(kLanes, f.N - c0);
   for (int r = 0; r < rows; ++r) {
-    const Vec gate = Vec::loadu(sums + r * kBlockVecs * kLanes), up = Vec::loadu(sums + (r * kBlockVecs + 1) * kLanes);
-    const Vec v = bias_act(gate, f.bias != nullptr ? f.bias + c0 : nullptr, kAct) *
-                  (f.bias_up != nullptr ? up + Vec::loadu(f.bias_up + c0) : up);
-    at::vec::convert_from_float<at::BFloat16>(v, Vec(0)).store(f.out + (r0 + r) * f.N + c0, cols);
+    Vec gate = Vec::loadu(sums + r * kBlockVecs * kLanes), up = Vec::loadu(sums + (r * kBlockVecs + 1) * kLanes);
+    if (f.bias != nullptr) gate = gate + Vec::loadu(f.bias + c0);
+    if (f.bias_up != nullptr) up = up + Vec::loadu(f.bias_up + c0);
+    const int64_t at = (r0 + r) * f.N + c0;
+    at::vec::convert_from_float<at::BFloat16>(activate(kAct, gate) * up, Vec(0)).store(f.out + at, cols);
+    if (f.gate != nullptr) {
+      at::vec::convert_from_float<at::BFloat16>(gate, Vec(0)).store(f.gate + at, cols);
+      at::vec::convert_from_float<at::BFloat16>(up, Vec(0)).store(f.up + at, cols);
+    }
   }
 }
 
@@ -317,7 +324,7 @@ void bf16_dot_forward(const LinearForward& args, at::Tensor& out) {
   run_tasks(f, args.act);
 }
 
-void bf16_dot_glu_forward(const GluForward& args, at::Tensor& out) {
+void bf16_dot_glu_forward(const GluForward& args, at::Tensor& out, at::Tensor* gate, at::Tensor* up) {
   TORCH_INTERNAL_ASSERT(bf16_dot_supported(), "bf16_dot_glu_forward: this CPU has no AVX512-BF16");
   const int64_t M = args.M, K = args.K, N = args.N;
   const at::Tensor x = args.x2.stride(1) == 1 ? args.x2 : args.x2.contiguous();
@@ -328,6 +335,10 @@ void bf16_dot_glu_forward(const GluForward& args, at::Tensor& out) {
   const std::vector<float> bias = padded_bias(args.bias_gate, padded), bias_up = padded_bias(args.bias_up, padded);
   f.bias = bias.empty() ? nullptr : bias.data();
   f.bias_up = bias_up.empty() ? nullptr : bias_up.data();
+  if (gate != nullptr) {
+    f.gate = gate->mutable_data_ptr<at::BFloat16>();
+    f.up = up->mutable_data_ptr<at::BFloat16>();
+  }
   run_tasks(f, args.act);
 }
 
@@ -339,7 +350,7 @@ void bf16_dot_forward(const LinearForward&, at::Tensor&) {
   TORCH_INTERNAL_ASSERT(false, "bf16_dot_forward: only the AVX512 tier has the kernel");
 }
 
-void bf16_dot_glu_forward(const GluForward&, at::Tensor&) {
+void bf16_dot_glu_forward(const GluForward&, at::Tensor&, at::Tensor*, at::Tensor*) {
   TORCH_INTERNAL_ASSERT(false, "bf16_dot_glu_forward: only the AVX512 tier has the kernel");
 }
 

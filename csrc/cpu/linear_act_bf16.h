@@ -22,6 +22,7 @@ void bf16_dot_forward(const LinearForward& args, at::Tensor& out);
 
 // out = act(x2 @ weight_gate + bias_gate) * (x2 @ weight_up + bias_up), all bfloat16 (out (M, N)
 // contiguous), both products' sums in float32 and each output rounded once; only where bf16_dot_supported().
-void bf16_dot_glu_forward(const GluForward& args, at::Tensor& out);
+// gate and up, when not null, get the pre-activations (bias added), each rounded once.
+void bf16_dot_glu_forward(const GluForward& args, at::Tensor& out, at::Tensor* gate, at::Tensor* up);
 
 }  // namespace customlayers::cpu

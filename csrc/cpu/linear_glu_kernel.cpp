@@ -1,13 +1,17 @@
 // CPU kernels of customlayers::linear_glu (y = act(x @ Wg + bg) * (x @ Wu + bu)) and linear_glu_backward.
 //  * forward: the output is cut into the fixed tiles of blas_tiles.h; each tile computes its gate and up
-//    products (BLAS, the biases added to the accumulators) into a scratch pair and combines them,
-//    act(gate) * up, while they are in cache: neither pre-activation is written to memory;
+//    products (BLAS, the biases added to the accumulators) into a scratch pair (linear_glu: neither
+//    pre-activation is written to memory) or into the gate and up outputs (linear_glu_forward, for the
+//    backward), and combines them, act(gate) * up, while they are in cache;
 //  * backward: one pass over grad, gate and up makes dgate = g * up * act'(gate) and dup = g * act(gate)
 //    with the bias gradients' fixed 64-row chunk sums; then the tiles of dX = dgate Wg^T + dup Wu^T (both
 //    products summed in the tile), dWg = X^T dgate and dWu = X^T dup (in their weights' layouts) in one
 //    parallel region; the bias gradients are the chunks added in order, in double.
-// float16 and bfloat16 run in float32 (operands widened once, exactly) and round each output once. Results
-// do not depend on the thread count: fixed tiles and chunks, each computed on one thread.
+// float16/bfloat16: the forward rounds each output (and each saved pre-activation) once, from float32 sums
+// (bfloat16 on the AVX512-BF16 kernel of linear_act_bf16.h where it runs, else operands widened to float32,
+// exactly); the backward rounds the gated gradients once and runs the 16-bit GEMMs where the CPU has fast
+// ones (each output rounded once), else all of it in float32. Results do not depend on the thread count:
+// fixed tiles and chunks, each computed on one thread.
 #include "common/cpu_alloc.h"
 #include "common/linear_glu.h"
 #include "cpu/blas_tiles.h"
@@ -49,8 +53,10 @@ void glu_rows(const A* gate, const A* up, int64_t ld, A* out, int64_t ld_out, in
   }
 }
 
+// Each tile's gate and up products go into `gate` and `up` when given (the pre-activations the backward
+// reads), else into a scratch pair; then act(gate) * up into out's tile.
 template <typename A>  // float or double
-void forward_in_type(const GluForward& args, at::Tensor& out) {
+void forward_in_type(const GluForward& args, at::Tensor& out, at::Tensor* gate_out, at::Tensor* up_out) {
   const int64_t M = args.M, K = args.K, N = args.N;
   const at::Tensor wg = K > 0 ? right_operand(args.weight_gate) : args.weight_gate;
   const at::Tensor wu = K > 0 ? right_operand(args.weight_up) : args.weight_up;
@@ -61,22 +67,28 @@ void forward_in_type(const GluForward& args, at::Tensor& out) {
     const int64_t rows = std::min(plan.rows, M - r0), cols = std::min(plan.cols, N - c0);
     const at::Tensor x = args.x2.narrow(0, r0, rows);
     const auto bias = [&](const at::Tensor& b) { return b.defined() ? b.narrow(0, c0, cols) : at::Tensor(); };
-    at::Tensor pair = cpu::empty({2, rows, cols}, out.scalar_type());  // gate, up
-    at::Tensor gate = pair[0], up = pair[1];
+    at::Tensor gate, up;
+    if (gate_out != nullptr) {
+      gate = gate_out->narrow(0, r0, rows).narrow(1, c0, cols);
+      up = up_out->narrow(0, r0, rows).narrow(1, c0, cols);
+    } else {
+      const at::Tensor pair = cpu::empty({2, rows, cols}, out.scalar_type());
+      gate = pair[0], up = pair[1];
+    }
     tile_product(gate, x, wg.narrow(1, c0, cols), bias(args.bias_gate));
     tile_product(up, x, wu.narrow(1, c0, cols), bias(args.bias_up));
     with_activation(args.act, [&](auto act) {
-      glu_rows<A, decltype(act)::value>(gate.const_data_ptr<A>(), up.const_data_ptr<A>(), cols, y + r0 * N + c0, N,
-                                        rows, cols);
+      glu_rows<A, decltype(act)::value>(gate.const_data_ptr<A>(), up.const_data_ptr<A>(), gate.stride(0),
+                                        y + r0 * N + c0, N, rows, cols);
     });
   });
 }
 
 template <typename T>
-void forward_impl(const GluForward& args, at::Tensor& out) {
+void forward_impl(const GluForward& args, at::Tensor& out, at::Tensor* gate, at::Tensor* up) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (args.K > 0 && bf16_dot_enabled("linear_glu")) return bf16_dot_glu_forward(args, out);
+      if (args.K > 0 && bf16_dot_enabled("linear_glu")) return bf16_dot_glu_forward(args, out, gate, up);
     }
     GluForward wide = args;
     wide.x2 = widened<T>(args.x2);
@@ -85,16 +97,21 @@ void forward_impl(const GluForward& args, at::Tensor& out) {
     if (args.bias_gate.defined()) wide.bias_gate = widened<T>(args.bias_gate);
     if (args.bias_up.defined()) wide.bias_up = widened<T>(args.bias_up);
     at::Tensor out_f = float_like(out);
-    forward_in_type<float>(wide, out_f);
+    at::Tensor gate_f = gate != nullptr ? float_like(*gate) : at::Tensor(), up_f = up != nullptr ? float_like(*up) : at::Tensor();
+    forward_in_type<float>(wide, out_f, gate != nullptr ? &gate_f : nullptr, up != nullptr ? &up_f : nullptr);
     narrowed_into<T>(out_f, out);
+    if (gate != nullptr) {
+      narrowed_into<T>(gate_f, *gate);
+      narrowed_into<T>(up_f, *up);
+    }
   } else {
-    forward_in_type<T>(args, out);
+    forward_in_type<T>(args, out, gate, up);
   }
 }
 
-void forward(const GluForward& args, at::Tensor& out) {
+void forward(const GluForward& args, at::Tensor& out, at::Tensor* gate, at::Tensor* up) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_glu_cpu",
-                                  [&] { forward_impl<scalar_t>(args, out); });
+                                  [&] { forward_impl<scalar_t>(args, out, gate, up); });
 }
 
 // The gated gradients of rows [r0, r0 + rows): dgate = g * up * act'(gate) (act' from the output for
@@ -273,6 +290,7 @@ constexpr LinearGluKernels kKernels{&empty, &forward, &backward};
 
 TORCH_LIBRARY_IMPL(customlayers, CPU, m) {
   m.impl("linear_glu", &linear_glu_op<kKernels>);
+  m.impl("linear_glu_forward", &linear_glu_forward_op<kKernels>);
   m.impl("linear_glu_backward", &linear_glu_backward_op<kKernels>);
 }
 

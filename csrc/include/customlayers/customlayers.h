@@ -64,6 +64,13 @@ CUSTOMLAYERS_API at::Tensor linear_glu(const at::Tensor& x, const at::Tensor& we
                                         const std::optional<at::Tensor>& bias_up = std::nullopt,
                                         c10::string_view act = "silu", bool weight_t = false);
 
+// linear_glu with the pre-activations its backward reads: (out, gate, up), gate = x @ weight_gate + bias_gate,
+// up = x @ weight_up + bias_up (what linear_glu's autograd runs when a gradient may be asked for).
+CUSTOMLAYERS_API std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_glu_forward(
+    const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+    const std::optional<at::Tensor>& bias_gate = std::nullopt, const std::optional<at::Tensor>& bias_up = std::nullopt,
+    c10::string_view act = "silu", bool weight_t = false);
+
 // (dx, dweight_gate, dweight_up, dbias_gate, dbias_up) of linear_glu for the selected inputs (undefined
 // tensors for the others), the weights (in_features, hidden_features), gate and up the pre-activations.
 CUSTOMLAYERS_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_glu_backward(
