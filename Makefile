@@ -74,7 +74,8 @@ test: build cpp-build cross-gxx $(DEMO_STAMP)
 # one), each selected with ATEN_CPU_CAPABILITY as a user would: e.g. default and avx2 on an AVX-512 CPU.
 # Each with an Inductor cache of its own: torch 2.14's reuses C++ kernels and headers made under another
 # ATEN_CPU_CAPABILITY, which then fail to compile (plain torch.compile does that too).
-KERNEL_TESTS := tests/test_linear_act.py tests/test_centered.py tests/test_masked_uniform.py tests/test_properties.py
+KERNEL_TESTS := tests/test_linear_act.py tests/test_linear_glu.py tests/test_centered.py tests/test_masked_uniform.py \
+  tests/test_properties.py
 LOWER_TIERS = $(shell $(PY) -c 'import customlayers as c; b = c.backend_report()["build"]; t = list(b.get("cpu_tiers_built", ())); print(*t[:t.index(b["cpu_tier"])] if b.get("cpu_tier") in t else "")' 2>/dev/null)
 test-tiers: build
 	@tiers="$(LOWER_TIERS)"; [ -n "$$tiers" ] || echo "test-tiers: no CPU tier below the loaded one here"; \

@@ -19,7 +19,8 @@ import customlayers
 from .harness import OURS, Case, Device
 
 OP = "mlp_train_step"
-OPS_USED = ["linear_act", "linear_glu"]  # LinearReLU's, LinearGELU's, LinearSiLU's and the gated units' ops
+# LinearReLU's, LinearGELU's, LinearSiLU's and the gated units' ops (linear_glu_forward: its training forward)
+OPS_USED = ["linear_act", "linear_glu", "linear_glu_forward"]
 MODE = "train step"
 BATCH = 256
 # (label, layer widths): Linear + ReLU between consecutive widths, a plain Linear last.
