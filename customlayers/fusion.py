@@ -251,6 +251,13 @@ def _is_mul(node: torch.fx.Node) -> bool:
             or (node.op == "call_method" and node.target == "mul"))
 
 
+def _in_place(node: torch.fx.Node) -> bool:
+    """node may write to a tensor: an in-place method or function (name ending in '_'), inplace=True, out=."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return ((node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_"))
+            or bool(node.kwargs.get("inplace")) or "out" in node.kwargs)
+
+
 def _only_user(node: object, user: torch.fx.Node) -> bool:
     return isinstance(node, torch.fx.Node) and set(node.users) == {user}
 
@@ -293,8 +300,11 @@ def _fuse_glus(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, FusedL
                 continue
             # x used by anything else between the two calls and the product (an in-place update, say) would
             # be read after it by the one call that replaces them.
+            # Nor an in-place op between them (it may change x through a view).
             x, first = gate_node.args[0], min(order[gate_node], order[up_node])
-            if any(first < order[user] < order[node] and user not in (gate_node, up_node) for user in x.users):
+            if any(first < order.get(user, -1) < order[node] and user not in (gate_node, up_node) for user in x.users):
+                continue
+            if any(first < order[n] < order[node] and _in_place(n) for n in order):
                 continue
             with graph.inserting_before(node):
                 attrs = [graph.get_attr(f"{target}.{name}") if getattr(linear, name) is not None else None
@@ -302,6 +312,7 @@ def _fuse_glus(module: nn.Module, graph: torch.fx.Graph, fused: Dict[int, FusedL
                                                                                  (up_node.target, up))]
                 glu = graph.call_function(_functional.linear_glu, (gate_node.args[0], attrs[0], attrs[1], attrs[2],
                                                                     attrs[3], act, True))
+            order[glu] = order[node]
             node.replace_all_uses_with(glu)
             for erased in (node, act_node, gate_node, up_node):
                 graph.erase_node(erased)

@@ -354,6 +354,40 @@ class _UpdatedBetween(nn.Module):
         return F.silu(g) * self.up(x)
 
 
+class _TwoUnits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g1, self.u1, self.g2, self.u2 = (nn.Linear(8, 32) for _ in range(4))
+
+    def forward(self, x):
+        return F.silu(self.g1(x)) * self.u1(x) + F.silu(self.g2(x)) * self.u2(x)
+
+
+class _UpdatedThroughAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = nn.Linear(8, 32), nn.Linear(8, 32)
+
+    def forward(self, x):
+        x = x * 1
+        y = x.view(-1)
+        a = F.silu(self.gate(x))
+        y.add_(1)
+        return a * self.up(x)
+
+
+def test_two_gated_units_on_one_input_and_a_change_through_a_view():
+    model = _TwoUnits()
+    converted, names = customlayers.convert(model, report=True)
+    assert sorted(names) == ["g1", "g2", "u1", "u2"]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(converted(x), model(x))
+    model = _UpdatedThroughAView()
+    converted, names = customlayers.convert(model, report=True)
+    assert "up" not in names
+    torch.testing.assert_close(converted(x), model(x))
+
+
 def test_gated_units_not_fused_when_a_linear_is_called_elsewhere_or_x_changes_between():
     model = _GateCalledTwice()
     converted, names = customlayers.convert(model, report=True)
