@@ -108,3 +108,22 @@ def assert_compiled_matches_eager(model, x):
     model(x).square().sum().backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def run_16bit_checks(module: str, blas16: str) -> None:
+    """module's check_bf16_views_and_specials() then check_accuracy_like_native(), in a subprocess with
+    CUSTOMLAYERS_CPU_BLAS16=blas16 (read once per process): skips where 'dot' is refused on this CPU or tier,
+    fails with the output otherwise."""
+    import subprocess
+    import sys
+    unsupported = "needs a CPU with AVX512-BF16"
+    code = (f"import conftest, {module} as t\n"  # conftest first: it may load a library
+            "try:\n    t.check_bf16_views_and_specials()\n"
+            f"except ValueError as e:\n    if {unsupported!r} not in str(e): raise\n    print(e); raise SystemExit(3)\n"
+            "t.check_accuracy_like_native()\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True,
+                         env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": blas16, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if out.returncode == 3 and blas16 == "dot":
+        pytest.skip(f"CUSTOMLAYERS_CPU_BLAS16=dot: {out.stdout.strip()}")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

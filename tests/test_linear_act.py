@@ -17,7 +17,7 @@ from customlayers._activations import apply as apply_activation
 from customlayers import functional as F
 from customlayers import reference
 from customlayers.nn import LazyMyLinear, LinearReLU, MyLinear
-from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension
+from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension, run_16bit_checks
 
 # Tolerances relative to the float64 reference; reduced precision scales with sqrt(in_features).
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -608,7 +608,6 @@ def check_bf16_views_and_specials():
     assert not failures, "\n".join(failures)
 
 
-DOT_UNSUPPORTED = "needs a CPU with AVX512-BF16"
 
 
 @requires_extension()
@@ -620,17 +619,7 @@ def test_reduced_precision_accuracy_like_native(blas16):
     GEMMs is forced (CUSTOMLAYERS_CPU_BLAS16): 'native' (16-bit operands, float32 accumulation; ATen's
     generic GEMM where the CPU has no 16-bit dot products) and 'float' (operands widened to float32) on any
     CPU; 'dot' (the AVX512-BF16 kernel for the bfloat16 forwards that round once) where the CPU has it."""
-    code = ("import conftest, test_linear_act as t\n"  # conftest first: it may load a library
-            "try:\n    t.check_bf16_views_and_specials()\n"
-            f"except ValueError as e:\n    if {DOT_UNSUPPORTED!r} not in str(e): raise\n    print(e); raise SystemExit(3)\n"
-            "t.check_accuracy_like_native()\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         capture_output=True, text=True,
-                         env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": blas16,
-                              "PYTHONPATH": os.pathsep.join(sys.path)})
-    if out.returncode == 3 and blas16 == "dot":
-        pytest.skip(f"CUSTOMLAYERS_CPU_BLAS16=dot: {out.stdout.strip()}")
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    run_16bit_checks("test_linear_act", blas16)
 
 
 @requires_extension()

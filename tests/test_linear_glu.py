@@ -15,7 +15,7 @@ from customlayers import reference
 from customlayers._activations import NAMES as ACTIVATIONS
 from customlayers._activations import apply as apply_activation
 from customlayers.nn import GatedMLP
-from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension
+from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension, run_16bit_checks
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 GLU_ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
@@ -208,7 +208,6 @@ def check_bf16_views_and_specials():
             assert (err <= 2 ** -7 * truth[finite].abs() + 1e-2).all(), (m, k, n, act, err.max())
 
 
-DOT_UNSUPPORTED = "CUSTOMLAYERS_CPU_BLAS16=dot needs a CPU with AVX512-BF16"
 
 
 @requires_extension()
@@ -217,17 +216,7 @@ def test_reduced_precision_accuracy_like_native(blas16):
     """check_accuracy_like_native and check_bf16_views_and_specials with each way of running 16-bit GEMMs
     forced (CUSTOMLAYERS_CPU_BLAS16): 'native' and 'float' on any CPU; 'dot' (the AVX512-BF16 forward) where
     the CPU has it."""
-    code = ("import conftest, test_linear_glu as t\n"  # conftest first: it may load a library
-            "try:\n    t.check_bf16_views_and_specials()\n"
-            f"except ValueError as e:\n    if {DOT_UNSUPPORTED!r} not in str(e): raise\n    print(e); raise SystemExit(3)\n"
-            "t.check_accuracy_like_native()\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         capture_output=True, text=True,
-                         env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": blas16,
-                              "PYTHONPATH": os.pathsep.join(sys.path)})
-    if out.returncode == 3 and blas16 == "dot":
-        pytest.skip(f"CUSTOMLAYERS_CPU_BLAS16=dot: {out.stdout.strip()}")
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    run_16bit_checks("test_linear_glu", blas16)
 
 
 @requires_extension()
