@@ -38,14 +38,15 @@ LLAMA_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class LlamaMLP(nn.Module):
-    """LLaMA's MLP as the transformers library writes it."""
+    """LLaMA's MLP as the transformers library writes it (config.mlp_bias: bias; ACT2FN[config.hidden_act]:
+    act_fn, an nn.SiLU by default). The tests convert it too."""
 
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, act_fn: Optional[nn.Module] = None):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.act_fn = nn.SiLU()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act_fn = act_fn if act_fn is not None else nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

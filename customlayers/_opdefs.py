@@ -7,8 +7,7 @@
   kernel checks about dtypes, layouts, devices and shapes (through the references' checks, in the kernels'
   order and with their exception types), so that a bad call fails at trace time as it would when run. The
   kernels' own checks (csrc/common) stay the authority, and are the only ones on values;
-- whether autocast casts its floating inputs to the autocast dtype (as nn.Linear's are), and whether it has
-  a CUDA kernel yet;
+- whether autocast casts its floating inputs to the autocast dtype (as nn.Linear's are);
 - the calls the tests make of every op: ``samples`` (valid calls, for torch.library.opcheck) and
   ``bad_inputs`` (calls that each implementation must refuse with the same exception type).
 
@@ -50,7 +49,6 @@ class OpDef:
     samples: Dict[str, Args]  # id -> the call's arguments on a device
     bad_inputs: Dict[str, Tuple[Callable[[], tuple], type]]  # id -> (the arguments, on the CPU; exception type)
     autocast: bool = False
-    cuda: bool = True  # whether a build with CUDA has a CUDA kernel of the op (else the reference serves CUDA)
     schema: str = field(init=False)
 
     def __post_init__(self):
@@ -281,7 +279,7 @@ def _linear_glu_samples() -> Dict[str, Args]:
 
 LINEAR_GLU = OpDef(
     name="linear_glu", reference=reference.linear_glu, fake=_linear_glu_fake, samples=_linear_glu_samples(),
-    autocast=True, cuda=False,
+    autocast=True,
     bad_inputs={
         "int-x": (lambda: (_x().long(), _w(), _w()), TypeError),
         "dtype-weight_up": (lambda: (_x(), _w(), _w().double()), TypeError),
@@ -317,8 +315,7 @@ def _detached(sample: Args) -> Args:
 
 LINEAR_GLU_FORWARD = OpDef(
     name="linear_glu_forward", reference=reference.linear_glu_forward, fake=_linear_glu_forward_fake,
-    samples={case: _detached(sample) for case, sample in LINEAR_GLU.samples.items()}, bad_inputs=LINEAR_GLU.bad_inputs,
-    cuda=False)
+    samples={case: _detached(sample) for case, sample in LINEAR_GLU.samples.items()}, bad_inputs=LINEAR_GLU.bad_inputs)
 
 
 def _linear_glu_backward_fake(grad, x, weight_gate, weight_up, gate, up, act, output_mask):
@@ -348,7 +345,7 @@ def _linear_glu_backward_samples() -> Dict[str, Args]:
 _GLU_MASK = [True] * 5
 LINEAR_GLU_BACKWARD = OpDef(
     name="linear_glu_backward", reference=reference.linear_glu_backward, fake=_linear_glu_backward_fake,
-    samples=_linear_glu_backward_samples(), cuda=False,
+    samples=_linear_glu_backward_samples(),
     bad_inputs={
         "grad-shape": (lambda: (torch.randn(3, 4), _x(), _w(), _w(), _g(), _g(), "silu", _GLU_MASK), RuntimeError),
         "gate-shape": (lambda: (_g(), _x(), _w(), _w(), torch.randn(3, 4), _g(), "silu", _GLU_MASK),

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import customlayers
+from benchmarks.bench_mlp import LlamaMLP
 from customlayers.nn import FusedLinear, LinearGELU, LinearReLU, LinearSiLU
 
 # ------------------------------------------------------------------------------------------ LinearReLU
@@ -198,25 +199,11 @@ def test_transformer_mlp(act):
 
 # ------------------------------------------------------------------------------- gated MLPs (linear_glu)
 
-class _LlamaMLP(nn.Module):
-    """LLaMA's MLP as the transformers library writes it (act_fn = ACT2FN["silu"], an nn.SiLU)."""
-
-    def __init__(self, hidden=64, intermediate=96, bias=False, act_fn=None):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-        self.act_fn = act_fn if act_fn is not None else nn.SiLU()
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
 class _DecoderLayer(nn.Module):
     def __init__(self, **kwargs):
         super().__init__()
         self.post_attention_layernorm = nn.LayerNorm(64)
-        self.mlp = _LlamaMLP(**kwargs)
+        self.mlp = LlamaMLP(64, 96, **kwargs)
 
     def forward(self, x):
         return x + self.mlp(self.post_attention_layernorm(x))

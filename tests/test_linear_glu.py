@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.bench_mlp import LlamaMLP
 from customlayers import functional as F
 from customlayers import reference
 from customlayers._activations import NAMES as ACTIVATIONS
@@ -130,6 +131,32 @@ def test_views_and_special_values(device, act):
     xd = x.detach().double().requires_grad_()
     native = torch.autograd.grad(reference.linear_glu(xd, wg.double(), wu.double(), act=act).sum(), (xd,))
     assert torch.equal(grads[0].isnan(), native[0].isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weights_in_different_layouts(device, dtype):
+    """One weight row-major, the other column-major (or strided): the kernels take them as given or copy one,
+    forward and backward, and agree with the reference."""
+    torch.manual_seed(0)
+    x, b = torch.randn(33, 20, dtype=dtype, device=device), torch.randn(2, 15, dtype=dtype, device=device)
+    row_major, col_major = torch.randn(20, 15, dtype=dtype, device=device), torch.randn(15, 20, dtype=dtype, device=device).t()
+    strided = torch.randn(20, 30, dtype=dtype, device=device)[:, ::2]
+    for wg, wu in [(row_major, col_major), (col_major, row_major), (strided, col_major)]:
+        inputs = [t.detach().requires_grad_() for t in (x, wg, wu, b[0], b[1])]
+        y = F.linear_glu(*inputs)
+        with torch.no_grad():
+            fused = F.linear_glu(*inputs)
+        expected = reference.linear_glu(*(t.detach().double().requires_grad_() for t in inputs))
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+        torch.testing.assert_close(y.double(), expected.double(), **tol)
+        torch.testing.assert_close(fused, y, rtol=0, atol=0)
+        g = torch.randn_like(y)
+        ours = torch.autograd.grad(y, inputs, g)
+        leaves = [t.detach().double().requires_grad_() for t in inputs]
+        native = torch.autograd.grad(reference.linear_glu(*leaves), leaves, g.double())
+        for a, e in zip(ours, native):
+            torch.testing.assert_close(a.double(), e, **tol)
 
 
 def _accuracy_errors(dtype, shape, act, bias, weight_t, seed):
@@ -274,25 +301,10 @@ def test_autocast(device, dtype):
     assert wg.grad.dtype == torch.float32
 
 
-def llama_mlp(hidden=64, intermediate=96):
-    """A LLaMA MLP as the transformers library writes it."""
-    class LlamaMLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-            self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-            self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-            self.act_fn = nn.SiLU()
-
-        def forward(self, x):
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-    return LlamaMLP()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", GLU_ACTS)
 def test_gated_mlp_matches_native_and_loads_llama_state_dict(device, activation):
-    native = llama_mlp().to(device)
+    native = LlamaMLP(64, 96).to(device)
     if activation != "silu":
         native.act_fn = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[activation]
     ours = GatedMLP(64, 96, activation=activation, device=device)

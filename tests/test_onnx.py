@@ -62,10 +62,10 @@ def test_export_refuses_dynamo_false():
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
 def test_gated_mlp_and_converted_llama_mlp(act):
     """linear_glu's translation: a GatedMLP, and a LLaMA-style MLP convert() made, run by onnxruntime."""
-    from test_convert import _LlamaMLP
+    from benchmarks.bench_mlp import LlamaMLP
     x = torch.randn(5, 64)
     for model in (customlayers.nn.GatedMLP(64, 96, bias=True, activation=act).eval(),
-                  customlayers.convert(_LlamaMLP()).eval()):
+                  customlayers.convert(LlamaMLP(64, 96)).eval()):
         program = customlayers.onnx.export(model, (x,), dynamic_shapes=({0: "batch"},), verbose=False)
         assert "Mul" in _op_types(program)
         y = torch.randn(9, 64)

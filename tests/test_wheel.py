@@ -27,6 +27,7 @@ SMOKE = """
     assert all(devices["cpu"] == "kernel" for devices in customlayers.backend_report()["ops"].values())
     x, w, b = torch.randn(8, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     torch.testing.assert_close(F.linear_act(x, w, b), R.linear_act(x, w, b))
+    torch.testing.assert_close(F.linear_glu(x, w, w.flip(0), b, b), R.linear_glu(x, w, w.flip(0), b, b))
     torch.testing.assert_close(customlayers.nn.CenteredLayer()(x), R.centered(x))
     lin = customlayers.nn.LinearReLU(5, 3, dtype=torch.float64)
     torch.testing.assert_close(lin(x), torch.relu(torch.nn.functional.linear(x, lin.weight, lin.bias)))

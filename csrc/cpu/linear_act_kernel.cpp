@@ -4,7 +4,7 @@
 //    for all three GEMMs, fused with the bias, the activation and the masked gradient.
 //  * Larger weights (linear_act_blas.h): BLAS GEMMs fused by rows with hand-written epilogues.
 // The bias gradient is kept as column sums per fixed 64-row chunk (by either path's mask pass) and the
-// chunks are added here in order, in double: it does not depend on the thread count or the block size.
+// chunks are added in order, in double (sum_chunks): it does not depend on the thread count or the block size.
 // Neither does anything else, on either path (fixed blocks and tiles, each computed on one thread).
 #include "common/cpu_alloc.h"
 #include "common/linear_act.h"
@@ -13,7 +13,6 @@
 #include "cpu/linear_act_small.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -63,17 +62,7 @@ void backward_impl(const LinearBackward& args, LinearGrads& grads) {
     small_backward<T>(args, grads, partial_ptr);
   else
     blas_backward<T>(args, grads, partial_ptr);
-  if (!db) return;
-  // Chunks added in order, in double.
-  T* dbp = grads.db.mutable_data_ptr<T>();
-  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-    std::vector<double> acc(end - begin, 0.0);
-    for (int64_t k = 0; k < chunks; ++k) {
-      const double* src = partial_ptr + k * N;
-      for (int64_t c = begin; c < end; ++c) acc[c - begin] += src[c];
-    }
-    for (int64_t c = begin; c < end; ++c) dbp[c] = static_cast<T>(acc[c - begin]);
-  });
+  if (db) sum_chunks(partial_ptr, chunks, N, grads.db);
 }
 
 void backward(const LinearBackward& args, LinearGrads& grads) {

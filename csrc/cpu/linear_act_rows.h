@@ -6,9 +6,12 @@
 #include "common/cpu_vec.h"
 #include "common/linear_act.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace customlayers::cpu {
 
@@ -167,6 +170,22 @@ struct ChunkSums {
     for (int64_t c = 0; c < N; ++c) dst[c] = static_cast<double>(scratch[c]);
   }
 };
+
+// The bias gradient db (N values, any floating dtype) from ChunkSums' partial sums (`chunks` rows of N): the
+// chunks added in order, in double, so the same bits for any thread count, rounded once to db's dtype.
+inline void sum_chunks(const double* partial, int64_t chunks, int64_t N, at::Tensor& db) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, db.scalar_type(), "sum_chunks", [&] {
+    scalar_t* dst = db.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+      std::vector<double> acc(end - begin, 0.0);
+      for (int64_t k = 0; k < chunks; ++k) {
+        const double* src = partial + k * N;
+        for (int64_t c = begin; c < end; ++c) acc[c - begin] += src[c];
+      }
+      for (int64_t c = begin; c < end; ++c) dst[c] = static_cast<scalar_t>(acc[c - begin]);
+    });
+  });
+}
 
 // For rows [r0, r1) (r0 a multiple of kChunkRows): the masked gradient into gp's same rows (when
 // present) and each chunk's column sums into `sums`.

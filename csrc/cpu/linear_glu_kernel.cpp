@@ -174,20 +174,6 @@ void glu_grad_rows(const GluGradRows<T>& src, int64_t r0, int64_t rows, Rows<T> 
   }
 }
 
-// The bias gradient from the chunk sums `partial` (chunks rows of N): the chunks added in order, in double,
-// rounded once to db's dtype.
-void sum_chunks(const double* partial, int64_t chunks, int64_t N, at::Tensor& db) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, db.scalar_type(), "linear_glu_backward_cpu", [&] {
-    scalar_t* dst = db.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-      std::vector<double> acc(end - begin, 0.0);
-      for (int64_t k = 0; k < chunks; ++k)
-        for (int64_t c = begin; c < end; ++c) acc[c - begin] += partial[k * N + c];
-      for (int64_t c = begin; c < end; ++c) dst[c] = static_cast<scalar_t>(acc[c - begin]);
-    });
-  });
-}
-
 // One GEMM cut into tiles: out (R, C) = a @ b.
 struct Product {
   at::Tensor out, a, b;
@@ -214,7 +200,7 @@ void run_product_tile(const Product& p, int64_t tile) {
 template <typename T>
 void backward_in_type(const GluBackward& args, GluGrads& grads) {
   using A = acc_t<T>;
-  const int64_t M = args.M, K = args.K, N = args.N;
+  const int64_t M = args.M, N = args.N;
   const bool dx = grads.dx.defined(), dwg = grads.dw_gate.defined(), dwu = grads.dw_up.defined();
   const bool gemms = dx || dwg || dwu, dbg = grads.db_gate.defined(), dbu = grads.db_up.defined();
   const at::Tensor d = gemms ? cpu::empty({M, 2 * N}, args.g2.scalar_type()) : at::Tensor();  // [dgate | dup]

@@ -7,12 +7,11 @@
 //    same GEMM on strided views, dW written in the weight's own layout.
 #include "common/cuda_utils.cuh"
 #include "common/linear_act.h"
-#include "cuda/linear_act_gemm.cuh"
+#include "cuda/gemm_operands.h"
 #include "cuda/linear_act_backward.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_strided.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -23,37 +22,6 @@
 
 namespace customlayers::cuda {
 namespace {
-
-// Device memory for one GEMM's split-K partial sums. Freed when this goes out of scope, after the GEMM's
-// kernels are queued: the caching allocator reuses it only in the order of the stream.
-class Workspace {
- public:
-  explicit Workspace(const at::Tensor& like) : options_(like.options().dtype(at::kByte)) {}
-  void* operator()(size_t bytes) {
-    buffer_ = at::empty({static_cast<int64_t>(bytes)}, options_);
-    return buffer_.mutable_data_ptr();
-  }
-
- private:
-  at::TensorOptions options_;
-  at::Tensor buffer_;
-};
-
-// The K x M view of a row-major-indexed (M x K) tensor x2 (x2[m][k]).
-template <typename T>
-Operand<T> left(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.stride(1), t.stride(0)};
-}
-
-// The K x N view of a (K x N) tensor.
-template <typename T>
-Operand<T> right(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1)};
-}
-
-at::Tensor empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::Tensor& like) {
-  return at::empty_strided(sizes, strides, like.options());
-}
 
 void forward(const LinearForward& a, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(out.device());
@@ -110,7 +78,7 @@ void backward(const LinearBackward& a, LinearGrads& grads) {
     if (!gp.defined()) gp = a.g2;
     if (grads.dx.defined()) {  // dX = g' @ W^T: [M, N] x [N, K]
       const GemmArgs<T> args{.a = left<T>(gp),
-                             .b = {a.weight.const_data_ptr<T>(), a.weight.stride(1), a.weight.stride(0)},
+                             .b = transposed<T>(a.weight),
                              .c = grads.dx.mutable_data_ptr<T>(),
                              .scm = K,
                              .scn = 1,
@@ -122,7 +90,7 @@ void backward(const LinearBackward& a, LinearGrads& grads) {
     }
     if (grads.dw.defined()) {  // dW = X^T @ g': [K, M] x [M, N]
       at::Tensor& dw = grads.dw;
-      const GemmArgs<T> args{.a = {a.x2.const_data_ptr<T>(), a.x2.stride(0), a.x2.stride(1)},
+      const GemmArgs<T> args{.a = right<T>(a.x2),
                              .b = right<T>(gp),
                              .c = dw.mutable_data_ptr<T>(),
                              .scm = dw.stride(0),

@@ -3,8 +3,8 @@
 // every activation), run on the CPU emulator (cuda_emulator.h) and compared with a float64 GEMM of the same values. C is
 // surrounded by sentinels to catch writes outside it, and the operands' padding holds NaN, which any
 // read of it would carry into the result.
-#include "cuda/linear_act_gemm.cuh"
 #include "emulated_testing.h"
+#include "gemm_testing.h"
 
 #include <gtest/gtest.h>
 
@@ -20,35 +20,8 @@ namespace {
 namespace cl = customlayers::cuda;
 namespace emu = customlayers::cuda_emulator;
 
-// A rows x cols matrix inside a larger buffer: row- or column-major with a padded leading dimension,
-// optionally starting one element past an aligned address (no vector loads then).
-template <typename T>
-struct Strided {
-  std::vector<T> buffer;
-  T* p = nullptr;
-  int64_t rows = 0, cols = 0, s0 = 0, s1 = 0;
-
-  Strided(int64_t r, int64_t c, bool row_major, bool misalign, T fill) : rows(r), cols(c) {
-    const int64_t ld = (row_major ? c : r) + 8;  // padding a multiple of every vector width
-    s0 = row_major ? ld : 1;
-    s1 = row_major ? 1 : ld;
-    const int64_t offset = (misalign ? 1 : 0) + 64;  // 64 elements: a 16-byte aligned start in any dtype
-    buffer.assign(offset + (row_major ? r : c) * ld + 64, fill);
-    // std::vector's storage is at least 16-byte aligned (operator new).
-    p = buffer.data() + offset;
-  }
-  T& at(int64_t i, int64_t j) { return p[i * s0 + j * s1]; }
-};
-
-// C = act(A @ B + bias) through the host side of linear_act_gemm.cuh, with a NaN-filled split-K workspace.
-template <typename T>
-void run_gemm(const cl::GemmArgs<T>& args) {
-  std::vector<double> workspace;  // 8-byte aligned
-  cl::gemm(args, nullptr, [&](size_t bytes) {
-    workspace.assign((bytes + sizeof(double) - 1) / sizeof(double), std::numeric_limits<double>::quiet_NaN());
-    return static_cast<void*>(workspace.data());
-  });
-}
+using customlayers::testing::run_gemm;
+using customlayers::testing::Strided;
 
 // c(m, n) equals act(sum over k of a(m, k) b(k, n) + bias[n]) of float64 within one rounding to T plus A's
 // rounding over the K terms (and, with split K, the slice sums, at most kMaxSlices of them).
@@ -115,14 +88,7 @@ void check_gemm(const Case& c, std::mt19937& rng) {
                      c.N, c.K);
   if (::testing::Test::HasFatalFailure()) return;
   // Nothing written outside C: the padding and the margins still hold the sentinel.
-  int64_t touched = 0;
-  const float unchanged = static_cast<float>(sentinel);
-  for (const T& v : out.buffer) touched += static_cast<float>(v) != unchanged;
-  EXPECT_LE(touched, c.M * c.N);
-  int64_t inside_changed = 0;
-  for (int64_t i = 0; i < c.M; ++i)
-    for (int64_t j = 0; j < c.N; ++j) inside_changed += static_cast<float>(out.at(i, j)) != unchanged;
-  EXPECT_EQ(touched, inside_changed) << "values written outside C";
+  EXPECT_EQ(out.changed_outside(sentinel), 0) << "values written outside C";
 }
 
 // (M, N, K): 1-row and 1-column outputs, the book's 20 -> 256, tile edges in every dimension, K not a
