@@ -574,7 +574,12 @@ def check_bf16_views_and_specials():
     the weight as views of other strides (transposed, sliced), odd in_features, tails of rows and columns,
     more rows than columns and fewer (the AVX512-BF16 kernel then packs x instead of an (out, in) weight),
     and NaN/inf in x: NaN and inf where the float64 reference has them, the rest within 1.5x nn.Linear +
-    activation's error (as check_accuracy_like_native). Raises AssertionError listing failures."""
+    activation's error (as check_accuracy_like_native). Raises AssertionError listing failures.
+
+    One exception: where nn.Linear's own NaN/inf differ from the reference's, ours may have nn.Linear's.
+    oneDNN's AMX bfloat16 GEMM (up to 3.13; torch 2.14's) leaks NaN/inf into the row before when K > 32 and
+    K % 32 != 0 (uxlfoundation/oneDNN#5717), and the none/relu forward runs on that GEMM where the CPU has
+    AMX, as nn.Linear does."""
     failures = []
     g = torch.Generator().manual_seed(0)
     for m, k, n in [(75, 131, 45), (21, 131, 90)]:
@@ -596,10 +601,12 @@ def check_bf16_views_and_specials():
                 native = apply_activation(act, x @ w_in_out + b)
             truth = apply_activation(act, x.double() @ w_in_out.double() + b.double())
             what = f"{(m, k, n)}, x {xname}, weight {wname}, {act}"
-            if not (torch.equal(ours.isnan(), truth.isnan()) and torch.equal(ours.isinf(), truth.isinf())):
-                failures.append(f"{what}: NaN/inf differ from the reference's")
+            nan_inf = lambda t: (t.isnan(), t.isinf())  # noqa: E731
+            allowed = (truth, native) if act in ("none", "relu") else (truth,)  # the acts on BLAS's rounded output
+            if not any(all(map(torch.equal, nan_inf(ours), nan_inf(t))) for t in allowed):
+                failures.append(f"{what}: NaN/inf differ from the reference's (and nn.Linear's)")
                 continue
-            finite = truth.isfinite()
+            finite = truth.isfinite() & ours.isfinite()
             if finite.any():
                 scale = truth[finite].abs().max()
                 o, r = ((t[finite].double() - truth[finite]).abs().max() / scale for t in (ours, native))

@@ -16,6 +16,10 @@
 #include <algorithm>
 #include <atomic>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace customlayers::cpu {
 
 constexpr int64_t kTileMacs = 1 << 24;           // multiply-adds per tile, at least (float32, float64)
@@ -64,25 +68,80 @@ inline TilePlan plan_tiles(int64_t R, int64_t C, int64_t red, int64_t element_si
   return p;
 }
 
-// f(i) for every tile i < n, in a parallel region whenever more than one thread may run: BLAS called inside
-// it runs on the calling thread, so a tile's result is the same whatever the thread count (one tile too: the
-// region then has a thread with nothing to do). Each thread takes the next tile not yet taken, so tiles of
-// different costs (dX's and dW's) keep every thread busy; which thread computes a tile does not change it.
-// The tiles call ATen ops (views, addmm, copies): each thread runs them with the caller's thread-local state
-// (below autograd, as the kernel is called), which the region's worker threads would not have otherwise.
+// BLAS libraries pick their algorithm (how the work, and on some CPUs the sums, are split) from the number
+// of threads they may use, not from the number they get: inside a parallel region they run on the calling
+// thread, but (seen on an AVX-512 Xeon, for MKL's float32 and oneDNN's bfloat16 GEMMs) with other bits than
+// under torch.set_num_threads(1). SequentialBlas tells the calling thread's BLAS that it has one thread:
+// MKL's thread-local setting (MKL_Set_Num_Threads_Local, exported by libtorch_cpu when torch uses MKL; a
+// null weak reference elsewhere, e.g. OpenBLAS or aarch64) and this thread's OpenMP thread count, which
+// oneDNN reads. Both are restored on exit; other threads are not affected.
+// torch sets both back to its thread count on a thread's first parallel loop (at::init_num_threads, once per
+// thread, e.g. inside an addmm's bias copy): hold() says whether the setting held, setting it again.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+class SequentialBlas {
+ public:
+  SequentialBlas() : mkl_previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {
+#ifdef _OPENMP
+    omp_previous_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_previous_);
+#ifdef _OPENMP
+    omp_set_num_threads(omp_previous_);
+#endif
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+  // Whether BLAS still had one thread; it has again after the call.
+  bool hold() const {
+    bool held = MKL_Set_Num_Threads_Local == nullptr || MKL_Set_Num_Threads_Local(1) == 1;
+#ifdef _OPENMP
+    if (omp_get_max_threads() != 1) {
+      held = false;
+      omp_set_num_threads(1);
+    }
+#endif
+    return held;
+  }
+
+ private:
+  int mkl_previous_;  // 0: MKL's global setting
+#ifdef _OPENMP
+  int omp_previous_;
+#endif
+};
+
+// f(i) for every tile i < n, in a parallel region whenever more than one thread may run, with BLAS on the
+// calling thread and told so (SequentialBlas), so a tile's result is the same whatever the thread count (one
+// tile too: the region then has a thread with nothing to do). A tile during which the setting did not hold
+// is computed again (f(i) overwrites its outputs), at most once per thread. Each thread takes the next tile
+// not yet taken, so tiles of different costs (dX's and dW's) keep every thread busy; which thread computes
+// a tile does not change it. The tiles call ATen ops (views, addmm, copies): each thread runs them with the
+// caller's thread-local state (below autograd, as the kernel is called), which the region's worker threads
+// would not have otherwise.
 template <typename F>
 void run_tiles(int64_t n, const F& f) {
   if (n <= 0) return;
+  const auto run = [&](const SequentialBlas& sequential, int64_t i) {
+    do f(i);
+    while (!sequential.hold());
+  };
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (at::get_num_threads() == 1 || at::in_parallel_region()) {
-    for (int64_t i = 0; i < n; ++i) f(i);
+    const SequentialBlas sequential;
+    for (int64_t i = 0; i < n; ++i) run(sequential, i);
     return;
   }
   const at::ThreadLocalState state;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::max<int64_t>(threads, 2), 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard guard(state);
-    for (int64_t i = next++; i < n; i = next++) f(i);
+    const SequentialBlas sequential;
+    for (int64_t i = next++; i < n; i = next++) run(sequential, i);
   });
 }
 
