@@ -118,7 +118,7 @@ class SequentialBlas {
 // f(i) for every tile i < n, in a parallel region whenever more than one thread may run, with BLAS on the
 // calling thread and told so (SequentialBlas), so a tile's result is the same whatever the thread count (one
 // tile too: the region then has a thread with nothing to do). A tile during which the setting did not hold
-// is computed again (f(i) overwrites its outputs), at most once per thread. Each thread takes the next tile
+// is computed again (f(i) overwrites its outputs): once per thread in practice, twice at most. Each thread takes the next tile
 // not yet taken, so tiles of different costs (dX's and dW's) keep every thread busy; which thread computes
 // a tile does not change it. The tiles call ATen ops (views, addmm, copies): each thread runs them with the
 // caller's thread-local state (below autograd, as the kernel is called), which the region's worker threads
@@ -127,8 +127,12 @@ template <typename F>
 void run_tiles(int64_t n, const F& f) {
   if (n <= 0) return;
   const auto run = [&](const SequentialBlas& sequential, int64_t i) {
-    do f(i);
-    while (!sequential.hold());
+    // Twice at most: torch resets the setting once per thread (and per library inlining its lazy init); a
+    // setting that never holds must not loop forever.
+    for (int tries = 0; tries < 3; ++tries) {
+      f(i);
+      if (sequential.hold()) return;
+    }
   };
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (at::get_num_threads() == 1 || at::in_parallel_region()) {
