@@ -1,8 +1,11 @@
 // What the emulated tests of the CUDA GEMM (linear_act's, and linear_glu's gated one) share: strided
-// matrices inside padded buffers, and the GEMM's host side run with a NaN-filled split-K workspace.
+// matrices inside padded buffers, the GEMM's host side run with a NaN-filled split-K workspace, and what it
+// chose (tiles, split K).
 #pragma once
 
 #include "cuda/linear_act_gemm.cuh"
+
+#include <gtest/gtest.h>
 
 #include <cstdint>
 #include <limits>
@@ -48,6 +51,23 @@ void run_gemm(const cuda::GemmArgs<T>& args) {
     workspace.assign((bytes + sizeof(double) - 1) / sizeof(double), std::numeric_limits<double>::quiet_NaN());
     return static_cast<void*>(workspace.data());
   });
+}
+
+// What the host side chose for the last GEMM, of an (M, cols) output (a gated GEMM's cols = 2N): large tiles
+// (BM = BN = 128), split K.
+struct Chosen {
+  bool large = false, split = false;
+};
+
+inline Chosen chosen(int64_t M, int64_t cols) {
+  const auto& log = cuda_emulator::launches;
+  Chosen c;
+  if (log.empty()) return c;
+  const dim3 grid = log.front().grid;  // the GEMM kernel; with split K, the reduction follows
+  c.large = (M > 64 || cols > 64) && grid.x == unsigned((M + 127) / 128) && grid.y == unsigned((cols + 127) / 128);
+  c.split = grid.z > 1;
+  EXPECT_EQ(log.size(), c.split ? 2u : 1u) << "a split GEMM is one GEMM and one reduction";
+  return c;
 }
 
 }  // namespace customlayers::testing

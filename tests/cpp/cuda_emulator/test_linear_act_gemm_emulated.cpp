@@ -19,6 +19,7 @@ namespace {
 
 namespace cl = customlayers::cuda;
 namespace emu = customlayers::cuda_emulator;
+namespace ct = customlayers::testing;
 
 using customlayers::testing::run_gemm;
 using customlayers::testing::Strided;
@@ -104,27 +105,12 @@ const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes() {
   return s;
 }
 
-// What the host side chose for the last GEMM: large tiles, split K.
-struct Chosen {
-  bool large = false, split = false;
-};
-
-Chosen chosen(int64_t M, int64_t N) {
-  const auto& log = emu::launches;
-  Chosen c;
-  if (log.empty()) return c;
-  const dim3 grid = log.front().grid;  // the GEMM kernel; with split K, the reduction follows
-  c.large = (M > 64 || N > 64) && grid.x == unsigned((M + 127) / 128) && grid.y == unsigned((N + 127) / 128);
-  c.split = grid.z > 1;
-  EXPECT_EQ(log.size(), c.split ? 2u : 1u) << "a split GEMM is one GEMM and one reduction";
-  return c;
-}
 
 template <typename T>
-Chosen run_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes, int sm_count) {
+ct::Chosen run_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes, int sm_count) {
   std::mt19937 rng(1234);
   const customlayers::testing::ScopedSmCount sms(sm_count);
-  Chosen any;
+  ct::Chosen any;
   int variant = 0;
 #ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
   const std::vector<bool> alignments{false};  // barriers and races do not depend on it
@@ -140,7 +126,7 @@ Chosen run_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shape
         emu::launches.clear();
         check_gemm<T>(c, rng);
         if (::testing::Test::HasFatalFailure()) return any;
-        const Chosen now = chosen(M, N);
+        const ct::Chosen now = ct::chosen(M, N);
         any.large |= now.large;
         any.split |= now.split;
       }
@@ -149,7 +135,7 @@ Chosen run_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shape
 
 template <typename T>
 void run_all(int sm_count, bool expect_large_somewhere) {
-  const Chosen any = run_cases<T>(shapes(), sm_count);
+  const ct::Chosen any = run_cases<T>(shapes(), sm_count);
   EXPECT_EQ(any.large, expect_large_somewhere) << "the tile size chosen for the SM count";
 }
 

@@ -137,27 +137,12 @@ const std::vector<std::tuple<int64_t, int64_t, int64_t>>& gated_shapes() {
   return s;
 }
 
-// Whether the last gated GEMM took large tiles (BM = BN = 128: 64 outputs per block), and split K.
-struct Chosen {
-  bool large = false, split = false;
-};
-
-Chosen chosen(int64_t M, int64_t N) {
-  const auto& log = emu::launches;
-  Chosen c;
-  if (log.empty()) return c;
-  const dim3 grid = log.front().grid;
-  c.large = (M > 64 || N > 32) && grid.x == unsigned((M + 127) / 128) && grid.y == unsigned((N + 63) / 64);
-  c.split = grid.z > 1;
-  EXPECT_EQ(log.size(), c.split ? 2u : 1u) << "a split GEMM is one GEMM and one reduction";
-  return c;
-}
 
 template <typename T>
-Chosen run_gated_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes, int sm_count) {
+ct::Chosen run_gated_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& shapes, int sm_count) {
   std::mt19937 rng(4321);
   const ct::ScopedSmCount sms(sm_count);
-  Chosen any;
+  ct::Chosen any;
   int variant = 0;
 #ifdef CUSTOMLAYERS_EMULATOR_FEW_CASES
   const std::vector<bool> alignments{false};
@@ -173,7 +158,7 @@ Chosen run_gated_cases(const std::vector<std::tuple<int64_t, int64_t, int64_t>>&
         emu::launches.clear();
         check_gated<T>(c, rng);
         if (::testing::Test::HasFatalFailure()) return any;
-        const Chosen now = chosen(M, N);
+        const ct::Chosen now = ct::chosen(M, 2 * N);
         any.large |= now.large;
         any.split |= now.split;
       }
