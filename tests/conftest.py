@@ -110,13 +110,17 @@ def assert_compiled_matches_eager(model, x):
         torch.testing.assert_close(g, p.grad)
 
 
+# The ways of running 16-bit CPU GEMMs that CUSTOMLAYERS_CPU_BLAS16 forces (csrc/cpu/linear_act_widen.h).
+BLAS16_MODES = ["native", "float", "dot", "amx"]
+
+
 def run_16bit_checks(module: str, blas16: str) -> None:
     """module's check_bf16_views_and_specials() then check_accuracy_like_native(), in a subprocess with
-    CUSTOMLAYERS_CPU_BLAS16=blas16 (read once per process): skips where 'dot' is refused on this CPU or tier,
-    fails with the output otherwise."""
+    CUSTOMLAYERS_CPU_BLAS16=blas16 (read once per process): skips where 'dot' or 'amx' is refused on this CPU
+    or tier (saying why), fails with the output otherwise."""
     import subprocess
     import sys
-    unsupported = "needs a CPU with AVX512-BF16"
+    unsupported = f"CUSTOMLAYERS_CPU_BLAS16={blas16} needs a CPU with"
     code = (f"import conftest, {module} as t\n"  # conftest first: it may load a library
             "try:\n    t.check_bf16_views_and_specials()\n"
             f"except ValueError as e:\n    if {unsupported!r} not in str(e): raise\n    print(e); raise SystemExit(3)\n"
@@ -124,6 +128,6 @@ def run_16bit_checks(module: str, blas16: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
                          capture_output=True, text=True,
                          env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": blas16, "PYTHONPATH": os.pathsep.join(sys.path)})
-    if out.returncode == 3 and blas16 == "dot":
-        pytest.skip(f"CUSTOMLAYERS_CPU_BLAS16=dot: {out.stdout.strip()}")
+    if out.returncode == 3:
+        pytest.skip(f"CUSTOMLAYERS_CPU_BLAS16={blas16}: {out.stdout.strip()}")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

@@ -17,7 +17,8 @@ from customlayers._activations import apply as apply_activation
 from customlayers import functional as F
 from customlayers import reference
 from customlayers.nn import LazyMyLinear, LinearReLU, MyLinear
-from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension, run_16bit_checks
+from conftest import (BLAS16_MODES, DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension,
+                      run_16bit_checks)
 
 # Tolerances relative to the float64 reference; reduced precision scales with sqrt(in_features).
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -576,10 +577,10 @@ def check_bf16_views_and_specials():
     and NaN/inf in x: NaN and inf where the float64 reference has them, the rest within 1.5x nn.Linear +
     activation's error (as check_accuracy_like_native). Raises AssertionError listing failures.
 
-    One exception: where nn.Linear's own NaN/inf differ from the reference's, ours may have nn.Linear's.
-    oneDNN's AMX bfloat16 GEMM (up to 3.13; torch 2.14's) leaks NaN/inf into the row before when K > 32 and
-    K % 32 != 0 (uxlfoundation/oneDNN#5717), and the none/relu forward runs on that GEMM where the CPU has
-    AMX, as nn.Linear does."""
+    One exception: where nn.Linear's own NaN/inf differ from the reference's, ours may have nn.Linear's for
+    none and relu. oneDNN's AMX bfloat16 GEMM (up to 3.13; torch 2.14's) leaks NaN/inf into the row before
+    when K > 32 and K % 32 != 0 (uxlfoundation/oneDNN#5717), and CUSTOMLAYERS_CPU_BLAS16=native runs the
+    none/relu forward on that GEMM, as nn.Linear does."""
     failures = []
     g = torch.Generator().manual_seed(0)
     for m, k, n in [(75, 131, 45), (21, 131, 90)]:
@@ -618,14 +619,15 @@ def check_bf16_views_and_specials():
 
 
 @requires_extension()
-@pytest.mark.parametrize("blas16", ["native", "float", "dot"])
+@pytest.mark.parametrize("blas16", BLAS16_MODES)
 def test_reduced_precision_accuracy_like_native(blas16):
     """float16/bfloat16 against a float64 reference on every CPU path, with and without bias, weight_t both
     ways: each error (y, dx, dW, db) at most 1.5x that of nn.Linear + the activation in the same dtype; and
     the bfloat16 forward with views and NaN/inf (check_bf16_views_and_specials). Each way of running 16-bit
     GEMMs is forced (CUSTOMLAYERS_CPU_BLAS16): 'native' (16-bit operands, float32 accumulation; ATen's
     generic GEMM where the CPU has no 16-bit dot products) and 'float' (operands widened to float32) on any
-    CPU; 'dot' (the AVX512-BF16 kernel for the bfloat16 forwards that round once) where the CPU has it."""
+    CPU; 'dot' and 'amx' (the AVX512-BF16 and AMX kernels of the bfloat16 forwards that round once) where
+    the CPU has them."""
     run_16bit_checks("test_linear_act", blas16)
 
 
@@ -636,7 +638,7 @@ def test_bad_blas16_setting_is_refused():
             "try:\n    customlayers.functional.linear_act(x, w)\nexcept ValueError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": "fast", "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert "CUSTOMLAYERS_CPU_BLAS16 must be 'native', 'float' or 'dot'" in out.stdout, out.stderr[-2000:]
+    assert "CUSTOMLAYERS_CPU_BLAS16 must be 'native', 'float', 'dot' or 'amx'" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,7 +16,8 @@ from customlayers import reference
 from customlayers._activations import NAMES as ACTIVATIONS
 from customlayers._activations import apply as apply_activation
 from customlayers.nn import GatedMLP
-from conftest import DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension, run_16bit_checks
+from conftest import (BLAS16_MODES, DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension,
+                      run_16bit_checks)
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 GLU_ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
@@ -238,11 +239,11 @@ def check_bf16_views_and_specials():
 
 
 @requires_extension()
-@pytest.mark.parametrize("blas16", ["native", "float", "dot"])
+@pytest.mark.parametrize("blas16", BLAS16_MODES)
 def test_reduced_precision_accuracy_like_native(blas16):
     """check_accuracy_like_native and check_bf16_views_and_specials with each way of running 16-bit GEMMs
-    forced (CUSTOMLAYERS_CPU_BLAS16): 'native' and 'float' on any CPU; 'dot' (the AVX512-BF16 forward) where
-    the CPU has it."""
+    forced (CUSTOMLAYERS_CPU_BLAS16): 'native' and 'float' on any CPU; 'dot' and 'amx' (the AVX512-BF16 and
+    AMX forwards) where the CPU has them."""
     run_16bit_checks("test_linear_glu", blas16)
 
 

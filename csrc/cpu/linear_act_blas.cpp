@@ -7,7 +7,7 @@
 //  * forward: per tile out = x @ W + bias (addmm: the bias is added to the GEMM's accumulator, so float16 and
 //    bfloat16 outputs are rounded once, as nn.Linear's), then the activation on the tile while it is in cache
 //    (float16/bfloat16 with an activation other than relu: the whole forward in float32, rounded once, or for
-//    bfloat16 on the AVX512-BF16 kernel of linear_act_bf16.h);
+//    bfloat16 on the AMX or AVX512-BF16 kernel of linear_act_bf16.h);
 //  * backward: one pass over grad makes the masked gradient g' = g * act'(.) and the bias-gradient chunk sums (fixed 64-row
 //    chunks); then the tiles of dX = g' W^T and dW = X^T g' (in the weight's layout) in one parallel region.
 // float16/bfloat16 run in float32 where the CPU lacks fast GEMMs for them (linear_act_widen.h).
@@ -131,10 +131,13 @@ template <typename T>
 void blas_forward(const LinearForward& args, at::Tensor& out) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
     // A native 16-bit GEMM rounds its output: relu of the rounded value is the rounded relu, but the other
-    // activations would be rounded twice, so they run in float32 and round once.
+    // activations would be rounded twice, so they run in float32 and round once, or for bfloat16 on a
+    // kernel of linear_act_bf16.h (the AMX one also runs none and relu: faster than the BLAS tiles there).
     const bool act_on_rounded = args.act == Activation::kNone || args.act == Activation::kRelu;
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (!act_on_rounded && bf16_dot_enabled("linear_act")) return bf16_dot_forward(args, out);
+      if (const Bf16Kernel kernel = bf16_kernel("linear_act");
+          kernel == Bf16Kernel::kAmx || (!act_on_rounded && kernel != Bf16Kernel::kNone))
+        return bf16_forward(args, out, kernel);
     }
     if (blas_in_float<T>() || !act_on_rounded) {
       LinearForward wide = args;

@@ -21,9 +21,9 @@ namespace customlayers::cpu {
 // How float16/bfloat16 GEMMs run, CUSTOMLAYERS_CPU_BLAS16 (read once): unset, the CPU decides (below);
 // 'native' or 'float' forces BLAS's 16-bit GEMMs or float32 ones on any CPU, so that tests run both
 // everywhere (native then runs ATen's generic GEMM where the CPU has no 16-bit dot products: slow, but
-// rounded once like the others); 'dot' asks for the AVX512-BF16 forward (linear_act_bf16.h) where it may
-// run and refuses to run elsewhere.
-enum class Blas16 { kAuto, kNative, kFloat, kDot };
+// rounded once like the others); 'dot' and 'amx' ask for the AVX512-BF16 or the AMX kernel of the bfloat16
+// forwards that round once (linear_act_bf16.h) where it may run, and refuse to run elsewhere.
+enum class Blas16 { kAuto, kNative, kFloat, kDot, kAmx };
 
 inline Blas16 blas16_setting() {
   static const Blas16 setting = [] {
@@ -32,7 +32,8 @@ inline Blas16 blas16_setting() {
     if (forced == "native") return Blas16::kNative;
     if (forced == "float") return Blas16::kFloat;
     if (forced == "dot") return Blas16::kDot;
-    TORCH_CHECK_VALUE(forced.empty(), "linear_act: CUSTOMLAYERS_CPU_BLAS16 must be 'native', 'float' or 'dot' (or "
+    if (forced == "amx") return Blas16::kAmx;
+    TORCH_CHECK_VALUE(forced.empty(), "linear_act: CUSTOMLAYERS_CPU_BLAS16 must be 'native', 'float', 'dot' or 'amx' (or "
                       "unset), but got '", std::string(forced), "'");
     return Blas16::kAuto;
   }();
@@ -47,7 +48,8 @@ bool blas_in_float() {
       case Blas16::kNative: return false;
       case Blas16::kFloat: return true;
       case Blas16::kAuto:
-      case Blas16::kDot: break;
+      case Blas16::kDot:
+      case Blas16::kAmx: break;
     }
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
     const bool native = std::is_same_v<T, at::BFloat16>

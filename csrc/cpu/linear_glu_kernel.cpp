@@ -8,9 +8,9 @@
 //    products summed in the tile), dWg = X^T dgate and dWu = X^T dup (in their weights' layouts) in one
 //    parallel region; the bias gradients are the chunks added in order, in double.
 // float16/bfloat16: the forward rounds each output (and each saved pre-activation) once, from float32 sums
-// (bfloat16 on the AVX512-BF16 kernel of linear_act_bf16.h where it runs, else operands widened to float32,
-// exactly); the backward rounds the gated gradients once and runs the 16-bit GEMMs where the CPU has fast
-// ones (each output rounded once), else all of it in float32. Results do not depend on the thread count:
+// (bfloat16 on the AMX or AVX512-BF16 kernel of linear_act_bf16.h where one runs, else operands widened to
+// float32, exactly); the backward rounds the gated gradients once and runs the 16-bit GEMMs where the CPU has
+// fast ones (each output rounded once), else all of it in float32. Results do not depend on the thread count:
 // fixed tiles and chunks, each computed on one thread.
 #include "common/cpu_alloc.h"
 #include "common/linear_glu.h"
@@ -88,7 +88,10 @@ template <typename T>
 void forward_impl(const GluForward& args, at::Tensor& out, at::Tensor* gate, at::Tensor* up) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (args.K > 0 && bf16_dot_enabled("linear_glu")) return bf16_dot_glu_forward(args, out, gate, up);
+      if (args.K > 0) {
+        if (const Bf16Kernel kernel = bf16_kernel("linear_glu"); kernel != Bf16Kernel::kNone)
+          return bf16_glu_forward(args, out, gate, up, kernel);
+      }
     }
     GluForward wide = args;
     wide.x2 = widened<T>(args.x2);
