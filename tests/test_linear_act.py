@@ -579,8 +579,8 @@ def check_bf16_views_and_specials():
 
     One exception: where nn.Linear's own NaN/inf differ from the reference's, ours may have nn.Linear's for
     none and relu. oneDNN's AMX bfloat16 GEMM (up to 3.13; torch 2.14's) leaks NaN/inf into the row before
-    when K > 32 and K % 32 != 0 (uxlfoundation/oneDNN#5717), and CUSTOMLAYERS_CPU_BLAS16=native runs the
-    none/relu forward on that GEMM, as nn.Linear does."""
+    when K > 32 and K % 32 != 0 (uxlfoundation/oneDNN#5717), and CUSTOMLAYERS_CPU_BLAS16=native or dot
+    runs the none/relu forward on that GEMM, as nn.Linear does."""
     failures = []
     g = torch.Generator().manual_seed(0)
     for m, k, n in [(75, 131, 45), (21, 131, 90)]:
@@ -629,6 +629,23 @@ def test_reduced_precision_accuracy_like_native(blas16):
     CPU; 'dot' and 'amx' (the AVX512-BF16 and AMX kernels of the bfloat16 forwards that round once) where
     the CPU has them."""
     run_16bit_checks("test_linear_act", blas16)
+
+
+@requires_extension()
+def test_bf16_forward_between_other_amx_users():
+    """On CPUs with AMX, PyTorch's bfloat16 attention (ATen's brgemm) and the AMX kernel of the bfloat16
+    forwards configure the same thread's tiles: each must still be right when they alternate."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 256, 64).bfloat16()
+    x, w = torch.randn(300, 131).bfloat16(), (torch.randn(131, 90) / 131 ** 0.5).bfloat16()
+    attention = torch.nn.functional.scaled_dot_product_attention
+    expected = attention(q.double(), q.double(), q.double())
+    truth = torch.nn.functional.gelu(x.double() @ w.double())
+    for _ in range(3):
+        a = attention(q, q, q)
+        y = F.linear_act(x, w, None, "gelu")
+        torch.testing.assert_close(a.double(), expected, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(y.double(), truth, atol=1e-2, rtol=2 ** -7)
 
 
 @requires_extension()

@@ -1,9 +1,10 @@
-// The bfloat16 forwards of the CPU linear_act and linear_glu kernels for the activations that must not be
-// applied to a rounded pre-activation (all but none and relu; every linear_glu): ATen's bfloat16 GEMMs
-// round their output, so the BLAS path otherwise runs these in float32 (several times slower where the CPU
-// has bfloat16 dot products). Here the products accumulate in float32 over the whole reduction, and the
-// bias, the activation and the one rounding run on the sums: on AMX tiles (ATen's brgemm) where the CPU has
-// AMX-BF16, else on AVX512-BF16 dot products (linear_act_bf16_kernels.h).
+// The bfloat16 forwards of the CPU linear_act and linear_glu kernels that accumulate in float32 and round
+// once: the activations that must not be applied to a rounded pre-activation (all but none and relu; every
+// linear_glu) and, on CPUs with AMX, all of them. ATen's bfloat16 GEMMs round their output, so the BLAS
+// path otherwise runs the former in float32 (several times slower where the CPU has bfloat16 dot
+// products). Here the products accumulate in float32 over the whole reduction, and the bias, the
+// activation and the one rounding run on the sums: on hand-written AMX tiles where the CPU has AMX-BF16,
+// else on AVX512-BF16 dot products (linear_act_bf16_kernels.h).
 #pragma once
 
 #include "common/linear_act.h"
@@ -14,7 +15,7 @@ namespace customlayers::cpu {
 enum class Bf16Kernel { kNone, kDot, kAmx };
 
 // Whether the kernels run here: the AVX512 tier's library on a CPU with AVX512-BF16; AMX also needs
-// AMX-BF16 and oneDNN enabled (torch.backends.mkldnn.enabled, asked on every call).
+// AMX-BF16 and the OS's permission to use the tiles.
 bool bf16_dot_supported();
 bool bf16_amx_supported();
 

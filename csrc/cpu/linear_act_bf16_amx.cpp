@@ -3,13 +3,14 @@
 //    in four 16 x 16 tiles (2 x 2), one TDPBF16PS per tile per 32 elements of K: A's two 16-row tiles are
 //    read from x in place, B's two tiles are 16 pair rows of the packed panels (the dot-product kernel's
 //    layout, with K padded by zeros to a multiple of 32 and the panels to an even count).
-//  * Parallel tasks of 128 rows x 256 columns; a task runs K in slices of 256 (a slice of its rows and of a
-//    pair of panels stay in L1 while its blocks use them), its blocks' sums kept in memory between slices
-//    (exact: float32 stored and loaded), then the shared epilogue on each block.
+//  * Parallel tasks of 128 rows x 256 columns; a task runs K in slices of 256 (a slice of its rows, 64 KB,
+//    stays in L2 while the pairs of panels pass), its blocks' sums kept in memory between slices (exact:
+//    float32 stored and loaded), then the shared epilogue on each block.
 //  * K's last partial step reads A's last columns from a zero-padded copy of them; a block with fewer than
 //    32 rows runs on a zero-padded copy of its rows. Either way an output's sums are the same sequence of
 //    tile steps wherever it lies: its bits depend on neither the blocking nor the thread count.
-//  * Each thread configures the tiles when it starts its tasks and releases them when done.
+//  * Each thread configures the tiles when it starts its tasks and restores what it found when done (none:
+//    released), so that another AMX user of the thread that keeps its configuration loaded finds it.
 // The tiles need the OS's permission (Linux 5.16+: arch_prctl ARCH_REQ_XCOMP_PERM), asked once.
 #include "cpu/linear_act_bf16_kernels.h"
 
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace customlayers::cpu {
@@ -57,8 +59,11 @@ TileConfig make_config() {
   return c;
 }
 
-// In static memory: GCC 12 drops the stores of a local configuration that only LDTILECFG reads.
+// In static memory: GCC 12 drops the stores of a local configuration that only LDTILECFG reads (its AMX
+// intrinsics declare no memory operands; hence also the compiler barriers around the tile code below).
 const TileConfig kTileConfig = make_config();
+
+inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
 // A block's rows as the tiles read them: steps [0, steps) of K in place (row stride lda), then, unless tail
 // is null, one more step from `tail` (32 x kStep, zero past K).
@@ -74,6 +79,7 @@ CUSTOMLAYERS_AMX_TARGET void tile_steps(const BlockRows& a, int64_t s0, int64_t 
                                         const uint16_t* b1, bool load, float* sums) {
   constexpr int64_t kSumsStride = kBlockCols * sizeof(float);
   float* const lower = sums + kTileRows * kBlockCols;
+  memory_barrier();  // the copies the A tiles read, and the sums, are written before
   if (load) {
     _tile_loadd(0, sums, kSumsStride);
     _tile_loadd(1, sums + kPanelWidth, kSumsStride);
@@ -105,13 +111,14 @@ CUSTOMLAYERS_AMX_TARGET void tile_steps(const BlockRows& a, int64_t s0, int64_t 
   _tile_stored(1, sums + kPanelWidth, kSumsStride);
   _tile_stored(2, lower, kSumsStride);
   _tile_stored(3, lower + kPanelWidth, kSumsStride);
+  memory_barrier();  // the sums are read after
 }
 
 // Per thread: a task's blocks of sums, and zero-padded copies of its partial row block and of its blocks'
 // last K columns.
 struct Scratch {
-  std::vector<float> sums;
-  std::vector<uint16_t> rows, tails;
+  std::unique_ptr<float[]> sums{new float[kTaskRows * kTaskPanels * kPanelWidth]};
+  std::vector<uint16_t> rows, tails = std::vector<uint16_t>(kTaskRows * kStep);
 };
 
 // The rows of the task's block from r (`rows` of them) as the tiles read them, copies made in s.
@@ -131,8 +138,8 @@ BlockRows block_rows(const Bf16Forward& f, int64_t r, int64_t rows, int64_t bloc
   return {a, f.lda, steps, tail};
 }
 
-// A task's blocks of sums over K in slices of kSliceSteps steps, so that a slice of the task's rows and of a
-// pair of panels stay in L1 while the blocks use them; then the epilogue of each block.
+// A task's blocks of sums over K in slices of kSliceSteps steps, so that a slice of the task's rows stays in
+// cache while the pairs of panels pass; then the epilogue of each block.
 CUSTOMLAYERS_AMX_TARGET void run_task(const Bf16Forward& f, int64_t task, Scratch& s) {
   const int64_t task_cols = (f.b.panels + kTaskPanels - 1) / kTaskPanels;
   const int64_t r_begin = task / task_cols * kTaskRows, r_end = std::min(f.rows, r_begin + kTaskRows);
@@ -144,7 +151,7 @@ CUSTOMLAYERS_AMX_TARGET void run_task(const Bf16Forward& f, int64_t task, Scratc
     blocks[i] = block_rows(f, r, std::min(kBlockRows, r_end - r), i, s);
   }
   constexpr int64_t kBlockSums = kBlockRows * kBlockCols;
-  const auto block_sums = [&](int64_t p, int64_t i) { return s.sums.data() + ((p - p_begin) / 2 * row_blocks + i) * kBlockSums; };
+  const auto block_sums = [&](int64_t p, int64_t i) { return s.sums.get() + ((p - p_begin) / 2 * row_blocks + i) * kBlockSums; };
   const int64_t all_steps = blocks[0].all_steps();
   for (int64_t s0 = 0; s0 < std::max<int64_t>(all_steps, 1); s0 += kSliceSteps) {
     const int64_t s1 = std::min(all_steps, s0 + kSliceSteps);
@@ -168,12 +175,18 @@ CUSTOMLAYERS_AMX_TARGET void run_task(const Bf16Forward& f, int64_t task, Scratc
 
 CUSTOMLAYERS_AMX_TARGET void run_tasks(const Bf16Forward& f, int64_t begin, int64_t end) {
   Scratch s;
-  s.sums.resize(kTaskRows * kTaskPanels * kPanelWidth);
-  s.tails.resize(kTaskRows * kStep);
-  _tile_loadconfig(&kTileConfig);
-  struct Release {  // the tiles are released when the thread leaves, errors included
-    CUSTOMLAYERS_AMX_TARGET ~Release() { _tile_release(); }
-  } release;
+  struct Restore {  // the thread's tile configuration as it was, when it leaves (errors included)
+    TileConfig found;
+    CUSTOMLAYERS_AMX_TARGET Restore() {
+      _tile_storeconfig(&found);
+      memory_barrier();
+      _tile_loadconfig(&kTileConfig);
+    }
+    CUSTOMLAYERS_AMX_TARGET ~Restore() {
+      if (found.palette == 0) _tile_release();
+      else _tile_loadconfig(&found);
+    }
+  } restore;
   for (int64_t t = begin; t < end; ++t) run_task(f, t, s);
 }
 
