@@ -30,7 +30,8 @@ def backend() -> str:
 
 def backend_report() -> Dict[str, object]:
     """Details behind backend(): the reason for a fallback, the build's torch/CUDA versions and the CPU
-    kernels' tier (build: cpu_tier, the one loaded; cpu_tier_reason, why; cpu_tiers_built), and for
+    kernels' tier (build: cpu_tier, the one loaded; cpu_tier_reason, why; cpu_tiers_built; cpu_gemms, the
+    GEMMs that tier's kernels run for each dtype on this machine, and why), and for
     each op and device whether a compiled kernel ('kernel') or the reference ('fallback') runs, and why
     the reference does ('why')."""
     return {

@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
+from . import _cpu
 from ._opdefs import OPDEFS
 
 NAMESPACE = "customlayers"
@@ -196,7 +197,19 @@ def _read_cpu_tier(paths) -> None:
         tier, rest = text.split("\n", 1)
         why, built = rest.rsplit("\n", 1)
         _build.update(cpu_tier=tier, cpu_tier_reason=why, cpu_tiers_built=tuple(built.split(",")) if built else ())
+        if tier:
+            _build.update(cpu_gemms=_read_cpu_gemms(os.path.join(os.path.dirname(path), _cpu.tier_library(tier))))
         return
+
+
+def _read_cpu_gemms(tier_path) -> Dict[str, str]:
+    """Which GEMMs the loaded tier's kernels run for each dtype, and why (csrc/cpu/kernel_report.cpp)."""
+    try:
+        report = ctypes.CDLL(tier_path).customlayers_cpu_gemm_report
+    except (OSError, AttributeError) as e:
+        return {"error": f"{tier_path} reports no GEMMs: {e}"}
+    report.restype = ctypes.c_char_p
+    return dict(line.split("=", 1) for line in report().decode(errors="replace").split("\n") if "=" in line)
 
 
 def _registered_elsewhere() -> bool:

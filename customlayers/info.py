@@ -48,6 +48,8 @@ def _running_lines() -> List[str]:
     if "cpu_tier" in build:
         lines.append(f"CPU tier:        {build['cpu_tier'] or 'none'} ({build['cpu_tier_reason']}; "
                      f"tiers beside the library: {', '.join(build['cpu_tiers_built']) or 'none'})")
+    for dtype, how in build.get("cpu_gemms", {}).items():
+        lines.append(f"CPU GEMMs:       {dtype}: {how}")
     return lines
 
 

@@ -112,22 +112,36 @@ def assert_compiled_matches_eager(model, x):
 
 # The ways of running 16-bit CPU GEMMs that CUSTOMLAYERS_CPU_BLAS16 forces (csrc/cpu/linear_act_widen.h).
 BLAS16_MODES = ["native", "float", "dot", "amx"]
+# The float32 GEMMs that CUSTOMLAYERS_CPU_BLAS32 forces on the BLAS path (csrc/cpu/gemm_f32.h): BLAS's, ours.
+BLAS32_MODES = ["native", "own"]
+
+
+def _run_checks(module: str, checks: str, env: dict) -> None:
+    """`checks` (Python statements, module imported as t) in a subprocess with the variables of env added
+    (the kernels read them once per process): skips when a check raises ValueError saying that a forced
+    mode "needs a CPU with" what this one lacks, fails with the output otherwise."""
+    import subprocess
+    import sys
+    code = (f"import conftest, {module} as t\n"  # conftest first: it may load a library
+            f"try:\n    {checks}\n"
+            "except ValueError as e:\n    if 'needs a CPU with' not in str(e): raise\n    print(e); raise SystemExit(3)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    forced = " ".join(f"{k}={v}" for k, v in env.items())
+    if out.returncode == 3:
+        pytest.skip(f"{forced}: {out.stdout.strip()}")
+    assert out.returncode == 0, forced + "\n" + out.stdout[-2000:] + out.stderr[-4000:]
 
 
 def run_16bit_checks(module: str, blas16: str) -> None:
-    """module's check_bf16_views_and_specials() then check_accuracy_like_native(), in a subprocess with
-    CUSTOMLAYERS_CPU_BLAS16=blas16 (read once per process): skips where 'dot' or 'amx' is refused on this CPU
-    or tier (saying why), fails with the output otherwise."""
-    import subprocess
-    import sys
-    unsupported = f"CUSTOMLAYERS_CPU_BLAS16={blas16} needs a CPU with"
-    code = (f"import conftest, {module} as t\n"  # conftest first: it may load a library
-            "try:\n    t.check_bf16_views_and_specials()\n"
-            f"except ValueError as e:\n    if {unsupported!r} not in str(e): raise\n    print(e); raise SystemExit(3)\n"
-            "t.check_accuracy_like_native()\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         capture_output=True, text=True,
-                         env={**os.environ, "CUSTOMLAYERS_CPU_BLAS16": blas16, "PYTHONPATH": os.pathsep.join(sys.path)})
-    if out.returncode == 3:
-        pytest.skip(f"CUSTOMLAYERS_CPU_BLAS16={blas16}: {out.stdout.strip()}")
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    """module's check_bf16_views_and_specials() then check_accuracy_like_native() with
+    CUSTOMLAYERS_CPU_BLAS16=blas16: skips where 'dot' or 'amx' is refused on this CPU or tier (saying why)."""
+    _run_checks(module, "t.check_bf16_views_and_specials(); t.check_accuracy_like_native()",
+                {"CUSTOMLAYERS_CPU_BLAS16": blas16})
+
+
+def run_float32_checks(module: str, blas32: str) -> None:
+    """module's check_float32_like_native() with CUSTOMLAYERS_CPU_BLAS32=blas32, and its 16-bit accuracy check
+    with those GEMMs run in float32 (CUSTOMLAYERS_CPU_BLAS16=float) on the same float32 GEMMs."""
+    _run_checks(module, "t.check_float32_like_native(); t.check_accuracy_like_native()",
+                {"CUSTOMLAYERS_CPU_BLAS32": blas32, "CUSTOMLAYERS_CPU_BLAS16": "float"})

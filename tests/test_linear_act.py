@@ -17,8 +17,8 @@ from customlayers._activations import apply as apply_activation
 from customlayers import functional as F
 from customlayers import reference
 from customlayers.nn import LazyMyLinear, LinearReLU, MyLinear
-from conftest import (BLAS16_MODES, DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension,
-                      run_16bit_checks)
+from conftest import (BLAS16_MODES, BLAS32_MODES, DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager,
+                      requires_extension, run_16bit_checks, run_float32_checks)
 
 # Tolerances relative to the float64 reference; reduced precision scales with sqrt(in_features).
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -206,11 +206,13 @@ def test_relu_backward_nan_like_torch(device, dtype, k, nan_in, create_graph):
     native = [t.clone().requires_grad_() for t in (x, w, b)]
     y = F.linear_act(*ours)
     expected_y = torch.relu(native[0] @ native[1] + native[2])
-    torch.testing.assert_close(y, expected_y, equal_nan=True)
+    tol = TOL[dtype] * k ** 0.5
+    truth = torch.relu(x.double() @ w.double() + b.double())
+    torch.testing.assert_close(y.double(), truth, equal_nan=True, rtol=tol, atol=tol * 10)
+    assert torch.equal(y.isnan(), expected_y.isnan())
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, ours, g, create_graph=create_graph)
     expected = torch.autograd.grad(expected_y, native, g)
-    tol = TOL[dtype] * k ** 0.5
     for name, a, e in zip(("dx", "dweight", "dbias"), got, expected):
         assert torch.equal(a.isnan(), e.isnan()), name
         torch.testing.assert_close(a, e, equal_nan=True, rtol=tol, atol=tol * 10, msg=name)
@@ -498,6 +500,10 @@ THREAD_SHAPES = [(3000, 17, 33), (3000, 100, 10), (3000, 300, 33), (40, 300, 70)
 def test_cpu_results_independent_of_thread_count(dtype, shape, transposed, act):
     """Output and every gradient are the same bits for 1, 2 and 3 threads on every CPU path: BLAS GEMMs
     run as tiles fixed by the shapes, each on one thread; sums over rows in fixed chunks."""
+    _check_same_bits_on_any_thread_count(dtype, shape, transposed, act)
+
+
+def _check_same_bits_on_any_thread_count(dtype, shape, transposed, act):
     m, k, n = shape
     x, w, b = make((m, k), k, n, dtype=dtype, transposed=transposed, requires_grad=True)
     g = torch.randn(m, n, dtype=dtype)
@@ -552,13 +558,13 @@ def _accuracy_errors(dtype, shape, bias, transposed, act):
 ACCURACY_SHAPES = [(256, 20, 256), (256, 256, 10), (512, 300, 130), (64, 700, 600)]
 
 
-def check_accuracy_like_native():
+def check_accuracy_like_native(dtypes=(torch.float16, torch.bfloat16), shapes=ACCURACY_SHAPES):
     """Every float16/bfloat16 path rounds once: errors at most 1.5x nn.Linear's + activation (plus 1% of the
     dtype's epsilon, for errors that are exactly zero natively). Raises AssertionError listing failures."""
     failures = []
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         eps = torch.finfo(dtype).eps
-        for shape in ACCURACY_SHAPES:
+        for shape in shapes:
             for bias in (True, False):
                 for transposed in (True, False):
                     for act in ACTIVATIONS:
@@ -616,6 +622,67 @@ def check_bf16_views_and_specials():
     assert not failures, "\n".join(failures)
 
 
+
+
+# float32 on the BLAS path: K over several of gemm_f32's reduction slices, more columns than one of its
+# blocks, row and column tails, one row, a narrow output (GEMMs reoriented), dW summed over row chunks.
+FLOAT32_SHAPES = [(512, 300, 130), (64, 700, 600), (1, 300, 40), (33, 65, 1100), (70, 257, 33), (130, 523, 9),
+                  (3000, 100, 20)]
+
+
+def check_float32_like_native():
+    """float32 on the BLAS path, whichever GEMM runs it (CUSTOMLAYERS_CPU_BLAS32): errors of y, dx, dW, db at
+    most 1.5x nn.Linear + activation's; x and the weight as views of other strides; NaN and inf in x where the
+    float64 reference has them; the same bits on 1 and 2 threads. Raises AssertionError listing failures."""
+    check_accuracy_like_native((torch.float32,), FLOAT32_SHAPES)
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in [(75, 131, 45), (21, 300, 90)]:
+        x_base, w_base = torch.randn(2 * k, 2 * k, generator=g), torch.randn(2 * k, 2 * n, generator=g) / k ** 0.5
+        b = torch.randn(n, generator=g)
+        specials = x_base[:m, :k].clone()
+        specials[3, 5], specials[7, 9], specials[11, 0] = float("nan"), float("inf"), -float("inf")
+        xs = {"row stride > k": x_base[:m, 3:k + 3], "transposed": x_base[:k, :m].t(), "nan and inf": specials}
+        weights = {"(in, out) sliced": (w_base[1:k + 1, :n], False), "(out, in)": (w_base[:k, :n].t().contiguous(), True),
+                   "(out, in) sliced": (w_base.t().contiguous()[:n, 5:k + 5], True)}
+        for (xname, x), (wname, (w, weight_t)), act in itertools.product(xs.items(), weights.items(), ACTIVATIONS):
+            w_in_out = w.t() if weight_t else w
+            inputs = [t.detach().requires_grad_() for t in (x, w, b)]
+            y = F.linear_act(*inputs, act, weight_t=weight_t)
+            leaves = [t.detach().double().requires_grad_() for t in (x, w_in_out, b)]
+            truth = apply_activation(act, leaves[0] @ leaves[1] + leaves[2])
+            what = f"{(m, k, n)}, x {xname}, weight {wname}, {act}"
+            with torch.no_grad():  # NaN/inf as float64's, or as torch's float32 function's (gelu(inf) is NaN there)
+                native = apply_activation(act, x @ w_in_out + b)
+            assert any(torch.equal(y.isnan(), t.isnan()) and torch.equal(y.isinf(), t.isinf()) for t in (truth, native)), what
+            finite = truth.isfinite() & y.isfinite()
+            torch.testing.assert_close(y[finite].double(), truth[finite], rtol=1e-5, atol=1e-5, msg=what)
+            if xname != "nan and inf":
+                grad = torch.randn(m, n, generator=g)
+                ours = torch.autograd.grad(y, inputs, grad)
+                native = torch.autograd.grad(truth, leaves, grad.double())
+                for o, e in zip(ours, (native[0], native[1].t() if weight_t else native[1], native[2])):
+                    torch.testing.assert_close(o.double(), e, rtol=1e-5, atol=1e-4, msg=what)
+    for shape in [(2048, 784, 256), (64, 1024, 700)]:
+        _check_same_bits_on_any_thread_count(torch.float32, shape, True, "gelu")
+
+
+@requires_extension()
+@pytest.mark.parametrize("blas32", BLAS32_MODES)
+def test_float32_blas_paths(blas32):
+    """check_float32_like_native, and check_accuracy_like_native with the 16-bit GEMMs in float32, with each
+    float32 GEMM of the BLAS path forced (CUSTOMLAYERS_CPU_BLAS32): BLAS's ('native') and the hand-written
+    one of gemm_f32.h ('own', any CPU tier)."""
+    run_float32_checks("test_linear_act", blas32)
+
+
+@requires_extension()
+def test_bad_blas32_setting_is_refused():
+    code = ("import torch, customlayers\n"
+            "x, w = torch.randn(70, 100), torch.randn(100, 90)\n"
+            "try:\n    customlayers.functional.linear_act(x, w)\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "CUSTOMLAYERS_CPU_BLAS32": "mkl", "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "CUSTOMLAYERS_CPU_BLAS32 must be 'native' or 'own'" in out.stdout, out.stderr[-2000:]
 
 
 @requires_extension()

@@ -16,8 +16,8 @@ from customlayers import reference
 from customlayers._activations import NAMES as ACTIVATIONS
 from customlayers._activations import apply as apply_activation
 from customlayers.nn import GatedMLP
-from conftest import (BLAS16_MODES, DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager, requires_extension,
-                      run_16bit_checks)
+from conftest import (BLAS16_MODES, BLAS32_MODES, DEVICES, FLOAT_DTYPES, assert_compiled_matches_eager,
+                      requires_extension, run_16bit_checks, run_float32_checks)
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 GLU_ACTS = ["silu", "gelu", "gelu_tanh", "relu"]
@@ -195,15 +195,15 @@ def _accuracy_errors(dtype, shape, act, bias, weight_t, seed):
 SEEDS = 3
 
 
-def check_accuracy_like_native():
+def check_accuracy_like_native(dtypes=(torch.float16, torch.bfloat16), shapes=((64, 20, 48), (75, 131, 45), (256, 300, 130))):
     """16-bit outputs and gradients round once from float32 sums (or, where 16-bit GEMMs run, from the
     gated gradients rounded once): errors, averaged over SEEDS inputs (the largest error of one small case
     varies by 2x from seed to seed), at most 1.5x the native gated MLP half's (plus 1% of the dtype's
     epsilon). Raises AssertionError listing the failures."""
     failures = []
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         eps = torch.finfo(dtype).eps
-        for shape in [(64, 20, 48), (75, 131, 45), (256, 300, 130)]:
+        for shape in shapes:
             for act in GLU_ACTS:
                 for bias in (True, False):
                     for weight_t in (True, False):
@@ -238,6 +238,25 @@ def check_bf16_views_and_specials():
 
 
 
+def check_float32_like_native():
+    """float32, whichever GEMM runs it (CUSTOMLAYERS_CPU_BLAS32): errors of the output and every gradient at
+    most 1.5x the native gated MLP half's, at sizes past gemm_f32's blocks (K over several reduction slices,
+    more hidden columns than one block, tails); views and NaN/inf (test_views_and_special_values); the same
+    bits on 1, 2 and 3 threads. Raises AssertionError listing failures."""
+    check_accuracy_like_native((torch.float32,), ((75, 131, 45), (33, 600, 1100), (256, 300, 130)))
+    for act in GLU_ACTS:
+        test_views_and_special_values("cpu", act)
+    _check_same_bits_on_any_thread_count(torch.float32, (700, 300, 260), "silu")
+
+
+@requires_extension()
+@pytest.mark.parametrize("blas32", BLAS32_MODES)
+def test_float32_blas_paths(blas32):
+    """check_float32_like_native, and check_accuracy_like_native with the 16-bit GEMMs in float32, with each
+    float32 GEMM forced (CUSTOMLAYERS_CPU_BLAS32): BLAS's ('native') and gemm_f32.h's ('own')."""
+    run_float32_checks("test_linear_glu", blas32)
+
+
 @requires_extension()
 @pytest.mark.parametrize("blas16", BLAS16_MODES)
 def test_reduced_precision_accuracy_like_native(blas16):
@@ -252,6 +271,10 @@ def test_reduced_precision_accuracy_like_native(blas16):
 @pytest.mark.parametrize("shape", [(3000, 17, 33), (64, 1024, 700), (700, 300, 260)], ids=str)
 @pytest.mark.parametrize("act", GLU_ACTS)
 def test_cpu_results_independent_of_thread_count(dtype, shape, act):
+    _check_same_bits_on_any_thread_count(dtype, shape, act)
+
+
+def _check_same_bits_on_any_thread_count(dtype, shape, act):
     m, k, n = shape
     inputs = make((m, k), k, n, dtype=dtype, weight_t=True, requires_grad=True)
     g = torch.randn(m, n, dtype=dtype)

@@ -53,6 +53,8 @@ struct ActMath {
   static CUSTOMLAYERS_HOST_DEVICE V relu(V v) { return v <= V(0) ? V(0) : v; }
   // torch.relu's backward: g where !(out <= 0) (a NaN output passes g), else +0.
   static CUSTOMLAYERS_HOST_DEVICE V relu_mask(V g, V out) { return out <= V(0) ? V(0) : g; }
+  // a < b ? x : y, lane by lane (a NaN a or b: y).
+  static CUSTOMLAYERS_HOST_DEVICE V where_less(V a, V b, V x, V y) { return a < b ? x : y; }
 };
 
 namespace act_constants {
@@ -97,15 +99,19 @@ CUSTOMLAYERS_HOST_DEVICE V activation_grad(Activation act, V g, V saved) {
     }
     case Activation::kGeluTanh: {
       // with s = sigmoid(2 z) (activate's): 1 + tanh(z) = 2 s and 1 - tanh(z)^2 = 4 s (1 - s), so torch's
-      // 0.5 (1 + t) + 0.5 v (1 - t^2) z' is s + v s (1 - s) 2 z', non-finite where torch's is
+      // 0.5 (1 + t) + 0.5 v (1 - t^2) z' is s + v s (1 - s) 2 z', non-finite where torch's is. With
+      // e = exp(-2 z), 1 - s is e s where s > 1/2 (1 - s would cancel there), else 1 - s.
       const V sq = saved * saved;
-      const V s = V(1) / (V(1) + M::exp(V(0) - V(2 * kBeta) * (saved + V(kKappa) * sq * saved)));
+      const V e = M::exp(V(0) - V(2 * kBeta) * (saved + V(kKappa) * sq * saved));
+      const V s = V(1) / (V(1) + e);
+      const V one_minus_s = M::where_less(e, V(1), e * s, V(1) - s);
       const V two_z_derivative = V(2 * kBeta) * (V(1) + V(3 * kKappa) * sq);
-      return g * (s + saved * (s * (V(1) - s)) * two_z_derivative);
+      return g * (s + saved * (s * one_minus_s) * two_z_derivative);
     }
     case Activation::kSilu: {
-      const V s = V(1) / (V(1) + M::exp(V(0) - saved));
-      return g * s * (V(1) + saved * (V(1) - s));
+      const V e = M::exp(V(0) - saved);  // 1 - s as gelu_tanh's
+      const V s = V(1) / (V(1) + e);
+      return g * s * (V(1) + saved * M::where_less(e, V(1), e * s, V(1) - s));
     }
     case Activation::kTanh: return g * (V(1) - saved * saved);
     case Activation::kSigmoid: return g * (V(1) - saved) * saved;

@@ -66,6 +66,7 @@ struct ActMath<at::vec::Vectorized<A>> {
   static inline V tanh(V v) { return v.tanh(); }
   static inline V relu(V v) { return at::vec::maximum(v, V(0)); }  // NaN stays NaN
   static inline V relu_mask(V g, V out) { return V::blendv(g, V(0), out <= V(0)); }  // exact g or +0
+  static inline V where_less(V a, V b, V x, V y) { return V::blendv(y, x, a < b); }
 };
 
 }  // namespace customlayers

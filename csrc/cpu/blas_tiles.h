@@ -5,6 +5,7 @@
 #pragma once
 
 #include "common/cpu_alloc.h"
+#include "cpu/gemm_f32.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -165,26 +166,49 @@ inline at::Tensor right_operand(const at::Tensor& b) {
   return t.t();
 }
 
+// dst = a @ b [+ bias (C,), undefined: none], or dst += a @ b when `accumulate`: gemm_f32 for float32 where
+// it is wanted (gemm_f32.h), else BLAS (addmm with a bias: added to the GEMM's accumulator, so that a
+// float16/bfloat16 dst is rounded once).
+inline void gemm(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                 bool accumulate = false) {
+  if (dst.scalar_type() == at::kFloat && gemm_f32_wanted()) {
+    const at::Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
+    gemm_f32({mutable_strided_of<float>(dst), strided_of<float>(a), strided_of<float>(b),
+              bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, dst.size(0), dst.size(1), a.size(1),
+              accumulate});
+  } else if (accumulate) {
+    at::cpu::addmm_out(dst, dst, a, b);
+  } else if (bias.defined()) {
+    at::cpu::addmm_out(dst, bias, a, b);
+  } else {
+    at::cpu::mm_out(dst, a, b);
+  }
+}
+
 // out = a @ b; when out is narrow and row-major, computed as out^T = b^T a^T into a contiguous buffer, then
 // transposed into out.
 inline void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (!narrow_row_major(out)) {
-    at::cpu::mm_out(out, a, b);
+    gemm(out, a, b, at::Tensor());
     return;
   }
   at::Tensor t = cpu::empty({out.size(1), out.size(0)}, out.scalar_type());
-  at::cpu::mm_out(t, b.t(), a.t());
+  gemm(t, b.t(), a.t(), at::Tensor());
   out.copy_(t.t());
 }
 
-// dst = a @ b [+ bias (C,), undefined: none], the bias added to the GEMM's accumulator (addmm), so that a
-// float16/bfloat16 dst is rounded once.
+// dst += a @ b (float32, float64: its sum rounded into dst's).
+inline void tile_accumulate(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
+  if (a.size(1) > 0) gemm(dst, a, b, at::Tensor(), true);
+}
+
+// dst = a @ b [+ bias (C,), undefined: none].
 inline void tile_product(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
   if (a.size(1) == 0) {  // an empty sum; BLAS is not asked about zero-length inner dimensions
     dst.zero_();
     if (bias.defined()) dst.add_(bias);
   } else if (bias.defined()) {
-    at::cpu::addmm_out(dst, bias, a, b);
+    gemm(dst, a, b, bias);
   } else {
     gemm_into(dst, a, b);
   }

@@ -86,8 +86,7 @@ void backward_in_type(const LinearBackward& args, LinearGrads& grads, double* pa
     const int64_t chunks = ceil_div(M, kChunkRows);
     const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(kChunkRows * N, 1));
     at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t<T>> scratch(partial != nullptr ? N : 0);
-      const ChunkSums<acc_t<T>> sums{partial, scratch.data(), N};
+      const ChunkSums sums{partial, N};
       mask_and_sum_rows(src, gp_rows, sums, begin * kChunkRows, std::min(M, end * kChunkRows));
     });
   }

@@ -86,6 +86,34 @@ void activate_rows(T* y, int64_t ld, int64_t r0, int64_t r1, int64_t width, Acti
   }
 }
 
+// The bias gradient's partial sums: chunk k's column sums at partial[k * N ...], accumulated in double
+// while its rows are masked (add_in_double). A null partial: no bias gradient.
+struct ChunkSums {
+  double* partial;
+  int64_t N;
+  // The sums to add chunk's rows to (zeroed), or null.
+  double* begin(int64_t chunk) const {
+    if (partial == nullptr) return nullptr;
+    double* sums = partial + chunk * N;
+    std::fill(sums, sums + N, 0.0);
+    return sums;
+  }
+};
+
+// sums[0, size) += v, in double (v's lanes widened exactly).
+template <typename A>
+inline void add_in_double(double* sums, const Vectorized<A>& v) {
+  using DVec = Vectorized<double>;
+  if constexpr (std::is_same_v<A, double>) {
+    (DVec::loadu(sums) + v).store(sums);
+  } else {
+    DVec lo, hi;
+    widen(v, lo, hi);
+    (DVec::loadu(sums) + lo).store(sums);
+    (DVec::loadu(sums + DVec::size()) + hi).store(sums + DVec::size());
+  }
+}
+
 // The gradient g (M, N), the activation and what its derivative reads (act_saved: the forward's output or
 // the pre-activation; absent for 'none').
 template <typename T>
@@ -97,12 +125,12 @@ struct MaskedGrad {
 };
 
 // Where mask_rows puts the masked gradient of its rows (each optional): T rows, acc_t rows, and the
-// bias-gradient column sums (acc_t, added to).
+// bias-gradient column sums (in double, added to).
 template <typename T>
 struct MaskSinks {
   Rows<T> gp;
   Rows<acc_t<T>> buf;
-  acc_t<T>* sums = nullptr;
+  double* sums = nullptr;
 };
 
 // The masked gradient g' = g * act'(.) (activation_grad; for relu g where !(out <= 0) and +0 elsewhere,
@@ -116,7 +144,7 @@ inline void mask_rows_as(const MaskedGrad<T>& src, int64_t r0, int64_t rows, con
   using A = acc_t<T>;
   constexpr int64_t kW = Vec::size();
   const int64_t N = src.N;
-  A* const sums = dst.sums;
+  double* const sums = dst.sums;
   for (int64_t q = 0; q < rows; ++q) {
     const T* g = src.g.row(r0 + q);
     const T* saved = kAct != Activation::kNone ? src.saved.row(r0 + q) : nullptr;
@@ -133,7 +161,7 @@ inline void mask_rows_as(const MaskedGrad<T>& src, int64_t r0, int64_t rows, con
       if (dst.buf)
         for (int j = 0; j < L::kVecs; ++j) v[j].store(dst.buf.row(q) + c + j * kW);
       if (sums != nullptr)
-        for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(sums + c + j * kW) + v[j]).store(sums + c + j * kW);
+        for (int j = 0; j < L::kVecs; ++j) add_in_double(sums + c + j * kW, v[j]);
     }
     for (; c < N; ++c) {
       A v = static_cast<A>(g[c]);
@@ -150,26 +178,6 @@ inline void mask_rows(const MaskedGrad<T>& src, int64_t r0, int64_t rows, const 
   with_activation(src.saved ? src.act : Activation::kNone,
                   [&](auto act) { mask_rows_as<T, decltype(act)::value>(src, r0, rows, dst); });
 }
-
-// The bias gradient's partial sums: chunk k's column sums (in double) at partial[k * N ...], each
-// accumulated in acc_t in `scratch` (N values) while its rows are masked. A null partial: no bias gradient.
-template <typename A>
-struct ChunkSums {
-  double* partial;
-  A* scratch;
-  int64_t N;
-  // The sums to add the chunk's rows to (zeroed), or null.
-  A* begin() const {
-    if (partial == nullptr) return nullptr;
-    std::fill(scratch, scratch + N, A(0));
-    return scratch;
-  }
-  void end(int64_t chunk) const {
-    if (partial == nullptr) return;
-    double* dst = partial + chunk * N;
-    for (int64_t c = 0; c < N; ++c) dst[c] = static_cast<double>(scratch[c]);
-  }
-};
 
 // The bias gradient db (N values, any floating dtype) from ChunkSums' partial sums (`chunks` rows of N): the
 // chunks added in order, in double, so the same bits for any thread count, rounded once to db's dtype.
@@ -190,11 +198,10 @@ inline void sum_chunks(const double* partial, int64_t chunks, int64_t N, at::Ten
 // For rows [r0, r1) (r0 a multiple of kChunkRows): the masked gradient into gp's same rows (when
 // present) and each chunk's column sums into `sums`.
 template <typename T>
-void mask_and_sum_rows(const MaskedGrad<T>& src, Rows<T> gp, const ChunkSums<acc_t<T>>& sums, int64_t r0, int64_t r1) {
+void mask_and_sum_rows(const MaskedGrad<T>& src, Rows<T> gp, const ChunkSums& sums, int64_t r0, int64_t r1) {
   for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
     const int64_t rows = std::min(r1, c0 + kChunkRows) - c0;
-    mask_rows(src, c0, rows, MaskSinks<T>{gp.from(c0), {}, sums.begin()});
-    sums.end(c0 / kChunkRows);
+    mask_rows(src, c0, rows, MaskSinks<T>{gp.from(c0), {}, sums.begin(c0 / kChunkRows)});
   }
 }
 

@@ -283,12 +283,11 @@ struct SmallBackward {
 };
 
 // One task's chunk buffers: the chunk's masked gradient (kChunkRows rows of Np), x's chunk in acc_t
-// (kChunkRows rows of Kp), the chunk's column sums (N).
+// (kChunkRows rows of Kp).
 template <typename A>
 struct ChunkBuffers {
   A* gp;
   A* xbuf;
-  A* sums;
 };
 
 // The narrow block's dW^T ([N, Kp] acc_t at dwp) += g'_chunk^T X_chunk for the chunk of `rows` rows from
@@ -340,12 +339,11 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
   const int64_t K = p.K, N = p.N;
   const int64_t ldp = small_padded_cols<T>(N), ldk = small_padded_cols<T>(K);
   const Rows<A> gp{buf.gp, ldp};
-  const ChunkSums<A> sums{p.partial, buf.sums, N};
+  const ChunkSums sums{p.partial, N};
   if (dwp != nullptr) std::fill(dwp, dwp + dw_part_size<T>(K, N, p.narrow), A(0));
   for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
     const int64_t rows = std::min(r1, c0 + kChunkRows) - c0;
-    mask_rows(p.src, c0, rows, MaskSinks<T>{{}, gp, sums.begin()});
-    sums.end(c0 / kChunkRows);
+    mask_rows(p.src, c0, rows, MaskSinks<T>{{}, gp, sums.begin(c0 / kChunkRows)});
     if (dwp != nullptr && !p.narrow)  // g' is dW's B panel: its padding columns are read
       for (int64_t i = 0; i < rows; ++i) std::fill(gp.row(i) + N, gp.row(i + 1), A(0));
     if (p.dx != nullptr) {
@@ -523,12 +521,12 @@ void small_backward(const LinearBackward& args, LinearGrads& grads, double* part
   const Strided<const T> w = strided_of<T>(args.weight);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     // The chunk buffers, then W^T packed as [N, Kp] when dX is wanted.
-    const at::Tensor buf = acc_buffer<T>(kChunkRows * (ldp + ldx) + N + (want_dx ? N * ldk : 0));
+    const at::Tensor buf = acc_buffer<T>(kChunkRows * (ldp + ldx) + (want_dx ? N * ldk : 0));
     A* base = buf.template mutable_data_ptr<A>();
-    const ChunkBuffers<A> chunk{base, base + kChunkRows * ldp, base + kChunkRows * (ldp + ldx)};
+    const ChunkBuffers<A> chunk{base, base + kChunkRows * ldp};
     SmallBackward<T> task = p;
     if (want_dx) {
-      A* wt = chunk.sums + N;
+      A* wt = base + kChunkRows * (ldp + ldx);
       pack_panel(w.t(), N, K, Rows<A>{wt, ldk});  // W^T
       task.wt = wt;
     }

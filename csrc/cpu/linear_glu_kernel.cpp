@@ -128,17 +128,17 @@ struct GluGradRows {
 };
 
 template <typename T, Activation kAct>
-void glu_grad_rows(const GluGradRows<T>& src, int64_t r0, int64_t rows, Rows<T> dst, acc_t<T>* sums_gate,
-                   acc_t<T>* sums_up) {
+void glu_grad_rows(const GluGradRows<T>& src, int64_t r0, int64_t rows, Rows<T> dst, double* sums_gate,
+                   double* sums_up) {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
   using A = acc_t<T>;
   constexpr int64_t kW = Vec::size();
   constexpr bool kFromOutput = act_saved(kAct) == ActSaved::kOutput;
   const int64_t N = src.N;
-  const auto add = [](A* sums, const Vec* v) {
+  const auto add = [](double* sums, const Vec* v) {
     if (sums != nullptr)
-      for (int j = 0; j < L::kVecs; ++j) (Vec::loadu(sums + j * kW) + v[j]).store(sums + j * kW);
+      for (int j = 0; j < L::kVecs; ++j) add_in_double(sums + j * kW, v[j]);
   };
   for (int64_t q = 0; q < rows; ++q) {
     const T* g = src.g.row(r0 + q);
@@ -177,16 +177,17 @@ void glu_grad_rows(const GluGradRows<T>& src, int64_t r0, int64_t rows, Rows<T> 
   }
 }
 
-// One GEMM cut into tiles: out (R, C) = a @ b.
+// One GEMM cut into tiles: out (R, C) = a @ b [+ a2 @ b2, when a2 is defined].
 struct Product {
-  at::Tensor out, a, b;
+  at::Tensor out, a, b, a2, b2;
   TilePlan plan;
 };
 
 template <typename T>
-Product product(at::Tensor out, at::Tensor a, at::Tensor b) {
-  const TilePlan plan = plan_tiles(out.size(0), out.size(1), a.size(1), out.element_size(), tile_macs<T>());
-  return {std::move(out), std::move(a), std::move(b), plan};
+Product product(at::Tensor out, at::Tensor a, at::Tensor b, at::Tensor a2 = {}, at::Tensor b2 = {}) {
+  const int64_t red = a.size(1) + (a2.defined() ? a2.size(1) : 0);
+  const TilePlan plan = plan_tiles(out.size(0), out.size(1), red, out.element_size(), tile_macs<T>());
+  return {std::move(out), std::move(a), std::move(b), std::move(a2), std::move(b2), plan};
 }
 
 void run_product_tile(const Product& p, int64_t tile) {
@@ -195,14 +196,15 @@ void run_product_tile(const Product& p, int64_t tile) {
   const int64_t rows = std::min(plan.rows, p.out.size(0) - r0), cols = std::min(plan.cols, p.out.size(1) - c0);
   at::Tensor dst = p.out.narrow(0, r0, rows).narrow(1, c0, cols);
   tile_product(dst, p.a.narrow(0, r0, rows), p.b.narrow(1, c0, cols), at::Tensor());
+  if (p.a2.defined()) tile_accumulate(dst, p.a2.narrow(0, r0, rows), p.b2.narrow(1, c0, cols));
 }
 
 // The backward in T's own GEMMs (T float or double, or float16/bfloat16 where the CPU has fast GEMMs for
-// them): the gated gradients are rounded to T once, and so is each GEMM's output. dX is one GEMM:
-// [dgate | dup] (M, 2N) @ [Wg^T; Wu^T] (2N, K), so that its two products are summed before rounding.
+// them): the gated gradients are rounded to T once, and so is each GEMM's output. dX = dgate Wg^T + dup Wu^T:
+// in float32 and float64 the second product added to the first in each tile (as the native code sums two
+// GEMMs); in 16 bits one GEMM, [dgate | dup] (M, 2N) @ [Wg^T; Wu^T] (2N, K), summed before its one rounding.
 template <typename T>
 void backward_in_type(const GluBackward& args, GluGrads& grads) {
-  using A = acc_t<T>;
   const int64_t M = args.M, N = args.N;
   const bool dx = grads.dx.defined(), dwg = grads.dw_gate.defined(), dwu = grads.dw_up.defined();
   const bool gemms = dx || dwg || dwu, dbg = grads.db_gate.defined(), dbu = grads.db_up.defined();
@@ -213,21 +215,22 @@ void backward_in_type(const GluBackward& args, GluGrads& grads) {
   const GluGradRows<T> src{rows_of<T>(args.g2), rows_of<T>(args.gate), rows_of<T>(args.up), N};
   const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(kChunkRows * N, 1));
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch_gate(dbg ? N : 0), scratch_up(dbu ? N : 0);
-    const ChunkSums<A> sums_gate{dbg ? partial_gate.get() : nullptr, scratch_gate.data(), N};
-    const ChunkSums<A> sums_up{dbu ? partial_up.get() : nullptr, scratch_up.data(), N};
+    const ChunkSums sums_gate{dbg ? partial_gate.get() : nullptr, N};
+    const ChunkSums sums_up{dbu ? partial_up.get() : nullptr, N};
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t r0 = chunk * kChunkRows, rows = std::min(kChunkRows, M - r0);
       const Rows<T> dst{gemms ? d.mutable_data_ptr<T>() + r0 * 2 * N : nullptr, 2 * N};
-      A* sg = sums_gate.begin();
-      A* su = sums_up.begin();
+      double* sg = sums_gate.begin(chunk);
+      double* su = sums_up.begin(chunk);
       with_activation(args.act, [&](auto act) { glu_grad_rows<T, decltype(act)::value>(src, r0, rows, dst, sg, su); });
-      sums_gate.end(chunk);
-      sums_up.end(chunk);
     }
   });
   std::vector<Product> parts;  // dX: [M, 2N] x [2N, K]; dW = X^T d: [K, M] x [M, N]
-  if (dx) parts.push_back(product<T>(grads.dx, d, right_operand(at::cat({args.weight_gate.t(), args.weight_up.t()}, 0))));
+  if (dx && at::vec::is_reduced_floating_point_v<T>)
+    parts.push_back(product<T>(grads.dx, d, right_operand(at::cat({args.weight_gate.t(), args.weight_up.t()}, 0))));
+  else if (dx)
+    parts.push_back(product<T>(grads.dx, d.narrow(1, 0, N), right_operand(args.weight_gate.t()), d.narrow(1, N, N),
+                               right_operand(args.weight_up.t())));
   if (dwg) parts.push_back(product<T>(grads.dw_gate, args.x2.t(), d.narrow(1, 0, N)));
   if (dwu) parts.push_back(product<T>(grads.dw_up, args.x2.t(), d.narrow(1, N, N)));
   int64_t total = 0;
