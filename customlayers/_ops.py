@@ -197,13 +197,18 @@ def _read_cpu_tier(paths) -> None:
         tier, rest = text.split("\n", 1)
         why, built = rest.rsplit("\n", 1)
         _build.update(cpu_tier=tier, cpu_tier_reason=why, cpu_tiers_built=tuple(built.split(",")) if built else ())
-        if tier:
-            _build.update(cpu_gemms=_read_cpu_gemms(os.path.join(os.path.dirname(path), _cpu.tier_library(tier))))
+        global _tier_path
+        _tier_path = os.path.join(os.path.dirname(path), _cpu.tier_library(tier)) if tier else None
         return
 
 
+_tier_path: Optional[str] = None  # the loaded CPU tier's library, asked for cpu_gemms when build_info() is
+
+
 def _read_cpu_gemms(tier_path) -> Dict[str, str]:
-    """Which GEMMs the loaded tier's kernels run for each dtype, and why (csrc/cpu/kernel_report.cpp)."""
+    """Which GEMMs the loaded tier's kernels run for each dtype, and why (csrc/cpu/kernel_report.cpp). Asked
+    on the first build_info(), not at import: the report reads the CUSTOMLAYERS_CPU_BLAS16/32 settings and
+    asks the OS for the AMX tiles where the CPU has them, as the first kernel using them would."""
     try:
         report = ctypes.CDLL(tier_path).customlayers_cpu_gemm_report
     except (OSError, AttributeError) as e:
@@ -269,7 +274,10 @@ def reason() -> Optional[str]:
 
 
 def build_info() -> Dict[str, Optional[str]]:
-    """torch and CUDA versions the loaded extension was built with (empty when none is loaded)."""
+    """torch and CUDA versions the loaded extension was built with (empty when none is loaded), the CPU tier
+    loaded and the GEMMs its kernels run (cpu_gemms)."""
+    if _tier_path is not None and "cpu_gemms" not in _build:
+        _build.update(cpu_gemms=_read_cpu_gemms(_tier_path))
     return dict(_build)
 
 

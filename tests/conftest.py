@@ -142,6 +142,10 @@ def run_16bit_checks(module: str, blas16: str) -> None:
 
 def run_float32_checks(module: str, blas32: str) -> None:
     """module's check_float32_like_native() with CUSTOMLAYERS_CPU_BLAS32=blas32, and its 16-bit accuracy check
-    with those GEMMs run in float32 (CUSTOMLAYERS_CPU_BLAS16=float) on the same float32 GEMMs."""
-    _run_checks(module, "t.check_float32_like_native(); t.check_accuracy_like_native()",
+    with those GEMMs run in float32 (CUSTOMLAYERS_CPU_BLAS16=float) on the same float32 GEMMs; then, that
+    the forced GEMM is the one the tier reports running (backend_report's cpu_gemms)."""
+    ran = {"native": "BLAS", "own": "gemm_f32"}[blas32]
+    _run_checks(module, "t.check_float32_like_native(); t.check_accuracy_like_native(); "
+                "import customlayers; g = customlayers.backend_report()['build']['cpu_gemms']['float32']; "
+                f"assert g.startswith({ran!r}), g",
                 {"CUSTOMLAYERS_CPU_BLAS32": blas32, "CUSTOMLAYERS_CPU_BLAS16": "float"})

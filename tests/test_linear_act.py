@@ -625,8 +625,9 @@ def check_bf16_views_and_specials():
 
 
 # float32 on the BLAS path: K over several of gemm_f32's reduction slices, more columns than one of its
-# blocks, row and column tails, one row, a narrow output (GEMMs reoriented), dW summed over row chunks.
-FLOAT32_SHAPES = [(512, 300, 130), (64, 700, 600), (1, 300, 40), (33, 65, 1100), (70, 257, 33), (130, 523, 9),
+# blocks, row and column tails, one row, a narrow output past the narrow kernels' in_features (GEMMs
+# reoriented), dW summed over row chunks.
+FLOAT32_SHAPES = [(512, 300, 130), (64, 700, 600), (1, 300, 40), (33, 65, 1100), (70, 257, 33), (40, 9000, 5),
                   (3000, 100, 20)]
 
 

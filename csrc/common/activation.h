@@ -1,9 +1,10 @@
 // The activations of linear_act, each defined once: its forward and its derivative, for every kernel that
 // applies them (host C++, at::vec vectors in the CPU kernels, CUDA device code and the CUDA emulator).
-// A value type V gets its math (exp, erf, tanh, relu and relu's mask) from ActMath<V>: scalars (float,
+// A value type V gets its math (exp, erf, tanh, relu, relu's mask and a select) from ActMath<V>: scalars (float,
 // double) below, at::vec vectors in common/cpu_vec.h. Formulas and constants are those of torch's own
 // kernels (F.gelu, F.gelu(approximate='tanh'), F.silu, torch.tanh, torch.sigmoid, torch.relu; gelu_tanh's
-// rewritten through a sigmoid, the same function), so NaN and inf behave as there. Plain C++: no ATen, so the CUDA code and its emulator include it as they are.
+// rewritten through a sigmoid, the same function; 1 - sigmoid in the derivatives without cancellation), so
+// NaN and inf behave as there. Plain C++: no ATen, so the CUDA code and its emulator include it as they are.
 #pragma once
 
 #include <cmath>

@@ -6,6 +6,7 @@
 // are taken in one order for given shapes, whatever the thread.
 #include "cpu/gemm_f32.h"
 
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -37,7 +38,7 @@ constexpr int64_t kNR = kNV * kW;
 // error against float64), at no cost in speed against slices of 256.
 constexpr int64_t kMaxKc = 64;
 constexpr int64_t kMc = 10 * kMR;  // a's mc x kc block: 30 KiB (avx512)
-constexpr int64_t kNc = 1024;    // b's kc x nc block: 1 MiB
+constexpr int64_t kNc = 1024;    // b's kc x nc block: 256 KiB
 
 // Panels of b's block [k0, k0 + kc) x [n0, n0 + nc): panel p holds columns n0 + p kNR .. as [kc][kNR].
 void pack_b(const Strided<const float>& b, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* dst) {
@@ -169,8 +170,8 @@ constexpr bool kHasKernel = false;
 void gemm_f32(const GemmF32&) { TORCH_INTERNAL_ASSERT(false, "gemm_f32: only the avx2 and avx512 tiers have it"); }
 #endif
 
-// BLAS's float32 GEMMs are the faster ones but where they run narrower vectors than this tier: MKL runs its
-// AVX-512 code on Intel CPUs only, AVX2 on AMD's; from Zen 5 on (family 26), whose FMA units are 512 bits
+// BLAS's float32 GEMMs are the faster ones but where they run narrower vectors than this tier: MKL (torch's
+// BLAS on x86; others are not assumed to) runs its AVX-512 code on Intel CPUs only, AVX2 on AMD's; from Zen 5 on (family 26), whose FMA units are 512 bits
 // wide, this tier's kernel has about twice their throughput (measured on one thread: 210-235 against
 // 105-115 GFLOP/s). Zen 4 splits 512-bit FMAs in two: not measured, BLAS there.
 const GemmF32Choice& gemm_f32_choice() {
@@ -189,8 +190,8 @@ const GemmF32Choice& gemm_f32_choice() {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
     const unsigned base = (eax >> 8) & 0xf, family = base + (base == 0xf ? (eax >> 20) & 0xff : 0);
-    if (__builtin_cpu_is("amd") && family >= 0x1a)
-      return GemmF32Choice{true, "gemm_f32, hand-written: 512-bit FMAs, where BLAS (MKL) runs AVX2 on AMD CPUs"};
+    if (at::hasMKL() && __builtin_cpu_is("amd") && family >= 0x1a)
+      return GemmF32Choice{true, "gemm_f32, hand-written: 512-bit FMAs, where MKL runs AVX2 on AMD CPUs"};
 #endif
     return GemmF32Choice{false, "BLAS"};
   }();
