@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from . import _activations
+from . import _activations, _ops
 from . import functional as _functional
 from .nn import CenteredLayer, FusedLinear, GatedMLP, LinearGELU, LinearReLU, LinearSiLU, MyLinear
 
@@ -42,14 +42,18 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, _LAYERS) or super().is_leaf_module(m, module_qualified_name)
 
 
-def convert(model: nn.Module, inplace: bool = False, report: bool = False, outputs: bool = True):
+def convert(model: nn.Module, inplace: bool = False, report: bool = False, outputs: bool = True,
+            linears: Optional[bool] = None):
     """Fuse every ``nn.Linear`` whose output goes only to an activation into one FusedLinear (sharing the
     Linear's Parameters): LinearReLU for ReLU, LinearGELU for GELU (erf), LinearSiLU for SiLU, and
     FusedLinear(activation=...) for GELU's tanh approximation ('gelu_tanh'), Tanh and Sigmoid. The model
     computes the same outputs and gradients with one op per pair. With ``outputs=True`` (the default) every
     other ``nn.Linear`` with at most ``OUTPUT_FEATURES`` (16) outputs (an output layer, such as the book's
     256 -> 10) becomes a FusedLinear (same Parameters), one op forward and one backward where nn.Linear runs
-    a GEMM and a bias add, then three GEMM-sized ops.
+    a GEMM and a bias add, then three GEMM-sized ops. With ``linears=True`` every other float32 ``nn.Linear``
+    does too, whatever its width; ``None`` (the default) does so where the CPU kernels' float32 GEMM is
+    faster than BLAS's (``backend_report()["build"]["cpu_gemms"]["float32"]`` names ``gemm_f32``: AMD Zen 5,
+    where MKL runs AVX2), ``False`` never.
 
     Where ``torch.fx.symbolic_trace`` can trace a module's forward, any form of an activation counts
     (customlayers._activations' MODULES, FUNCTIONS and METHODS): the modules ``nn.ReLU``, ``nn.GELU`` (both
@@ -96,8 +100,10 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
     glus: list = []  # (gate Linear, up Linear, act, down Linear or None) of each gated unit fused
     _convert(model, fused, glus)
     made = {id(m) for m in fused.values()}
-    if outputs:
-        made |= {id(m) for m in _convert_outputs(model, {id(g[i]) for g in glus for i in (0, 1)}).values()}
+    wide = _own_float32_gemm() if linears is None else linears
+    if outputs or wide:
+        skip = {id(g[i]) for g in glus for i in (0, 1)}
+        made |= {id(m) for m in _convert_outputs(model, skip, outputs, wide).values()}
     names = [name for name, module in model.named_modules(remove_duplicate=False) if id(module) in made]
     gated = _glu_names(model, glus, fused)
     for act in sorted({g[2] for g in gated}):
@@ -109,9 +115,11 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
     kinds: Dict[tuple, list] = {}  # (activation, class) -> names
     for name in (n for n in names if n not in downs):
         module = model.get_submodule(name)
-        kinds.setdefault((module.activation, type(module).__name__), []).append(name)
+        act = module.activation if module.activation != "none" or module.out_features <= OUTPUT_FEATURES else "wide"
+        kinds.setdefault((act, type(module).__name__), []).append(name)
     for (act, cls), these in kinds.items():
-        what = f"nn.Linear + {act} into {cls}" if act != "none" else f"output nn.Linear into {cls}"
+        what = {"none": f"output nn.Linear into {cls}", "wide": f"other nn.Linear into {cls}"}.get(
+            act, f"nn.Linear + {act} into {cls}")
         _log.info("customlayers.convert: fused %d %s: %s", len(these), what, ", ".join(these))
     names += [name for gate, up, _, _ in gated for name in (gate, up)]
     if not names:
@@ -134,8 +142,14 @@ def _glu_names(model: nn.Module, glus: list, fused: Dict[int, FusedLinear]) -> l
     return [(name(gate), name(up), act, None if down is None else name(down)) for gate, up, act, down in glus]
 
 
-def _convert_outputs(model: nn.Module, skip: set) -> Dict[int, "FusedLinear"]:
-    """Every nn.Linear left with at most OUTPUT_FEATURES outputs -> a FusedLinear, wherever it appears (one per
+def _own_float32_gemm() -> bool:
+    """Whether the CPU kernels run float32 GEMMs on gemm_f32 (faster than BLAS there, csrc/cpu/gemm_f32.cpp)."""
+    return _ops.build_info().get("cpu_gemms", {}).get("float32", "").startswith("gemm_f32")
+
+
+def _convert_outputs(model: nn.Module, skip: set, outputs: bool = True, wide: bool = False) -> Dict[int, "FusedLinear"]:
+    """Every nn.Linear left with at most OUTPUT_FEATURES outputs (`outputs`), and every other float32 one
+    (`wide`) -> a FusedLinear, wherever it appears (one per
     Linear; a Linear fused with a ReLU elsewhere keeps its plain uses here, as a FusedLinear over the same
     Parameters), but those in `skip` (ids: the gated units' gate and up, which hold linear_glu's parameters,
     uncalled) and a GatedMLP's. Linears with hooks (e.g. the old weight_norm's, which recomputes the weight) or whose weight
@@ -145,15 +159,12 @@ def _convert_outputs(model: nn.Module, skip: set) -> Dict[int, "FusedLinear"]:
         if isinstance(sub, GatedMLP):  # its projections hold the parameters of its ops
             continue
         for name, child in sub._modules.items():
-            if _plain_output_layer(child) and id(child) not in skip:
+            if id(child) not in skip and _replaceable(child, nn.Linear) and (
+                    (outputs and child.out_features <= OUTPUT_FEATURES) or (wide and child.weight.dtype == torch.float32)):
                 if id(child) not in made:
                     made[id(child)] = FusedLinear.from_linear(child)
                 sub._modules[name] = made[id(child)]
     return made
-
-
-def _plain_output_layer(m: Optional[nn.Module]) -> bool:
-    return _replaceable(m, nn.Linear) and m.out_features <= OUTPUT_FEATURES
 
 
 def _hooked(m: nn.Module) -> bool:

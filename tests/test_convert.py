@@ -125,6 +125,26 @@ RELUS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _wide_linears_left(monkeypatch, request):
+    """convert()'s default for wide plain Linears (linears=None) depends on the CPU's float32 GEMM: these
+    tests, about what is fused, expect them left (linears=False), on every CPU; test_transformer_mlp and
+    test_wide_linears_default check the default itself."""
+    if request.node.originalname not in ("test_transformer_mlp", "test_wide_linears_default"):
+        monkeypatch.setattr(customlayers.fusion, "_own_float32_gemm", lambda: False)
+
+
+def test_wide_linears_default():
+    """linears=None converts the wide float32 Linears exactly where backend_report says the CPU kernels'
+    float32 GEMM is gemm_f32."""
+    ours = customlayers.backend_report()["build"].get("cpu_gemms", {}).get("float32", "").startswith("gemm_f32")
+    assert customlayers.fusion._own_float32_gemm() == ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "found no nn.Linear ..." where it is left
+        names = customlayers.convert(nn.Sequential(nn.Linear(8, 32)), report=True)[1]
+    assert names == (["0"] if ours else [])
+
+
 def _check_same(original, converted, x):
     """Same outputs and parameter gradients; the same state_dict keys; checkpoints load both ways."""
     assert list(converted.state_dict()) == list(original.state_dict())
@@ -188,13 +208,19 @@ def test_book_mlp_any_activation(form):
     _check_same(model, converted, torch.randn(4, 20))
 
 
+@pytest.mark.parametrize("linears", [False, True, None])
 @pytest.mark.parametrize("act", [nn.GELU, nn.SiLU])
-def test_transformer_mlp(act):
+def test_transformer_mlp(act, linears):
+    """The Linear + activation fused; the second Linear (64 outputs) a FusedLinear with linears=True, left
+    with False, and by default (None) where the CPU's float32 GEMM is gemm_f32 (backend_report's cpu_gemms)."""
     model = nn.Sequential(nn.Linear(64, 256), act(), nn.Linear(256, 64))
-    converted, fused = customlayers.convert(model, report=True)
-    assert fused == ["0"] and type(converted[0]) is (LinearGELU if act is nn.GELU else LinearSiLU)
-    assert type(converted[1]) is nn.Identity
+    converted, fused = customlayers.convert(model, report=True, linears=linears)
+    wide = linears if linears is not None else customlayers.backend_report()["build"].get(
+        "cpu_gemms", {}).get("float32", "").startswith("gemm_f32")
+    assert fused == (["0", "2"] if wide else ["0"]) and type(converted[0]) is (LinearGELU if act is nn.GELU else LinearSiLU)
+    assert type(converted[1]) is nn.Identity and type(converted[2]) is (FusedLinear if wide else nn.Linear)
     _check_same(model, converted, torch.randn(8, 64))
+    assert customlayers.convert(model.double(), report=True, linears=True)[1] == ["0"]  # float32 Linears only
 
 
 # ------------------------------------------------------------------------------- gated MLPs (linear_glu)

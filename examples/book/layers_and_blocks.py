@@ -79,9 +79,10 @@ fast_seq, fused = customlayers.convert(seq, report=True)
 assert fused == ["0", "2"] and isinstance(list(fast_seq.children())[1], nn.Identity)
 assert torch.allclose(fast_seq(X), seq(X), atol=1e-6)
 
-# FixedHiddenMLP's while loop cannot be traced: convert searches inside it and fuses NestMLP's pairs.
+# FixedHiddenMLP's while loop cannot be traced: convert searches inside it and fuses NestMLP's pairs (and,
+# where the CPU kernels' float32 GEMM beats BLAS's, runs the other Linears on it too: linears=None).
 fast_chimera, fused = customlayers.convert(chimera, report=True)
-assert fused == ["0.net.0", "0.net.2", "0.linear"]
+assert {"0.net.0", "0.net.2", "0.linear"} <= set(fused)
 assert torch.allclose(fast_chimera(X), chimera(X), atol=1e-6)
 assert list(fast_chimera.state_dict()) == list(chimera.state_dict())  # checkpoints load both ways
 
