@@ -112,14 +112,13 @@ def convert(model: nn.Module, inplace: bool = False, report: bool = False, outpu
         _log.info("customlayers.convert: fused %d %s(gate) * up pairs of nn.Linear into linear_glu: %s", len(pairs),
                   act, ", ".join(pairs))
     downs = {g[3] for g in gated}
-    kinds: Dict[tuple, list] = {}  # (activation, class) -> names
+    kinds: Dict[str, list] = {}  # what was fused into which class -> names
     for name in (n for n in names if n not in downs):
         module = model.get_submodule(name)
-        act = module.activation if module.activation != "none" or module.out_features <= OUTPUT_FEATURES else "wide"
-        kinds.setdefault((act, type(module).__name__), []).append(name)
-    for (act, cls), these in kinds.items():
-        what = {"none": f"output nn.Linear into {cls}", "wide": f"other nn.Linear into {cls}"}.get(
-            act, f"nn.Linear + {act} into {cls}")
+        what = (f"nn.Linear + {module.activation}" if module.activation != "none" else
+                "output nn.Linear" if module.out_features <= OUTPUT_FEATURES else "other nn.Linear")
+        kinds.setdefault(f"{what} into {type(module).__name__}", []).append(name)
+    for what, these in kinds.items():
         _log.info("customlayers.convert: fused %d %s: %s", len(these), what, ", ".join(these))
     names += [name for gate, up, _, _ in gated for name in (gate, up)]
     if not names:

@@ -215,8 +215,7 @@ def test_transformer_mlp(act, linears):
     with False, and by default (None) where the CPU's float32 GEMM is gemm_f32 (backend_report's cpu_gemms)."""
     model = nn.Sequential(nn.Linear(64, 256), act(), nn.Linear(256, 64))
     converted, fused = customlayers.convert(model, report=True, linears=linears)
-    wide = linears if linears is not None else customlayers.backend_report()["build"].get(
-        "cpu_gemms", {}).get("float32", "").startswith("gemm_f32")
+    wide = linears if linears is not None else customlayers.fusion._own_float32_gemm()  # test_wide_linears_default
     assert fused == (["0", "2"] if wide else ["0"]) and type(converted[0]) is (LinearGELU if act is nn.GELU else LinearSiLU)
     assert type(converted[1]) is nn.Identity and type(converted[2]) is (FusedLinear if wide else nn.Linear)
     _check_same(model, converted, torch.randn(8, 64))

@@ -1,7 +1,7 @@
 // GEMMs cut into tiles whose sizes depend on the shapes alone, each tile one single-threaded BLAS call
 // (at::cpu::mm_out/addmm_out; for float32, gemm_f32.h's GEMM where it is the faster one) over the whole
-// reduction, the tiles run in a parallel region: results that do not depend on the thread count. Shared by the CPU kernels whose GEMMs are BLAS's (linear_act_blas.cpp,
-// linear_glu_kernel.cpp).
+// reduction, the tiles run in a parallel region: results that do not depend on the thread count. Shared by
+// the CPU kernels whose GEMMs are BLAS's (linear_act_blas.cpp, linear_glu_kernel.cpp).
 #pragma once
 
 #include "common/cpu_alloc.h"

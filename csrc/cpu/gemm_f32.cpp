@@ -1,8 +1,8 @@
 // The float32 GEMM of gemm_f32.h, in the usual blocking: b's (kc, nc) block is packed into panels of kNR
 // columns ([kc][kNR] each, the columns past N zero), a's (mc, kc) block into panels of kMR rows ([kc][kMR]
 // each, the rows past M zero); the micro-kernel keeps a kMR x kNR block of sums in registers over one
-// kc slice (the panels of b and a in L1 and L2), then adds it to out
-// (the first slice: to the bias, or to nothing). kc splits K into equal slices of at most kMaxKc; the sums
+// kc slice (the panels of b and a in L1 and L2), then adds it to out (the first slice: to the bias, or to
+// nothing). kc splits K into equal slices of at most kMaxKc; the sums
 // are taken in one order for given shapes, whatever the thread.
 #include "cpu/gemm_f32.h"
 
@@ -83,7 +83,8 @@ void pack_a(const Strided<const float>& a, int64_t m0, int64_t mc, int64_t k0, i
 }
 
 // The out block at (m0, n0) of rows x cols (at most kMR x kNR) += the panels' product over kc, or = it
-// (plus the bias) when `first` (the first slice, out not accumulated into). Small arguments by value: the loop keeps them in registers.
+// (plus the bias) when `first` (the first slice, out not accumulated into). Small arguments by value: the
+// loop keeps them in registers.
 void micro_kernel(const float* ap, const float* bp, int64_t kc, Strided<float> out, int64_t rows, int64_t cols,
                   const float* bias, bool first) {
   Vec acc[kMR][kNV];
@@ -171,9 +172,10 @@ void gemm_f32(const GemmF32&) { TORCH_INTERNAL_ASSERT(false, "gemm_f32: only the
 #endif
 
 // BLAS's float32 GEMMs are the faster ones but where they run narrower vectors than this tier: MKL (torch's
-// BLAS on x86; others are not assumed to) runs its AVX-512 code on Intel CPUs only, AVX2 on AMD's; from Zen 5 on (family 26), whose FMA units are 512 bits
-// wide, this tier's kernel has about twice their throughput (measured on one thread: 210-235 against
-// 105-115 GFLOP/s). Zen 4 splits 512-bit FMAs in two: not measured, BLAS there.
+// BLAS on x86; others are not assumed to) runs its AVX-512 code on Intel CPUs only, AVX2 on AMD's; from
+// Zen 5 on (family 26), whose FMA units are 512 bits wide, this tier's kernel has about twice their
+// throughput (measured on one thread: 210-235 against 105-115 GFLOP/s). Zen 4 splits 512-bit FMAs in two:
+// not measured, BLAS there.
 const GemmF32Choice& gemm_f32_choice() {
   static const GemmF32Choice choice = [] {
     const char* env = std::getenv("CUSTOMLAYERS_CPU_BLAS32");
@@ -184,8 +186,8 @@ const GemmF32Choice& gemm_f32_choice() {
                         "avx512 CPU tier (customlayers.backend_report() says which runs)");
       return GemmF32Choice{true, "gemm_f32, hand-written (CUSTOMLAYERS_CPU_BLAS32=own)"};
     }
-    TORCH_CHECK_VALUE(forced.empty(), "linear_act: CUSTOMLAYERS_CPU_BLAS32 must be 'native' or 'own' (or unset), but got '",
-                      std::string(forced), "'");
+    TORCH_CHECK_VALUE(forced.empty(), "linear_act: CUSTOMLAYERS_CPU_BLAS32 must be 'native' or 'own' (or unset), "
+                      "but got '", std::string(forced), "'");
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));

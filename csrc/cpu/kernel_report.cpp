@@ -12,7 +12,8 @@ namespace customlayers::cpu {
 namespace {
 
 std::string sixteen_bit(bool in_float, const char* dtype) {
-  return in_float ? std::string("float32 GEMMs (this CPU has no fast ") + dtype + " GEMMs, or CUSTOMLAYERS_CPU_BLAS16=float)"
+  return in_float ? std::string("float32 GEMMs (this CPU has no fast ") + dtype +
+                        " GEMMs, or CUSTOMLAYERS_CPU_BLAS16=float)"
                   : std::string("BLAS's ") + dtype + " GEMMs";
 }
 
