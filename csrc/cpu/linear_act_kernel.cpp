@@ -33,7 +33,7 @@ void forward_impl(const LinearForward& args, at::Tensor& out) {
   const bool small = !narrow && small_weight(args.K, args.N);
   if (!narrow && !small) return blas_forward<T>(args, out);
   // The bias in the accumulation type, once (loads of float16/bfloat16 need widening otherwise); zero
-  // padded to whole tiles for the small-weight kernel.
+  // padded to whole vectors for the small-weight kernel.
   std::vector<A> bias;
   if (args.bias.defined()) {
     const T* b = args.bias.const_data_ptr<T>();

@@ -1,6 +1,7 @@
 // The small-weight CPU kernels of linear_act (see linear_act_small.h). One register-blocked kernel,
-// tile_product, computes a kTileRows x (kTileVecs vectors) tile of C = A @ B in registers, B being an
-// acc_t panel with its columns zero-padded to whole tiles:
+// tile_product, computes a kTileRows x (V vectors) tile of C = A @ B in registers, B being an acc_t panel
+// with its columns zero-padded to whole vectors: kTileVecs vectors per tile, the last tile of a row only
+// as many as its columns need (for_col_tiles; 20 columns: 2 vectors of 16, not 3):
 //  * forward: one parallel pass over rows; A = rows of x (acc_t copies), B = W packed as [K, Np]; bias +
 //    activation applied to the tile before it is stored; an output that is not finite is recomputed in
 //    double (dot_recomputed), so a sum overflowing on the way is not taken for the answer;
@@ -46,6 +47,24 @@ constexpr int64_t tile_cols() {
   return kTileVecs * Vectorized<acc_t<T>>::size();
 }
 
+// f(c0, std::integral_constant<int, V>{}) for the column tiles of `cols` columns, V vectors from c0 each
+// (the last ones read zero padding up to whole vectors): kTileVecs vectors, then the 1 or 2 that cover the
+// rest; a rest of one vector after whole tiles is taken as 2 + 2 instead of 3 + 1, since a tile of one
+// vector has too few independent sums to keep the FMA units busy.
+template <typename A, typename F>
+inline void for_col_tiles(int64_t cols, const F& f) {
+  static_assert(kTileVecs == 3, "the tail tiles below are 1 and 2 vectors");
+  constexpr int64_t kW = Vectorized<A>::size();
+  const int64_t vecs = (cols + kW - 1) / kW;
+  const int64_t whole = vecs % kTileVecs == 1 && vecs > kTileVecs ? vecs / kTileVecs - 1 : vecs / kTileVecs;
+  for (int64_t t = 0; t < whole; ++t) f(t * kTileVecs * kW, std::integral_constant<int, kTileVecs>{});
+  int64_t c0 = whole * kTileVecs * kW;
+  for (int64_t rest = vecs - whole * kTileVecs; rest > 0; rest -= 2, c0 += 2 * kW) {
+    if (rest == 1) f(c0, std::integral_constant<int, 1>{});
+    else f(c0, std::integral_constant<int, 2>{});
+  }
+}
+
 // An uninitialized acc_t buffer of n values (the extension's CPU allocator: no zero fill, recycled).
 template <typename T>
 at::Tensor acc_buffer(int64_t n) {
@@ -83,15 +102,16 @@ void pack_panel(Strided<const T> src, int64_t inner, int64_t cols, Rows<acc_t<T>
   for (int64_t i = 0; i < inner; ++i) std::fill(dst.row(i) + cols, dst.row(i + 1), acc_t<T>(0));
 }
 
-template <typename A>
+template <typename A, int V>
 struct Tile {
-  Vectorized<A> v[kTileRows][kTileVecs];
+  Vectorized<A> v[kTileRows][V];
 };
 
-// t.v[r][j] = sum over i in [i0, i1) of a(r, i) * b.row(i)[c0 + j * width] for r < nrows; rows r >= nrows
-// repeat row nrows - 1 (read, never stored). Small arguments by value: the loop keeps them in registers.
-template <typename A>
-inline Tile<A> tile_product(Strided<const A> a, int64_t nrows, Rows<const A> b, int64_t c0, int64_t i0, int64_t i1) {
+// t.v[r][j] = sum over i in [i0, i1) of a(r, i) * b.row(i)[c0 + j * width] for r < nrows, j < V; rows
+// r >= nrows repeat row nrows - 1 (read, never stored). Small arguments by value: the loop keeps them in
+// registers.
+template <int V, typename A>
+inline Tile<A, V> tile_product(Strided<const A> a, int64_t nrows, Rows<const A> b, int64_t c0, int64_t i0, int64_t i1) {
   using Vec = Vectorized<A>;
   constexpr int64_t kW = Vec::size();
   const A* row[kTileRows];
@@ -99,35 +119,45 @@ inline Tile<A> tile_product(Strided<const A> a, int64_t nrows, Rows<const A> b, 
   const int64_t si = a.cs;
   // Accumulated in locals and copied out once: kept in registers (accumulating into the returned
   // object directly makes GCC store it to memory on every iteration).
-  Vec acc[kTileRows][kTileVecs];
+  Vec acc[kTileRows][V];
   for (auto& rr : acc)
     for (auto& v : rr) v = Vec(0);
   for (int64_t i = i0; i < i1; ++i) {
-    Vec w[kTileVecs];
-    for (int j = 0; j < kTileVecs; ++j) w[j] = Vec::loadu(b.row(i) + c0 + j * kW);
+    Vec w[V];
+    for (int j = 0; j < V; ++j) w[j] = Vec::loadu(b.row(i) + c0 + j * kW);
     for (int64_t r = 0; r < kTileRows; ++r) {
       const Vec av(row[r][i * si]);
-      for (int j = 0; j < kTileVecs; ++j) acc[r][j] = at::vec::fmadd(av, w[j], acc[r][j]);
+      for (int j = 0; j < V; ++j) acc[r][j] = at::vec::fmadd(av, w[j], acc[r][j]);
     }
   }
-  Tile<A> t;
+  Tile<A, V> t;
   for (int64_t r = 0; r < kTileRows; ++r)
-    for (int j = 0; j < kTileVecs; ++j) t.v[r][j] = acc[r][j];
+    for (int j = 0; j < V; ++j) t.v[r][j] = acc[r][j];
   return t;
 }
 
-// dst[c] = v[c] for the first n values of a tile row.
-template <typename T, typename A>
+// Whether any of the first `rows` rows of tile t holds a value that is not finite: v - v is NaN exactly
+// there, and their sum then too; one vector compare per tile.
+template <typename A, int V>
+inline bool any_nonfinite(const Tile<A, V>& t, int64_t rows) {
+  Vectorized<A> d(0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int j = 0; j < V; ++j) d = d + (t.v[i][j] - t.v[i][j]);
+  return d.zero_mask() != (1 << Vectorized<A>::size()) - 1;
+}
+
+// dst[c] = v[c] for the first n values of a tile row of V vectors.
+template <int V, typename T, typename A>
 inline void store_tile_row(const Vectorized<A>* v, int64_t n, T* dst) {
   constexpr int64_t kW = Vectorized<A>::size();
   if constexpr (std::is_same_v<T, A>) {
-    if (n == kTileVecs * kW) {
-      for (int j = 0; j < kTileVecs; ++j) v[j].store(dst + j * kW);
+    if (n == V * kW) {
+      for (int j = 0; j < V; ++j) v[j].store(dst + j * kW);
       return;
     }
   }
-  A tmp[kTileVecs * kW];
-  for (int j = 0; j < kTileVecs; ++j) v[j].store(tmp + j * kW);
+  A tmp[V * kW];
+  for (int j = 0; j < V; ++j) v[j].store(tmp + j * kW);
   for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(tmp[c]);
 }
 
@@ -175,31 +205,28 @@ void forward_rows(const ForwardTask<T>& f, int64_t r0, int64_t r1) {
   for (int64_t q0 = r0; q0 < r1; q0 += kTileRows) {
     const int64_t nq = std::min(kTileRows, r1 - q0);
     pack_panel(f.x.from(q0), nq, K, Rows<A>{xs, K});
-    for (int64_t c0 = 0; c0 < N; c0 += tile_cols<T>()) {
-      Tile<A> t = tile_product(Strided<const A>{xs, K, 1}, nq, w, c0, 0, K);
+    for_col_tiles<A>(N, [&](int64_t c0, auto vecs) {
+      constexpr int V = decltype(vecs)::value;
+      Tile<A, V> t = tile_product<V>(Strided<const A>{xs, K, 1}, nq, w, c0, 0, K);
+      // A sum that may have overflowed on the way (an activation may hide a -inf): its raw value kept,
+      // recomputed once its row is stored.
+      const bool overflow = any_nonfinite(t, nq);
+      A raw[kTileRows][V * kW];
+      const int64_t nc = std::min<int64_t>(V * kW, N - c0);
       for (int64_t i = 0; i < nq; ++i) {
-        // v - v is NaN exactly where v is not finite: a sum that may have overflowed on the way (an
-        // activation may hide a -inf), recomputed once the row is stored.
-        Vectorized<A> d(0);
-        for (int j = 0; j < kTileVecs; ++j) d = d + (t.v[i][j] - t.v[i][j]);
-        A chk[kW], raw[kTileVecs * kW];
-        d.store(chk);
-        bool overflow = false;
-        for (int64_t l = 0; l < kW; ++l) overflow |= chk[l] != chk[l];
         if (overflow)
-          for (int j = 0; j < kTileVecs; ++j) t.v[i][j].store(raw + j * kW);
-        for (int j = 0; j < kTileVecs; ++j)
+          for (int j = 0; j < V; ++j) t.v[i][j].store(raw[i] + j * kW);
+        for (int j = 0; j < V; ++j)
           t.v[i][j] = bias_act(t.v[i][j], f.bias != nullptr ? f.bias + c0 + j * kW : nullptr, f.act);
-        const int64_t nc = std::min(tile_cols<T>(), N - c0);
         T* yr = f.y + (q0 + i) * N + c0;
-        store_tile_row(t.v[i], nc, yr);
+        store_tile_row<V>(t.v[i], nc, yr);
         if (!overflow) continue;
         for (int64_t c = 0; c < nc; ++c)
-          if (!std::isfinite(raw[c]))
+          if (!std::isfinite(raw[i][c]))
             yr[c] = static_cast<T>(dot_recomputed(xs + i * K, w.data + c0 + c, w.ld, K,
                                                   f.bias != nullptr ? f.bias + c0 + c : nullptr, f.act));
       }
-    }
+    });
   }
 }
 
@@ -310,15 +337,16 @@ void narrow_dw_chunk(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& bu
   const Rows<const A> copied{buf.xbuf, ldb};
   for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
     const int64_t nn = std::min(kTileRows, N - n0);
-    for (int64_t k0 = 0; k0 < ldk; k0 += kCols) {
+    for_col_tiles<A>(ldk, [&](int64_t k0, auto vecs) {
+      constexpr int V = decltype(vecs)::value;
       const bool from_x = k0 < direct_cols;
-      const Tile<A> t = tile_product(Strided<const A>{gp.data + n0, 1, gp.ld}, nn, from_x ? direct : copied,
-                                     from_x ? k0 : k0 - direct_cols, 0, rows);
+      const Tile<A, V> t = tile_product<V>(Strided<const A>{gp.data + n0, 1, gp.ld}, nn,
+                                           from_x ? direct : copied, from_x ? k0 : k0 - direct_cols, 0, rows);
       for (int64_t r = 0; r < nn; ++r) {
         A* dst = dwp + (n0 + r) * ldk + k0;
-        for (int j = 0; j < kTileVecs; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
+        for (int j = 0; j < V; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
       }
-    }
+    });
   }
 }
 
@@ -349,18 +377,22 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
     if (p.dx != nullptr) {
       for (int64_t q = 0; q < rows; q += kTileRows) {
         const int64_t nq = std::min(kTileRows, rows - q);
-        for (int64_t kb = 0; kb < K; kb += tile_cols<T>()) {
-          const Tile<A> t = tile_product(Strided<const A>{gp.row(q), ldp, 1}, nq, Rows<const A>{p.wt, ldk}, kb, 0, N);
-          const int64_t nk = std::min(tile_cols<T>(), K - kb);
+        for_col_tiles<A>(K, [&](int64_t kb, auto vecs) {
+          constexpr int V = decltype(vecs)::value;
+          const Tile<A, V> t =
+              tile_product<V>(Strided<const A>{gp.row(q), ldp, 1}, nq, Rows<const A>{p.wt, ldk}, kb, 0, N);
+          const bool overflow = any_nonfinite(t, nq);
+          const int64_t nk = std::min<int64_t>(V * kW, K - kb);
           for (int64_t i = 0; i < nq; ++i) {
             T* dxr = p.dx + (c0 + q + i) * K + kb;
-            store_tile_row(t.v[i], nk, dxr);
+            store_tile_row<V>(t.v[i], nk, dxr);
+            if (!overflow) continue;
             for (int64_t c = 0; c < nk; ++c)  // a sum that overflowed on the way: recomputed in double
               if (!std::isfinite(static_cast<A>(dxr[c])))
-                dxr[c] = static_cast<T>(dot_recomputed(gp.row(q + i), p.wt + kb + c, ldk, N, static_cast<const A*>(nullptr),
-                                                       Activation::kNone));
+                dxr[c] = static_cast<T>(dot_recomputed(gp.row(q + i), p.wt + kb + c, ldk, N,
+                                                       static_cast<const A*>(nullptr), Activation::kNone));
           }
-        }
+        });
       }
     }
     if (dwp == nullptr) continue;
@@ -378,13 +410,15 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
     // The block's dW += X_chunk^T g'_chunk: rows of the tile are x's columns k0..k0+3.
     for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
       const int64_t nk = std::min(kTileRows, K - k0);
-      for (int64_t n0 = 0; n0 < ldp; n0 += tile_cols<T>()) {
-        const Tile<A> t = tile_product(Strided<const A>{xa.data + k0, 1, xa.ld}, nk, Rows<const A>{gp.data, ldp}, n0, 0, rows);
+      for_col_tiles<A>(ldp, [&](int64_t n0, auto vecs) {
+        constexpr int V = decltype(vecs)::value;
+        const Tile<A, V> t =
+            tile_product<V>(Strided<const A>{xa.data + k0, 1, xa.ld}, nk, Rows<const A>{gp.data, ldp}, n0, 0, rows);
         for (int64_t r = 0; r < nk; ++r) {
           A* dst = dwp + (k0 + r) * ldp + n0;
-          for (int j = 0; j < kTileVecs; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
+          for (int j = 0; j < V; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
         }
-      }
+      });
     }
   }
 }
@@ -462,7 +496,8 @@ bool narrow_weight(int64_t K, int64_t N) {
 
 template <typename T>
 int64_t small_padded_cols(int64_t cols) {
-  return (cols + tile_cols<T>() - 1) / tile_cols<T>() * tile_cols<T>();
+  constexpr int64_t kW = Vectorized<acc_t<T>>::size();
+  return (cols + kW - 1) / kW * kW;
 }
 
 template <typename T>

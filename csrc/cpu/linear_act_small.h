@@ -17,7 +17,7 @@ bool small_weight(int64_t K, int64_t N);
 // such as 256 -> 10), checked before small_weight.
 bool narrow_weight(int64_t K, int64_t N);
 
-// The padded row length of the small kernels' acc_t panels for `cols` columns (whole tiles).
+// The padded row length of the small kernels' acc_t panels for `cols` columns (whole vectors).
 template <typename T>
 int64_t small_padded_cols(int64_t cols);
 
