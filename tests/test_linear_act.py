@@ -486,6 +486,49 @@ def test_torch_compile_training_past_one_activation_block():
         torch.set_num_threads(before)
 
 
+# The narrow-output backward reads rows of x in place for the tiles of dW^T that lie within them: (rows, in,
+# out, dtype) whose in_features end inside a tile of two vectors after whole tiles, for 16-, 8- and 4-lane
+# vectors (float32 on AVX-512 and AVX2, float64 on both).
+GUARDED_NARROW_SHAPES = [(64, 49, 10, "float32"), (64, 55, 10, "float32"), (64, 49, 10, "float64"),
+                         (64, 37, 10, "float64")]
+
+_GUARDED_X_CHECK = """
+import ctypes, mmap, sys, torch, customlayers
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+page = mmap.PAGESIZE
+torch.manual_seed(0)
+for m, k, n, name in SHAPES:
+    dtype = getattr(torch, name)
+    nbytes = m * k * dtype.itemsize
+    size = (nbytes + page - 1) // page * page
+    base = libc.mmap(None, size + page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    assert libc.mprotect(base + size, page, 0) == 0  # PROT_NONE: the page after x is unreadable
+    x = torch.frombuffer((ctypes.c_char * nbytes).from_address(base + size - nbytes), dtype=dtype).view(m, k)
+    x.copy_(torch.randn(m, k, dtype=dtype))
+    w, b, g = torch.randn(k, n, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    out = torch.ops.customlayers.linear_act(x, w, b, "relu")
+    _, dw, _ = torch.ops.customlayers.linear_act_backward(g, x, w, out, "relu", [False, True, False])
+    expected = x.double().t() @ (g.double() * (out > 0))
+    torch.testing.assert_close(dw.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+print("ok")
+"""
+
+
+@requires_extension()
+def test_narrow_backward_reads_nothing_past_x():
+    """dW of a narrow output layer (out <= 16) with x ending where an unreadable page begins: the tiles read
+    from x in place end within its rows (a read past its last row would fault), the rest come from a copy.
+    In a subprocess, so that a fault fails this test alone."""
+    code = "SHAPES = " + repr(GUARDED_NARROW_SHAPES) + "\n" + _GUARDED_X_CHECK
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(__file__))
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])
+
+
 # (rows, in, out) on every CPU path: small weights, narrow outputs, and BLAS GEMMs cut into one tile, into
 # row tiles, into row and column tiles, and with a narrow row-major right operand (out < 16, in > 8192).
 THREAD_SHAPES = [(3000, 17, 33), (3000, 100, 10), (3000, 300, 33), (40, 300, 70), (64, 1024, 700),

@@ -42,11 +42,6 @@ constexpr int64_t kNarrowMaxK = 8192;   // and short enough for a tile's rows of
 constexpr int kDotRows = 4;
 constexpr int kDotCols = 2;
 
-template <typename T>
-constexpr int64_t tile_cols() {
-  return kTileVecs * Vectorized<acc_t<T>>::size();
-}
-
 // f(c0, std::integral_constant<int, V>{}) for the column tiles of `cols` columns, V vectors from c0 each
 // (the last ones read zero padding up to whole vectors): kTileVecs vectors, then the 1 or 2 that cover the
 // rest; a rest of one vector after whole tiles is taken as 2 + 2 instead of 3 + 1, since a tile of one
@@ -319,18 +314,21 @@ struct ChunkBuffers {
 
 // The narrow block's dW^T ([N, Kp] acc_t at dwp) += g'_chunk^T X_chunk for the chunk of `rows` rows from
 // row c0 (g' in gp): tile rows are g''s columns n0..n0+3, tile columns x's. x's rows are read directly
-// when they can be, all but the last partial tile; that one (or all of x, when it needs converting) is
-// copied into buf.xbuf, zero padded to whole tiles.
+// when they can be, the leading tiles that lie wholly within its K columns; the rest (or all of x, when it
+// needs converting) is copied into buf.xbuf, zero padded to whole vectors.
 template <typename T>
 void narrow_dw_chunk(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf, Rows<const acc_t<T>> gp,
                      acc_t<T>* dwp, int64_t c0, int64_t rows) {
   using A = acc_t<T>;
   using Vec = Vectorized<A>;
   constexpr int64_t kW = Vec::size();
-  constexpr int64_t kCols = tile_cols<T>();
   const int64_t K = p.K, N = p.N, ldk = small_padded_cols<T>(K);
-  const int64_t direct_cols = p.x_direct ? K / kCols * kCols : 0;  // columns read from x itself
-  const int64_t ldb = ldk - direct_cols;                            // the copy's row length
+  int64_t direct_cols = 0;  // columns read from x itself: where the tiles within x's row end
+  if (p.x_direct)
+    for_col_tiles<A>(ldk, [&](int64_t k0, auto vecs) {
+      if (k0 == direct_cols && k0 + decltype(vecs)::value * kW <= K) direct_cols = k0 + decltype(vecs)::value * kW;
+    });
+  const int64_t ldb = ldk - direct_cols;  // the copy's row length
   pack_panel(p.x.from(c0, direct_cols), rows, K - direct_cols, Rows<A>{buf.xbuf, ldb});
   const Rows<const A> direct =  // x's own rows (only when x_direct: x is then acc_t with unit column stride)
       p.x_direct ? Rows<const A>{reinterpret_cast<const A*>(p.x.data) + c0 * p.x.rs, p.x.rs} : Rows<const A>{};
