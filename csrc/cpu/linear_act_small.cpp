@@ -141,6 +141,17 @@ inline bool any_nonfinite(const Tile<A, V>& t, int64_t rows) {
   return d.zero_mask() != (1 << Vectorized<A>::size()) - 1;
 }
 
+// dst[r * ld + c] += tile t's value (r, c) for its first `rows` rows (V vectors each): a dW partial.
+template <typename A, int V>
+inline void add_tile(const Tile<A, V>& t, int64_t rows, A* dst, int64_t ld) {
+  constexpr int64_t kW = Vectorized<A>::size();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < V; ++j) {
+      A* d = dst + r * ld + j * kW;
+      (Vectorized<A>::loadu(d) + t.v[r][j]).store(d);
+    }
+}
+
 // dst[c] = v[c] for the first n values of a tile row of V vectors.
 template <int V, typename T, typename A>
 inline void store_tile_row(const Vectorized<A>* v, int64_t n, T* dst) {
@@ -338,12 +349,9 @@ void narrow_dw_chunk(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& bu
     for_col_tiles<A>(ldk, [&](int64_t k0, auto vecs) {
       constexpr int V = decltype(vecs)::value;
       const bool from_x = k0 < direct_cols;
-      const Tile<A, V> t = tile_product<V>(Strided<const A>{gp.data + n0, 1, gp.ld}, nn,
-                                           from_x ? direct : copied, from_x ? k0 : k0 - direct_cols, 0, rows);
-      for (int64_t r = 0; r < nn; ++r) {
-        A* dst = dwp + (n0 + r) * ldk + k0;
-        for (int j = 0; j < V; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
-      }
+      add_tile(tile_product<V>(Strided<const A>{gp.data + n0, 1, gp.ld}, nn, from_x ? direct : copied,
+                               from_x ? k0 : k0 - direct_cols, 0, rows),
+               nn, dwp + n0 * ldk + k0, ldk);
     });
   }
 }
@@ -410,12 +418,8 @@ void backward_block(const SmallBackward<T>& p, const ChunkBuffers<acc_t<T>>& buf
       const int64_t nk = std::min(kTileRows, K - k0);
       for_col_tiles<A>(ldp, [&](int64_t n0, auto vecs) {
         constexpr int V = decltype(vecs)::value;
-        const Tile<A, V> t =
-            tile_product<V>(Strided<const A>{xa.data + k0, 1, xa.ld}, nk, Rows<const A>{gp.data, ldp}, n0, 0, rows);
-        for (int64_t r = 0; r < nk; ++r) {
-          A* dst = dwp + (k0 + r) * ldp + n0;
-          for (int j = 0; j < V; ++j) (Vec::loadu(dst + j * kW) + t.v[r][j]).store(dst + j * kW);
-        }
+        add_tile(tile_product<V>(Strided<const A>{xa.data + k0, 1, xa.ld}, nk, Rows<const A>{gp.data, ldp}, n0, 0, rows),
+                 nk, dwp + k0 * ldp + n0, ldp);
       });
     }
   }
